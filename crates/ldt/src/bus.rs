@@ -1,0 +1,321 @@
+//! The message transport the services talk over.
+//!
+//! [`Bus`] is what the services see: publish a batch (returns once the broker confirmed every
+//! message), subscribe to a queue (at-least-once deliveries, explicit ack / nack). It is an
+//! enum rather than a trait object so that an in-process transport can be added as a second
+//! variant without boxing every future; RabbitMQ (lapin) is the one implementation today.
+//!
+//! Connections are re-established lazily: a publish or subscribe after the broker restarted
+//! reconnects, and the callers (the outbox relay and the consumer loops) retry with backoff.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use tokio::sync::Mutex;
+
+/// A message to publish.
+#[derive(Debug, Clone)]
+pub struct Outgoing {
+    pub queue: String,
+    pub message_id: String,
+    pub payload: Vec<u8>,
+    /// String headers (trace context, dead-letter metadata).
+    pub headers: Vec<(String, String)>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BusError {
+    #[error("broker unavailable: {0}")]
+    Unavailable(String),
+    #[error("broker refused message {0}")]
+    Nacked(String),
+}
+
+impl From<lapin::Error> for BusError {
+    fn from(e: lapin::Error) -> Self {
+        BusError::Unavailable(e.to_string())
+    }
+}
+
+#[derive(Clone)]
+pub enum Bus {
+    Amqp(Arc<AmqpBus>),
+}
+
+impl Bus {
+    /// Connects to RabbitMQ and declares the given queues.
+    pub async fn amqp(
+        url: &str,
+        queues: Vec<String>,
+        queue_expires_ms: Option<u32>,
+    ) -> Result<Bus, BusError> {
+        let bus = AmqpBus {
+            url: url.to_owned(),
+            queues,
+            queue_expires_ms,
+            state: Mutex::new(None),
+        };
+        bus.publisher().await?;
+        Ok(Bus::Amqp(Arc::new(bus)))
+    }
+
+    /// Publishes every message and waits until the broker has confirmed them all.
+    pub async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        match self {
+            Bus::Amqp(b) => b.publish(batch).await,
+        }
+    }
+
+    /// Starts consuming `queue`, at most `prefetch` deliveries unacknowledged at once.
+    pub async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
+        match self {
+            Bus::Amqp(b) => b.subscribe(queue, prefetch).await,
+        }
+    }
+
+    /// Whether the broker answers now (for `/readyz`).
+    pub async fn ping(&self) -> bool {
+        match self {
+            Bus::Amqp(b) => b.publisher().await.is_ok(),
+        }
+    }
+
+    /// Deletes the queues (test clean-up).
+    pub async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
+        match self {
+            Bus::Amqp(b) => b.delete_queues(queues).await,
+        }
+    }
+}
+
+pub struct AmqpBus {
+    url: String,
+    queues: Vec<String>,
+    queue_expires_ms: Option<u32>,
+    /// The shared connection and the confirm-mode channel used for publishing.
+    state: Mutex<Option<(Arc<Connection>, Channel)>>,
+}
+
+impl AmqpBus {
+    async fn connect(&self) -> Result<(Arc<Connection>, Channel), BusError> {
+        let conn = Arc::new(Connection::connect(&self.url, ConnectionProperties::default()).await?);
+        let channel = conn.create_channel().await?;
+        let mut args = FieldTable::default();
+        if let Some(ms) = self.queue_expires_ms {
+            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        for queue in &self.queues {
+            channel
+                .queue_declare(
+                    queue.as_str().into(),
+                    QueueDeclareOptions::durable(),
+                    args.clone(),
+                )
+                .await?;
+        }
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        Ok((conn, channel))
+    }
+
+    /// The live connection and publishing channel, reconnecting when the old one died.
+    async fn publisher(&self) -> Result<(Arc<Connection>, Channel), BusError> {
+        let mut state = self.state.lock().await;
+        if let Some((conn, channel)) = state.as_ref()
+            && conn.status().connected()
+            && channel.status().connected()
+        {
+            return Ok((conn.clone(), channel.clone()));
+        }
+        if let Some((conn, _)) = state.take() {
+            let _ = conn.close(0, "reconnecting".into()).await;
+        }
+        let fresh = self.connect().await?;
+        *state = Some(fresh.clone());
+        Ok(fresh)
+    }
+
+    async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let (_, channel) = self.publisher().await?;
+        // Pipeline: send the whole batch, then wait for the confirms, never one at a time.
+        let mut confirms = Vec::with_capacity(batch.len());
+        for msg in batch {
+            let mut headers = FieldTable::default();
+            for (k, v) in &msg.headers {
+                headers.insert(
+                    k.as_str().into(),
+                    AMQPValue::LongString(LongString::from(v.as_str())),
+                );
+            }
+            let props = BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_content_type("application/json".into())
+                .with_message_id(msg.message_id.as_str().into())
+                .with_headers(headers);
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    msg.queue.as_str().into(),
+                    BasicPublishOptions::default(),
+                    &msg.payload,
+                    props,
+                )
+                .await;
+            match confirm {
+                Ok(c) => confirms.push((c, &msg.message_id)),
+                Err(e) => {
+                    self.forget_channel().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        for (confirm, id) in confirms {
+            match confirm.await {
+                Ok(c) if c.is_ack() => {}
+                Ok(_) => return Err(BusError::Nacked(id.clone())),
+                Err(e) => {
+                    self.forget_channel().await;
+                    return Err(e.into());
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn forget_channel(&self) {
+        if let Some((conn, _)) = self.state.lock().await.take() {
+            let _ = conn.close(0, "publish failed".into()).await;
+        }
+    }
+
+    async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
+        let (conn, _) = self.publisher().await?;
+        let channel = conn.create_channel().await?;
+        channel
+            .basic_qos(prefetch, BasicQosOptions::default())
+            .await?;
+        let consumer = channel
+            .basic_consume(
+                queue.into(),
+                ShortString::from(""),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(Subscription::Amqp { channel, consumer })
+    }
+
+    async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
+        let (_, channel) = self.publisher().await?;
+        for q in queues {
+            channel
+                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// A stream of deliveries from one queue.
+pub enum Subscription {
+    Amqp {
+        channel: Channel,
+        consumer: lapin::Consumer,
+    },
+}
+
+impl Subscription {
+    /// The next delivery; `None` when the subscription ended (broker gone, channel closed).
+    pub async fn next(&mut self) -> Option<Result<Incoming, BusError>> {
+        match self {
+            Subscription::Amqp { consumer, .. } => match consumer.next().await? {
+                Ok(delivery) => Some(Ok(Incoming::from_amqp(delivery))),
+                Err(e) => Some(Err(e.into())),
+            },
+        }
+    }
+
+    /// Stops the subscription; unacknowledged deliveries go back to the queue.
+    pub async fn close(self) {
+        match self {
+            Subscription::Amqp { channel, .. } => {
+                let _ = channel.close(200, "shutting down".into()).await;
+            }
+        }
+    }
+}
+
+/// One delivered message; must be acked or nacked.
+pub struct Incoming {
+    pub payload: Vec<u8>,
+    pub message_id: Option<String>,
+    pub headers: BTreeMap<String, String>,
+    pub redelivered: bool,
+    acker: Acker,
+}
+
+enum Acker {
+    Amqp(lapin::Acker),
+}
+
+impl Incoming {
+    fn from_amqp(d: lapin::message::Delivery) -> Incoming {
+        let mut headers = BTreeMap::new();
+        if let Some(table) = d.properties.headers() {
+            for (k, v) in table.inner() {
+                let text = match v {
+                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+                    AMQPValue::ShortString(s) => s.as_str().to_owned(),
+                    other => format!("{other:?}"),
+                };
+                headers.insert(k.as_str().to_owned(), text);
+            }
+        }
+        Incoming {
+            message_id: d
+                .properties
+                .message_id()
+                .as_ref()
+                .map(|s| s.as_str().to_owned()),
+            payload: d.data,
+            headers,
+            redelivered: d.redelivered,
+            acker: Acker::Amqp(d.acker),
+        }
+    }
+
+    pub async fn ack(&self) -> Result<(), BusError> {
+        match &self.acker {
+            Acker::Amqp(a) => a.ack(BasicAckOptions::default()).await.map(|_| ())?,
+        }
+        Ok(())
+    }
+
+    /// Gives the message back to the broker (for another try) after `delay`, so a failing
+    /// dependency does not turn into a hot redelivery loop.
+    pub async fn nack_requeue(&self, delay: Duration) -> Result<(), BusError> {
+        tokio::time::sleep(delay).await;
+        match &self.acker {
+            Acker::Amqp(a) => a
+                .nack(BasicNackOptions {
+                    requeue: true,
+                    multiple: false,
+                })
+                .await
+                .map(|_| ())?,
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,172 @@
+//! Command line and environment configuration.
+//!
+//! Every setting is a flag with an `LDT_*` environment fallback, so the same binary is
+//! configured by flags on a laptop and by a ConfigMap on Kubernetes.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::contract::Service;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ldt",
+    version,
+    about = "Late-Day Tokens Marketplace: an order saga over RabbitMQ and PostgreSQL",
+    long_about = "Late-Day Tokens Marketplace: orders run as a saga (payment → inventory → \
+                  delivery, compensated in reverse on failure) across services that each own \
+                  a database and talk over RabbitMQ.\n\n\
+                  `ldt up` runs every service in one process; `ldt serve <service>...` runs \
+                  only the named ones, so each can be its own process or container."
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run every service in this process, behind one HTTP address.
+    Up(Settings),
+    /// Run only the named services in this process.
+    Serve {
+        /// The services to run (order, orchestrator, payment, inventory, delivery, dead-letter).
+        #[arg(required = true, value_enum)]
+        services: Vec<Service>,
+        #[command(flatten)]
+        settings: Settings,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct Settings {
+    /// Address the HTTP API listens on (port 0 picks a free port).
+    #[arg(long, env = "LDT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
+    pub http_addr: SocketAddr,
+
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "LDT_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+
+    /// PostgreSQL server URL; each service keeps its own database on it
+    /// (`<namespace>_payment`, …), created and migrated on start when missing.
+    #[arg(
+        long,
+        env = "LDT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+
+    /// Prefix of every database and queue name, so several marketplaces can share one broker
+    /// and one database server.
+    #[arg(long, env = "LDT_NAMESPACE", default_value = "ldt", value_parser = parse_namespace)]
+    pub namespace: String,
+
+    /// Credits a user gets the first time they are seen.
+    #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..))]
+    pub initial_credits: i64,
+
+    /// Token stock, seeded once when the inventory database is created (a restart does not reset it).
+    #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..))]
+    pub initial_stock: i64,
+
+    /// How long the orchestrator waits for a step's answer before the order ends TIMEOUT.
+    #[arg(long, env = "LDT_STEP_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    pub step_timeout_ms: u64,
+
+    /// How long a step injected with a `timeout` fault stalls before it acts (late).
+    /// Defaults to twice the step timeout.
+    #[arg(long, env = "LDT_STALL_MS")]
+    pub stall_ms: Option<u64>,
+
+    /// Messages each consumer may hold unacknowledged (AMQP prefetch).
+    #[arg(long, env = "LDT_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    pub prefetch: u16,
+
+    /// Connections in each service's database pool.
+    #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    pub db_pool_size: u32,
+
+    /// How long to keep retrying the broker and the databases at start before giving up.
+    #[arg(long, env = "LDT_STARTUP_TIMEOUT_S", default_value_t = 30)]
+    pub startup_timeout_s: u64,
+
+    /// Delete the namespace's queues after this long unused (AMQP `x-expires`); for tests.
+    #[arg(long, env = "LDT_QUEUE_EXPIRES_MS", hide = true)]
+    pub queue_expires_ms: Option<u32>,
+
+    /// Log format: `text` (human-readable) or `json`.
+    #[arg(long, env = "LDT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+impl Settings {
+    pub fn step_timeout(&self) -> Duration {
+        Duration::from_millis(self.step_timeout_ms)
+    }
+
+    pub fn stall(&self) -> Duration {
+        Duration::from_millis(
+            self.stall_ms
+                .unwrap_or_else(|| self.step_timeout_ms.saturating_mul(2)),
+        )
+    }
+
+    pub fn startup_timeout(&self) -> Duration {
+        Duration::from_secs(self.startup_timeout_s)
+    }
+
+    /// The database of one service on the configured server.
+    pub fn database_name(&self, service: Service) -> String {
+        format!("{}_{}", self.namespace, service.db_suffix())
+    }
+}
+
+/// Namespaces end up in database and queue names: keep them to a safe alphabet.
+fn parse_namespace(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 40
+        && s.starts_with(|c: char| c.is_ascii_lowercase())
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("a namespace is 1–40 characters of a-z, 0-9 and _, starting with a letter".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_the_documented_contract() {
+        let cli = Cli::try_parse_from(["ldt", "up"]).unwrap();
+        let Command::Up(s) = cli.command else {
+            panic!("expected up")
+        };
+        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.initial_credits, 500);
+        assert_eq!(s.initial_stock, 500);
+        assert_eq!(s.step_timeout(), Duration::from_millis(1000));
+        assert_eq!(s.stall(), Duration::from_millis(2000));
+        assert_eq!(s.database_name(Service::DeadLetter), "ldt_dead_letter");
+    }
+
+    #[test]
+    fn serve_needs_known_services_and_namespaces_are_checked() {
+        assert!(Cli::try_parse_from(["ldt", "serve"]).is_err());
+        assert!(Cli::try_parse_from(["ldt", "serve", "bogus"]).is_err());
+        assert!(Cli::try_parse_from(["ldt", "serve", "payment", "dead-letter"]).is_ok());
+        assert!(Cli::try_parse_from(["ldt", "up", "--namespace", "Bad-Name"]).is_err());
+    }
+}

@@ -1,0 +1,405 @@
+//! The wire contract between the services: message envelopes, the saga's steps, statuses,
+//! the per-order fault plan and the queue names.
+//!
+//! Everything that crosses the broker is an [`Envelope`] serialised as JSON. The envelope is
+//! versioned (`v`) and its body is an internally tagged enum (`"type": "debit"`), so a new
+//! message kind or a new version can be added without breaking a consumer that is still on
+//! the old code: an unknown type or version is a *poison* message and is parked as a dead
+//! letter instead of crashing the consumer.
+
+use serde::{Deserialize, Serialize};
+use uuid::Uuid;
+
+/// The envelope version this build writes and understands.
+pub const ENVELOPE_VERSION: u16 = 1;
+
+/// AMQP header carrying the W3C trace context of the message's producer.
+pub const TRACEPARENT_HEADER: &str = "traceparent";
+
+/// The saga's forward steps, in the order the orchestrator runs them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Step {
+    Payment,
+    Inventory,
+    Delivery,
+}
+
+impl Step {
+    pub const ALL: [Step; 3] = [Step::Payment, Step::Inventory, Step::Delivery];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Step::Payment => "payment",
+            Step::Inventory => "inventory",
+            Step::Delivery => "delivery",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Step> {
+        Step::ALL.into_iter().find(|step| step.as_str() == s)
+    }
+
+    /// Position in the saga, 0-based.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn next(self) -> Option<Step> {
+        Step::ALL.get(self.index() + 1).copied()
+    }
+
+    /// The service (and so the queue) that performs this step.
+    pub fn service(self) -> Service {
+        match self {
+            Step::Payment => Service::Payment,
+            Step::Inventory => Service::Inventory,
+            Step::Delivery => Service::Delivery,
+        }
+    }
+}
+
+/// The final (and the initial) status of an order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum OrderStatus {
+    Pending,
+    Success,
+    InsufficientFund,
+    InsufficientInventory,
+    Timeout,
+    Unknown,
+}
+
+impl OrderStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrderStatus::Pending => "PENDING",
+            OrderStatus::Success => "SUCCESS",
+            OrderStatus::InsufficientFund => "INSUFFICIENT_FUND",
+            OrderStatus::InsufficientInventory => "INSUFFICIENT_INVENTORY",
+            OrderStatus::Timeout => "TIMEOUT",
+            OrderStatus::Unknown => "UNKNOWN",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<OrderStatus> {
+        [
+            OrderStatus::Pending,
+            OrderStatus::Success,
+            OrderStatus::InsufficientFund,
+            OrderStatus::InsufficientInventory,
+            OrderStatus::Timeout,
+            OrderStatus::Unknown,
+        ]
+        .into_iter()
+        .find(|status| status.as_str() == s)
+    }
+
+    pub fn is_final(self) -> bool {
+        self != OrderStatus::Pending
+    }
+}
+
+/// What a request asks a step to do wrong, for testing the saga's failure paths.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Fault {
+    /// The step's handler fails: the order ends `UNKNOWN`.
+    Kill,
+    /// The step stalls past its deadline: the order ends `TIMEOUT`; the late effect is undone.
+    Timeout,
+}
+
+/// The per-step fault plan of one order (`{"payment": "kill", "delivery": "timeout"}`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct FaultPlan {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub payment: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub inventory: Option<Fault>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delivery: Option<Fault>,
+}
+
+impl FaultPlan {
+    pub fn for_step(&self, step: Step) -> Option<Fault> {
+        match step {
+            Step::Payment => self.payment,
+            Step::Inventory => self.inventory,
+            Step::Delivery => self.delivery,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.payment.is_none() && self.inventory.is_none() && self.delivery.is_none()
+    }
+}
+
+/// How a step (or a compensation) ended, as the step service reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepOutcome {
+    /// The action took effect.
+    Done,
+    /// The business rule said no: not enough credits, or not enough stock.
+    Insufficient,
+    /// The handler failed (an injected `kill`): no effect.
+    Failed,
+    /// The action arrived after its compensation and was refused: no effect.
+    Refused,
+}
+
+/// One message on the broker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Envelope {
+    /// Envelope version; see [`ENVELOPE_VERSION`].
+    pub v: u16,
+    /// Unique per message (UUID v7); duplicates of one message share it.
+    pub id: Uuid,
+    pub order_id: Uuid,
+    /// When the producer committed the message, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    #[serde(flatten)]
+    pub body: Message,
+}
+
+/// The saga's messages. Commands go to a step service; replies go back to the orchestrator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Message {
+    /// order → orchestrator: a new order was stored as PENDING.
+    OrderPlaced {
+        username: String,
+        price: i64,
+        amount: i64,
+        #[serde(default)]
+        faults: FaultPlan,
+    },
+    /// orchestrator → payment: debit `total` credits from `username`.
+    Debit {
+        username: String,
+        total: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fault: Option<Fault>,
+    },
+    /// orchestrator → payment: undo the debit of this order (or refuse it if it comes later).
+    Refund,
+    /// orchestrator → inventory: reserve `amount` tokens.
+    Reserve {
+        amount: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fault: Option<Fault>,
+    },
+    /// orchestrator → inventory: undo the reservation of this order.
+    Release,
+    /// orchestrator → delivery: deliver `amount` tokens to `username`.
+    Deliver {
+        username: String,
+        amount: i64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        fault: Option<Fault>,
+    },
+    /// orchestrator → delivery: cancel the delivery of this order.
+    CancelDelivery,
+    /// step service → orchestrator: how the step's action ended.
+    StepResult { step: Step, outcome: StepOutcome },
+    /// step service → orchestrator: the step's compensation has been applied.
+    Compensated { step: Step },
+    /// orchestrator → order: the saga is over; every compensation it needed is applied.
+    OrderFinished { status: OrderStatus },
+}
+
+impl Message {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Message::OrderPlaced { .. } => "order_placed",
+            Message::Debit { .. } => "debit",
+            Message::Refund => "refund",
+            Message::Reserve { .. } => "reserve",
+            Message::Release => "release",
+            Message::Deliver { .. } => "deliver",
+            Message::CancelDelivery => "cancel_delivery",
+            Message::StepResult { .. } => "step_result",
+            Message::Compensated { .. } => "compensated",
+            Message::OrderFinished { .. } => "order_finished",
+        }
+    }
+
+    /// The service whose queue this message goes to.
+    pub fn destination(&self) -> Service {
+        match self {
+            Message::OrderPlaced { .. }
+            | Message::StepResult { .. }
+            | Message::Compensated { .. } => Service::Orchestrator,
+            Message::Debit { .. } | Message::Refund => Service::Payment,
+            Message::Reserve { .. } | Message::Release => Service::Inventory,
+            Message::Deliver { .. } | Message::CancelDelivery => Service::Delivery,
+            Message::OrderFinished { .. } => Service::Order,
+        }
+    }
+
+    /// The compensation command that undoes `step`.
+    pub fn compensation(step: Step) -> Message {
+        match step {
+            Step::Payment => Message::Refund,
+            Step::Inventory => Message::Release,
+            Step::Delivery => Message::CancelDelivery,
+        }
+    }
+}
+
+impl Envelope {
+    pub fn new(order_id: Uuid, at_ms: i64, body: Message) -> Envelope {
+        Envelope {
+            v: ENVELOPE_VERSION,
+            id: Uuid::now_v7(),
+            order_id,
+            at_ms,
+            body,
+        }
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serialising these plain types cannot fail: no maps with non-string keys, no
+        // custom Serialize impls.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Decodes a message, rejecting unknown versions with a reason fit for a dead letter.
+    pub fn from_json(bytes: &[u8]) -> Result<Envelope, String> {
+        #[derive(Deserialize)]
+        struct Version {
+            v: Option<u16>,
+        }
+        let version: Version =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a JSON envelope: {e}"))?;
+        match version.v {
+            Some(ENVELOPE_VERSION) => {}
+            Some(other) => return Err(format!("unsupported envelope version {other}")),
+            None => return Err("envelope has no version field `v`".into()),
+        }
+        serde_json::from_slice(bytes).map_err(|e| format!("malformed envelope: {e}"))
+    }
+}
+
+/// The services (roles) one `ldt` process can run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Service {
+    Order,
+    Orchestrator,
+    Payment,
+    Inventory,
+    Delivery,
+    DeadLetter,
+}
+
+impl Service {
+    pub const ALL: [Service; 6] = [
+        Service::Order,
+        Service::Orchestrator,
+        Service::Payment,
+        Service::Inventory,
+        Service::Delivery,
+        Service::DeadLetter,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Service::Order => "order",
+            Service::Orchestrator => "orchestrator",
+            Service::Payment => "payment",
+            Service::Inventory => "inventory",
+            Service::Delivery => "delivery",
+            Service::DeadLetter => "dead-letter",
+        }
+    }
+
+    /// Database-name-safe form (`dead_letter`).
+    pub fn db_suffix(self) -> &'static str {
+        match self {
+            Service::DeadLetter => "dead_letter",
+            other => other.as_str(),
+        }
+    }
+}
+
+/// Queue names, all under one namespace so that several marketplaces (or tests) can share
+/// one broker without seeing each other's messages.
+#[derive(Debug, Clone)]
+pub struct Queues {
+    namespace: String,
+}
+
+impl Queues {
+    pub fn new(namespace: &str) -> Queues {
+        Queues {
+            namespace: namespace.to_owned(),
+        }
+    }
+
+    /// The work queue a service consumes.
+    pub fn of(&self, service: Service) -> String {
+        format!("{}.{}", self.namespace, service.as_str())
+    }
+
+    pub fn dead_letters(&self) -> String {
+        self.of(Service::DeadLetter)
+    }
+
+    /// Every queue of the namespace, for declaring and for cleaning up.
+    pub fn all(&self) -> Vec<String> {
+        Service::ALL.iter().map(|s| self.of(*s)).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn envelope_round_trips_and_is_tagged() {
+        let env = Envelope::new(
+            Uuid::now_v7(),
+            42,
+            Message::Debit {
+                username: "ann".into(),
+                total: 10,
+                fault: Some(Fault::Timeout),
+            },
+        );
+        let json = env.to_json();
+        let text = String::from_utf8(json.clone()).unwrap();
+        assert!(text.contains(r#""type":"debit""#), "{text}");
+        assert!(text.contains(r#""v":1"#), "{text}");
+        assert_eq!(Envelope::from_json(&json).unwrap(), env);
+    }
+
+    #[test]
+    fn unknown_version_and_type_are_rejected_with_a_reason() {
+        let id = Uuid::now_v7();
+        let v2 = format!(r#"{{"v":2,"id":"{id}","order_id":"{id}","at_ms":1,"type":"refund"}}"#);
+        assert!(
+            Envelope::from_json(v2.as_bytes())
+                .unwrap_err()
+                .contains("version 2")
+        );
+        let bad = format!(r#"{{"v":1,"id":"{id}","order_id":"{id}","at_ms":1,"type":"explode"}}"#);
+        assert!(
+            Envelope::from_json(bad.as_bytes())
+                .unwrap_err()
+                .contains("malformed")
+        );
+        assert!(Envelope::from_json(b"garbage").is_err());
+    }
+
+    #[test]
+    fn steps_run_in_order_and_compensate_to_the_right_service() {
+        assert_eq!(Step::Payment.next(), Some(Step::Inventory));
+        assert_eq!(Step::Delivery.next(), None);
+        for step in Step::ALL {
+            assert_eq!(Message::compensation(step).destination(), step.service());
+        }
+    }
+}

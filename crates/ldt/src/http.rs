@@ -1,0 +1,102 @@
+//! HTTP plumbing shared by every service: the one API error type with its one status
+//! mapping, a JSON extractor whose rejections are JSON errors too, and pagination limits.
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{FromRequest, Request};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// Every error an HTTP handler returns.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// The body is not JSON at all.
+    #[error("{0}")]
+    MalformedBody(String),
+    /// The request is well-formed but asks for something invalid.
+    #[error("{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{0}")]
+    Unauthorized(String),
+    /// A failure the request itself asked for (`kill_create`).
+    #[error("{0}")]
+    Injected(String),
+    /// Something on our side failed; details go to the log, never to the client.
+    #[error("internal error")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl From<sqlx::Error> for ApiError {
+    fn from(e: sqlx::Error) -> Self {
+        ApiError::Internal(e.into())
+    }
+}
+
+/// The JSON body of every error response.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct ErrorBody {
+    /// A stable machine-readable kind, e.g. `invalid_request`.
+    pub error: &'static str,
+    /// What was wrong, for a human.
+    pub message: String,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, kind) = match &self {
+            ApiError::MalformedBody(_) => (StatusCode::BAD_REQUEST, "malformed_request"),
+            ApiError::Invalid(_) => (StatusCode::UNPROCESSABLE_ENTITY, "invalid_request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Injected(_) => (StatusCode::INTERNAL_SERVER_ERROR, "injected_fault"),
+            ApiError::Internal(e) => {
+                tracing::error!(error = ?e, "request failed");
+                (StatusCode::INTERNAL_SERVER_ERROR, "internal_error")
+            }
+        };
+        let body = ErrorBody {
+            error: kind,
+            message: self.to_string(),
+        };
+        (status, axum::Json(body)).into_response()
+    }
+}
+
+/// `Json<T>` whose rejections (bad syntax, missing fields, wrong types, wrong content type)
+/// are [`ApiError`]s naming the problem.
+pub struct ApiJson<T>(pub T);
+
+impl<S, T> FromRequest<S> for ApiJson<T>
+where
+    axum::Json<T>: FromRequest<S, Rejection = JsonRejection>,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
+        match axum::Json::<T>::from_request(req, state).await {
+            Ok(axum::Json(v)) => Ok(ApiJson(v)),
+            Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Invalid(e.body_text())),
+            Err(e) => Err(ApiError::MalformedBody(e.body_text())),
+        }
+    }
+}
+
+/// Largest page any list endpoint returns.
+pub const MAX_PAGE: i64 = 10_000;
+
+/// Clamps a requested page size.
+pub fn page_limit(requested: Option<i64>, default: i64) -> Result<i64, ApiError> {
+    match requested {
+        None => Ok(default),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(ApiError::Invalid(format!(
+            "limit must be between 1 and {MAX_PAGE}, got {n}"
+        ))),
+    }
+}

@@ -1,0 +1,15 @@
+//! Late-Day Tokens Marketplace: an order saga over RabbitMQ and PostgreSQL.
+//!
+//! One binary, many roles: every service lives in [`services`] and is started by
+//! [`startup::Application`] in whatever combination the command line asks for.
+
+pub mod bus;
+pub mod configuration;
+pub mod contract;
+pub mod db;
+pub mod http;
+pub mod messaging;
+pub mod services;
+pub mod startup;
+pub mod step;
+pub mod telemetry;

@@ -1,0 +1,38 @@
+//! The `ldt` binary: parse the command line, set up logging, run the chosen services.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use ldt::configuration::{Cli, Command};
+use ldt::contract::Service;
+use ldt::startup::{Application, shutdown_signal};
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let (services, settings) = match cli.command {
+        Command::Up(settings) => (Service::ALL.to_vec(), settings),
+        Command::Serve { services, settings } => (services, settings),
+    };
+    ldt::telemetry::init(&settings.log_format);
+    match run(&services, settings).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ldt: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(services: &[Service], settings: ldt::configuration::Settings) -> anyhow::Result<()> {
+    let addr = settings.http_addr;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+    let app = Application::build(services, settings, listener).await?;
+    let local = app.local_addr()?;
+    let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
+    tracing::info!(services = ?names, "ready: API on http://{local}, Swagger UI on http://{local}/docs");
+    println!("ldt ready: http://{local}/docs");
+    app.run_until(shutdown_signal()).await
+}

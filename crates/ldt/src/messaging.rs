@@ -1,0 +1,318 @@
+//! Reliable messaging on top of [`Bus`]: the transactional outbox and its relay, and the
+//! consumer loop that feeds deliveries to a service's handler.
+//!
+//! A service never publishes from a handler. It writes the messages it emits into its own
+//! `outbox` table in the same transaction as its state change ([`enqueue`]); the [`Relay`]
+//! publishes committed rows with publisher confirms and deletes them. A crash between commit
+//! and publish loses nothing (the row is still there); a crash between publish and delete
+//! causes a duplicate, which every receiver ignores because every handler is idempotent per
+//! (order, step). `FOR UPDATE SKIP LOCKED` lets several replicas drain one outbox without
+//! publishing a row twice concurrently.
+//!
+//! The consumer loop acks a delivery only after the handler committed; a message that cannot
+//! be decoded or handled is parked on the dead-letter queue, never dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Row};
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use uuid::Uuid;
+
+use crate::bus::{Bus, Incoming, Outgoing};
+use crate::contract::{Envelope, Queues, TRACEPARENT_HEADER};
+
+/// Header naming the queue a dead letter came from (so it can be replayed there).
+pub const ORIGIN_QUEUE_HEADER: &str = "x-ldt-origin-queue";
+/// Header saying why a message was parked.
+pub const REASON_HEADER: &str = "x-ldt-reason";
+
+const RELAY_BATCH: i64 = 256;
+
+/// Writes envelopes into the outbox inside the caller's transaction.
+pub async fn enqueue(
+    conn: &mut PgConnection,
+    queues: &Queues,
+    envelopes: &[Envelope],
+) -> Result<(), sqlx::Error> {
+    for env in envelopes {
+        let queue = queues.of(env.body.destination());
+        enqueue_raw(conn, &queue, &env.id.to_string(), &env.to_json(), None).await?;
+    }
+    Ok(())
+}
+
+/// Writes one already-encoded message into the outbox (dead-letter replay).
+pub async fn enqueue_raw(
+    conn: &mut PgConnection,
+    queue: &str,
+    message_id: &str,
+    payload: &[u8],
+    traceparent: Option<&str>,
+) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(queue)
+    .bind(message_id)
+    .bind(payload)
+    .bind(traceparent)
+    .bind(crate::db::now_ms())
+    .execute(conn)
+    .await?;
+    Ok(())
+}
+
+/// Wakes a service's relay after a commit that wrote outbox rows.
+#[derive(Clone, Default)]
+pub struct OutboxSignal(Arc<Notify>);
+
+impl OutboxSignal {
+    pub fn committed(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Publishes a service's outbox.
+pub struct Relay {
+    pub pool: PgPool,
+    pub bus: Bus,
+    pub signal: OutboxSignal,
+    pub service: &'static str,
+}
+
+impl Relay {
+    pub async fn run(self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        loop {
+            // The periodic tick picks up rows a crashed predecessor (or another replica that
+            // died) left behind; the signal makes the common case immediate.
+            tokio::select! {
+                _ = self.signal.0.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                _ = shutdown.cancelled() => {
+                    let _ = self.drain().await;
+                    return;
+                }
+            }
+            match self.drain().await {
+                Ok(()) => failures = 0,
+                Err(e) => {
+                    failures = failures.saturating_add(1);
+                    let backoff = Duration::from_millis(100u64 << failures.min(6));
+                    tracing::warn!(service = self.service, error = %e, ?backoff, "outbox relay failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.cancelled() => return,
+                    }
+                    self.signal.committed();
+                }
+            }
+        }
+    }
+
+    /// Publishes batches until the outbox is empty (of rows not locked by another replica).
+    async fn drain(&self) -> anyhow::Result<()> {
+        loop {
+            let mut tx = self.pool.begin().await?;
+            let rows = sqlx::query(
+                "SELECT id, queue, message_id, payload, traceparent FROM outbox \
+                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+            )
+            .bind(RELAY_BATCH)
+            .fetch_all(&mut *tx)
+            .await?;
+            if rows.is_empty() {
+                tx.commit().await?;
+                return Ok(());
+            }
+            let mut ids = Vec::with_capacity(rows.len());
+            let mut batch = Vec::with_capacity(rows.len());
+            for row in &rows {
+                ids.push(row.try_get::<i64, _>("id")?);
+                let mut headers = Vec::new();
+                if let Some(tp) = row.try_get::<Option<String>, _>("traceparent")? {
+                    headers.push((TRACEPARENT_HEADER.to_owned(), tp));
+                }
+                batch.push(Outgoing {
+                    queue: row.try_get("queue")?,
+                    message_id: row.try_get("message_id")?,
+                    payload: row.try_get("payload")?,
+                    headers,
+                });
+            }
+            self.bus.publish(&batch).await?;
+            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
+                .bind(&ids)
+                .execute(&mut *tx)
+                .await?;
+            tx.commit().await?;
+            if (rows.len() as i64) < RELAY_BATCH {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Why a handler did not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// A dependency (the database) failed: give the message back and try again later.
+    #[error("transient failure: {0}")]
+    Transient(#[from] anyhow::Error),
+    /// The message can never be processed: park it as a dead letter.
+    #[error("poison message: {0}")]
+    Poison(String),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(e: sqlx::Error) -> Self {
+        HandleError::Transient(e.into())
+    }
+}
+
+/// Decodes a delivery's envelope; undecodable messages are poison.
+pub fn decode(msg: &Incoming) -> Result<Envelope, HandleError> {
+    Envelope::from_json(&msg.payload).map_err(HandleError::Poison)
+}
+
+/// A service's message handler.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        msg: &Incoming,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send;
+}
+
+/// Consumes `queue` until shutdown, handling deliveries concurrently (at most `prefetch` at
+/// once), re-subscribing with backoff when the broker goes away.
+pub async fn consume<H: Handler>(
+    bus: Bus,
+    queues: Queues,
+    queue: String,
+    prefetch: u16,
+    handler: Arc<H>,
+    shutdown: CancellationToken,
+) {
+    let tracker = TaskTracker::new();
+    let mut failures: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let mut sub = match bus.subscribe(&queue, prefetch).await {
+            Ok(sub) => {
+                if failures > 0 {
+                    tracing::info!(%queue, "consumer re-subscribed");
+                }
+                failures = 0;
+                sub
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let backoff = Duration::from_millis(100u64 << failures.min(6));
+                tracing::warn!(%queue, error = %e, ?backoff, "cannot subscribe; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                next = sub.next() => next,
+                _ = shutdown.cancelled() => break,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let handler = handler.clone();
+                    let bus = bus.clone();
+                    let dlq = queues.dead_letters();
+                    let queue = queue.clone();
+                    tracker.spawn(async move {
+                        process(&*handler, &bus, &queue, &dlq, msg).await;
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%queue, error = %e, "delivery failed; re-subscribing");
+                    break;
+                }
+                None => {
+                    tracing::warn!(%queue, "subscription ended; re-subscribing");
+                    break;
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            // Let in-flight handlers finish and ack before the channel closes; whatever is
+            // still unacked then goes back to the queue for the next replica.
+            tracker.close();
+            tracker.wait().await;
+            sub.close().await;
+            return;
+        }
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+async fn process<H: Handler>(handler: &H, bus: &Bus, queue: &str, dlq: &str, msg: Incoming) {
+    let outcome = handler.handle(&msg).await;
+    let acked = match outcome {
+        Ok(()) => msg.ack().await,
+        Err(HandleError::Poison(reason)) => {
+            tracing::warn!(%queue, %reason, "parking poison message as a dead letter");
+            match park(bus, queue, dlq, &msg, &reason).await {
+                Ok(()) => msg.ack().await,
+                Err(e) => {
+                    tracing::error!(%queue, error = %e, "cannot park dead letter; requeueing");
+                    msg.nack_requeue(Duration::from_millis(500)).await
+                }
+            }
+        }
+        Err(HandleError::Transient(e)) => {
+            tracing::warn!(%queue, error = %e, "handler failed; message requeued");
+            msg.nack_requeue(Duration::from_millis(200)).await
+        }
+    };
+    if let Err(e) = acked {
+        // The channel is gone: the broker requeues the delivery by itself.
+        tracing::warn!(%queue, error = %e, "ack failed; the message will be redelivered");
+    }
+}
+
+/// Publishes a copy of `msg` to the dead-letter queue, with where it came from and why.
+async fn park(
+    bus: &Bus,
+    queue: &str,
+    dlq: &str,
+    msg: &Incoming,
+    reason: &str,
+) -> Result<(), crate::bus::BusError> {
+    let mut headers: Vec<(String, String)> = msg
+        .headers
+        .iter()
+        .filter(|(k, _)| k.as_str() != ORIGIN_QUEUE_HEADER && k.as_str() != REASON_HEADER)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    headers.push((ORIGIN_QUEUE_HEADER.to_owned(), queue.to_owned()));
+    headers.push((
+        REASON_HEADER.to_owned(),
+        reason.chars().take(1000).collect(),
+    ));
+    let out = Outgoing {
+        queue: dlq.to_owned(),
+        message_id: msg
+            .message_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().to_string()),
+        payload: msg.payload.clone(),
+        headers,
+    };
+    bus.publish(std::slice::from_ref(&out)).await
+}

@@ -1,0 +1,178 @@
+//! The dead-letter service: keeps every message some service could not process (poison,
+//! unknown type or version, an answer for a saga that does not exist), shows them, and
+//! replays one to the queue it came from once the cause is fixed.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::bus::Incoming;
+use crate::contract::{Queues, Service, TRACEPARENT_HEADER};
+use crate::db::now_ms;
+use crate::http::{ApiError, page_limit};
+use crate::messaging::{
+    self, HandleError, Handler, ORIGIN_QUEUE_HEADER, OutboxSignal, REASON_HEADER,
+};
+use crate::startup::{Context, Started};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/dead_letter");
+
+#[derive(Clone)]
+pub struct DeadLetters {
+    pool: PgPool,
+    queues: Queues,
+    signal: OutboxSignal,
+}
+
+pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
+    let pool = ctx.open_db(Service::DeadLetter, &MIGRATOR).await?;
+    let signal = ctx.spawn_relay(Service::DeadLetter, pool.clone());
+    let state = DeadLetters {
+        pool: pool.clone(),
+        queues: ctx.queues.clone(),
+        signal,
+    };
+    ctx.spawn_consumer(Service::DeadLetter, Arc::new(state.clone()));
+    let router = OpenApiRouter::new()
+        .routes(routes!(list_dead_letters))
+        .routes(routes!(replay_dead_letter))
+        .with_state(state);
+    Ok(Started { router, pool })
+}
+
+impl Handler for DeadLetters {
+    /// Stores whatever arrives; it never parks anything itself (there is nowhere further).
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let id = msg
+            .message_id
+            .clone()
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        let origin = msg
+            .headers
+            .get(ORIGIN_QUEUE_HEADER)
+            .cloned()
+            .unwrap_or_else(|| "unknown".into());
+        let reason = msg
+            .headers
+            .get(REASON_HEADER)
+            .cloned()
+            .unwrap_or_else(|| "no reason given".into());
+        let headers = serde_json::to_string(&msg.headers).unwrap_or_default();
+        // A message parked again (after a replay, or a redelivery) is one dead letter.
+        sqlx::query(
+            "INSERT INTO dead_letters (id, origin_queue, reason, payload, headers, parked_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_ms = EXCLUDED.parked_ms, \
+             times_parked = dead_letters.times_parked + 1, replayed_ms = NULL",
+        )
+        .bind(&id)
+        .bind(&origin)
+        .bind(&reason)
+        .bind(&msg.payload)
+        .bind(headers)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        tracing::warn!(dead_letter = %id, %origin, %reason, "dead letter parked");
+        Ok(())
+    }
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct DeadLetter {
+    pub id: String,
+    /// The queue it was taken from (and is replayed to).
+    pub origin_queue: String,
+    pub reason: String,
+    /// The message as received (lossy UTF-8).
+    pub payload: String,
+    pub times_parked: i32,
+    pub parked_at_ms: i64,
+    /// Set once replayed; cleared if it comes back.
+    pub replayed_at_ms: Option<i64>,
+}
+
+fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, sqlx::Error> {
+    let payload: Vec<u8> = row.try_get("payload")?;
+    Ok(DeadLetter {
+        id: row.try_get("id")?,
+        origin_queue: row.try_get("origin_queue")?,
+        reason: row.try_get("reason")?,
+        payload: String::from_utf8_lossy(&payload).into_owned(),
+        times_parked: row.try_get("times_parked")?,
+        parked_at_ms: row.try_get("parked_ms")?,
+        replayed_at_ms: row.try_get("replayed_ms")?,
+    })
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DeadLetterQuery {
+    /// At most this many, the most recent (default 100).
+    pub limit: Option<i64>,
+}
+
+/// Parked messages, oldest first.
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead-letter",
+    params(DeadLetterQuery),
+    responses((status = 200, body = [DeadLetter])))]
+async fn list_dead_letters(
+    State(state): State<DeadLetters>,
+    Query(q): Query<DeadLetterQuery>,
+) -> Result<Json<Vec<DeadLetter>>, ApiError> {
+    let limit = page_limit(q.limit, 100)?;
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM dead_letters ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
+    )
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    Ok(Json(
+        rows.iter()
+            .map(dead_letter_from_row)
+            .collect::<Result<_, _>>()?,
+    ))
+}
+
+/// Sends a parked message back to the queue it came from.
+#[utoipa::path(post, path = "/api/v1/dead-letters/{id}/replay", tag = "dead-letter",
+    params(("id" = String, Path, description = "Dead letter id")),
+    responses((status = 200, body = DeadLetter), (status = 404, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody)))]
+async fn replay_dead_letter(
+    State(state): State<DeadLetters>,
+    Path(id): Path<String>,
+) -> Result<Json<DeadLetter>, ApiError> {
+    let mut tx = state.pool.begin().await?;
+    let row = sqlx::query("SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE")
+        .bind(&id)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id:?}")))?;
+    let origin: String = row.try_get("origin_queue")?;
+    // Only replay into this marketplace's own queues.
+    if !state.queues.all().contains(&origin) {
+        return Err(ApiError::Invalid(format!(
+            "dead letter {id:?} came from {origin:?}, which is not a queue of this marketplace"
+        )));
+    }
+    let payload: Vec<u8> = row.try_get("payload")?;
+    let headers: String = row.try_get("headers")?;
+    let traceparent = serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
+        .ok()
+        .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
+    messaging::enqueue_raw(&mut tx, &origin, &id, &payload, traceparent.as_deref()).await?;
+    let row = sqlx::query("UPDATE dead_letters SET replayed_ms = $2 WHERE id = $1 RETURNING *")
+        .bind(&id)
+        .bind(now_ms())
+        .fetch_one(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    state.signal.committed();
+    tracing::info!(dead_letter = %id, %origin, "dead letter replayed");
+    Ok(Json(dead_letter_from_row(&row)?))
+}

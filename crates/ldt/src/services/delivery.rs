@@ -1,0 +1,112 @@
+//! The delivery service: records the delivery of the tokens to the user (the saga's last
+//! step) and cancels it on revert. Its ledger *is* the delivery record.
+
+use axum::Json;
+use axum::extract::{Query, State};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::contract::{Service, Step};
+use crate::http::{ApiError, page_limit};
+use crate::startup::{Context, Started};
+use crate::step::{self, Action, LedgerRow, StepEffect, StepService};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/delivery");
+
+/// Delivering has no effect beyond its ledger row; cancelling flips `compensated`.
+pub struct Deliveries;
+
+impl StepEffect for Deliveries {
+    const STEP: Step = Step::Delivery;
+    const INSUFFICIENT: &'static str = "UNDELIVERABLE";
+
+    async fn apply(&self, _: &mut PgConnection, _: &Action) -> Result<bool, sqlx::Error> {
+        Ok(true)
+    }
+
+    async fn undo(&self, _: &mut PgConnection, _: &LedgerRow) -> Result<(), sqlx::Error> {
+        Ok(())
+    }
+}
+
+pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
+    let pool = ctx.open_db(Service::Delivery, &MIGRATOR).await?;
+    let signal = ctx.spawn_relay(Service::Delivery, pool.clone());
+    let handler = StepService::new(
+        Deliveries,
+        pool.clone(),
+        ctx.queues.clone(),
+        signal,
+        ctx.settings.stall(),
+    );
+    ctx.spawn_consumer(Service::Delivery, handler);
+    let router = OpenApiRouter::new()
+        .routes(routes!(list_deliveries))
+        .with_state(pool.clone());
+    Ok(Started { router, pool })
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Delivery {
+    pub order_id: String,
+    pub username: String,
+    pub amount: i64,
+    /// `DELIVERED` (active), `CANCELLED` (reverted), `FAILED`, or `REFUSED` (cancelled before
+    /// it happened: the late delivery was refused).
+    pub status: &'static str,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+}
+
+impl From<LedgerRow> for Delivery {
+    fn from(row: LedgerRow) -> Self {
+        let status = match (row.outcome.as_str(), row.compensated) {
+            (step::SUCCESS, false) => "DELIVERED",
+            (step::SUCCESS, true) => "CANCELLED",
+            (step::TIMEOUT, _) => "REFUSED",
+            _ => "FAILED",
+        };
+        Delivery {
+            order_id: row.order_id,
+            username: row.username.unwrap_or_default(),
+            amount: row.quantity,
+            status,
+            created_at_ms: row.created_ms,
+            updated_at_ms: row.updated_ms,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct DeliveryQuery {
+    /// Whose deliveries.
+    pub username: String,
+    /// At most this many, the most recent (default 1000).
+    pub limit: Option<i64>,
+}
+
+/// A user's deliveries, oldest first.
+#[utoipa::path(get, path = "/api/v1/deliveries", tag = "delivery",
+    params(DeliveryQuery),
+    responses((status = 200, body = [Delivery]), (status = 422, body = crate::http::ErrorBody)))]
+async fn list_deliveries(
+    State(pool): State<PgPool>,
+    Query(q): Query<DeliveryQuery>,
+) -> Result<Json<Vec<Delivery>>, ApiError> {
+    let limit = page_limit(q.limit, 1000)?;
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM ledger WHERE username = $1 AND outcome <> 'PENDING' \
+         ORDER BY created_ms DESC, order_id DESC LIMIT $2) recent ORDER BY created_ms, order_id",
+    )
+    .bind(&q.username)
+    .bind(limit)
+    .fetch_all(&pool)
+    .await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        out.push(Delivery::from(LedgerRow::from_row(row)?));
+    }
+    Ok(Json(out))
+}

@@ -1,0 +1,131 @@
+//! The inventory service: the stock of tokens. The saga's inventory step reserves tokens and
+//! its undo releases them; an admin can restock.
+
+use axum::Json;
+use axum::extract::State;
+use serde::{Deserialize, Serialize};
+use sqlx::{PgConnection, PgPool, Row};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::contract::{Service, Step};
+use crate::http::{ApiError, ApiJson};
+use crate::startup::{Context, Started};
+use crate::step::{Action, LedgerRow, StepEffect, StepService};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/inventory");
+
+/// Reserves and releases stock.
+pub struct Stock;
+
+impl StepEffect for Stock {
+    const STEP: Step = Step::Inventory;
+    const INSUFFICIENT: &'static str = "INSUFFICIENT_INVENTORY";
+
+    async fn apply(&self, conn: &mut PgConnection, action: &Action) -> Result<bool, sqlx::Error> {
+        let reserved = sqlx::query(
+            "UPDATE stock SET available = available - $1 WHERE id = 1 AND available >= $1",
+        )
+        .bind(action.quantity)
+        .execute(conn)
+        .await?
+        .rows_affected();
+        Ok(reserved == 1)
+    }
+
+    async fn undo(&self, conn: &mut PgConnection, row: &LedgerRow) -> Result<(), sqlx::Error> {
+        sqlx::query("UPDATE stock SET available = available + $1 WHERE id = 1")
+            .bind(row.quantity)
+            .execute(conn)
+            .await?;
+        Ok(())
+    }
+}
+
+pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
+    let pool = ctx.open_db(Service::Inventory, &MIGRATOR).await?;
+    // Seeded once: a restart (or a second replica) finds the row and leaves it alone.
+    sqlx::query(
+        "INSERT INTO stock (id, initial, available) VALUES (1, $1, $1) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(ctx.settings.initial_stock)
+    .execute(&pool)
+    .await?;
+    let signal = ctx.spawn_relay(Service::Inventory, pool.clone());
+    let handler = StepService::new(
+        Stock,
+        pool.clone(),
+        ctx.queues.clone(),
+        signal,
+        ctx.settings.stall(),
+    );
+    ctx.spawn_consumer(Service::Inventory, handler);
+    let router = OpenApiRouter::new()
+        .routes(routes!(get_inventory))
+        .routes(routes!(restock))
+        .with_state(pool.clone());
+    Ok(Started { router, pool })
+}
+
+/// The stock, with what is needed to check it: `initial + restocked − available` is the
+/// number of tokens currently reserved by orders.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Inventory {
+    pub available: i64,
+    pub initial: i64,
+    pub restocked: i64,
+}
+
+async fn read(pool: &PgPool) -> Result<Inventory, ApiError> {
+    let row = sqlx::query("SELECT available, initial, restocked FROM stock WHERE id = 1")
+        .fetch_one(pool)
+        .await?;
+    Ok(Inventory {
+        available: row.try_get("available")?,
+        initial: row.try_get("initial")?,
+        restocked: row.try_get("restocked")?,
+    })
+}
+
+/// Tokens in stock.
+#[utoipa::path(get, path = "/api/v1/inventory", tag = "inventory",
+    responses((status = 200, body = Inventory)))]
+async fn get_inventory(State(pool): State<PgPool>) -> Result<Json<Inventory>, ApiError> {
+    Ok(Json(read(&pool).await?))
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Restock {
+    /// Tokens to add (> 0).
+    pub amount: i64,
+}
+
+/// Adds tokens to the stock.
+#[utoipa::path(post, path = "/api/v1/inventory/restock", tag = "inventory",
+    request_body = Restock,
+    responses((status = 200, body = Inventory), (status = 422, body = crate::http::ErrorBody)))]
+async fn restock(
+    State(pool): State<PgPool>,
+    ApiJson(body): ApiJson<Restock>,
+) -> Result<Json<Inventory>, ApiError> {
+    if body.amount <= 0 {
+        return Err(ApiError::Invalid(format!(
+            "amount must be positive, got {}",
+            body.amount
+        )));
+    }
+    let result = sqlx::query(
+        "UPDATE stock SET available = available + $1, restocked = restocked + $1 WHERE id = 1",
+    )
+    .bind(body.amount)
+    .execute(&pool)
+    .await;
+    match result {
+        Ok(_) => Ok(Json(read(&pool).await?)),
+        Err(e) if crate::db::is_out_of_range(&e) => Err(ApiError::Invalid(
+            "restocking that much would overflow the stock counter".into(),
+        )),
+        Err(e) => Err(e.into()),
+    }
+}

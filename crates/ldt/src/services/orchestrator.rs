@@ -1,0 +1,620 @@
+//! The orchestrator: the only service that knows the saga's order. It drives each order
+//! through payment → inventory → delivery, owns the step deadlines, and on failure runs the
+//! compensations one at a time in reverse order before it declares the final status.
+//!
+//! All saga state is in its database (`sagas`, `saga_log`), changed only in transactions that
+//! also write the outgoing commands to the outbox, so a restart resumes every saga where it
+//! was. Deadlines are rows too (`deadline_ms`): a poller claims due sagas with
+//! `FOR UPDATE SKIP LOCKED`, so a deadline fires once even with several replicas, and an
+//! answer that races with its deadline is serialised by the row lock. Whatever loses the race
+//! is a *late* answer: logged, and otherwise ignored, because the compensation already sent
+//! for that step undoes the late effect (or makes the step refuse it).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::{Path, State};
+use serde::Serialize;
+use sqlx::{PgConnection, PgPool, Row};
+use tokio_util::sync::CancellationToken;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::bus::Incoming;
+use crate::contract::{
+    Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
+};
+use crate::db::{Tx, now_ms};
+use crate::http::ApiError;
+use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+use crate::startup::{Context, Started};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/orchestrator");
+
+/// Longest wait between two tries of an unanswered compensation.
+const MAX_COMPENSATION_BACKOFF: Duration = Duration::from_secs(30);
+/// After this many unanswered tries a compensation is reported as stuck (and still retried).
+const STUCK_AFTER_ATTEMPTS: i32 = 5;
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    pool: PgPool,
+    queues: Queues,
+    signal: OutboxSignal,
+    step_timeout: Duration,
+}
+
+pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
+    let pool = ctx.open_db(Service::Orchestrator, &MIGRATOR).await?;
+    let signal = ctx.spawn_relay(Service::Orchestrator, pool.clone());
+    let orchestrator = Orchestrator {
+        pool: pool.clone(),
+        queues: ctx.queues.clone(),
+        signal,
+        step_timeout: ctx.settings.step_timeout(),
+    };
+    ctx.spawn_consumer(Service::Orchestrator, Arc::new(orchestrator.clone()));
+    let poller = orchestrator.clone();
+    let shutdown = ctx.shutdown.clone();
+    ctx.tasks
+        .spawn(async move { poller.run_deadlines(shutdown).await });
+    let router = OpenApiRouter::new()
+        .routes(routes!(get_saga))
+        .with_state(pool.clone());
+    Ok(Started { router, pool })
+}
+
+/// The mutable part of a saga row.
+#[derive(Debug, Clone)]
+struct Saga {
+    order_id: Uuid,
+    username: String,
+    price: i64,
+    amount: i64,
+    faults: FaultPlan,
+    phase: Phase,
+    step: Step,
+    status: Option<OrderStatus>,
+    /// Compensations still to apply, the one in flight first.
+    pending: Vec<Step>,
+    attempts: i32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Compensating,
+    Done,
+}
+
+impl Phase {
+    fn as_str(self) -> &'static str {
+        match self {
+            Phase::Running => "running",
+            Phase::Compensating => "compensating",
+            Phase::Done => "done",
+        }
+    }
+}
+
+fn saga_from_row(row: &sqlx::postgres::PgRow) -> Result<Saga, HandleError> {
+    let bad = |what: &str| HandleError::Transient(anyhow::anyhow!("corrupt saga row: {what}"));
+    let order_id: String = row.try_get("order_id")?;
+    let phase: String = row.try_get("phase")?;
+    let step: String = row.try_get("step")?;
+    let status: Option<String> = row.try_get("status")?;
+    let pending: String = row.try_get("pending_comp")?;
+    let faults: String = row.try_get("faults")?;
+    Ok(Saga {
+        order_id: Uuid::parse_str(&order_id).map_err(|_| bad("order_id"))?,
+        username: row.try_get("username")?,
+        price: row.try_get("price")?,
+        amount: row.try_get("amount")?,
+        faults: serde_json::from_str(&faults).map_err(|_| bad("faults"))?,
+        phase: match phase.as_str() {
+            "running" => Phase::Running,
+            "compensating" => Phase::Compensating,
+            "done" => Phase::Done,
+            _ => return Err(bad("phase")),
+        },
+        step: Step::parse(&step).ok_or_else(|| bad("step"))?,
+        status: match status {
+            None => None,
+            Some(s) => Some(OrderStatus::parse(&s).ok_or_else(|| bad("status"))?),
+        },
+        pending: pending
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(|s| Step::parse(s).ok_or_else(|| bad("pending_comp")))
+            .collect::<Result<_, _>>()?,
+        attempts: row.try_get("attempts")?,
+    })
+}
+
+/// What a transition does to the saga's deadline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Deadline {
+    Keep,
+    Clear,
+    At(i64),
+}
+
+/// What a transition wants written.
+struct Effects {
+    out: Vec<Envelope>,
+    log: Vec<(Step, &'static str, String)>,
+    deadline: Deadline,
+}
+
+impl Effects {
+    fn new() -> Effects {
+        Effects {
+            out: Vec::new(),
+            log: Vec::new(),
+            deadline: Deadline::Keep,
+        }
+    }
+}
+
+impl Orchestrator {
+    fn command(&self, saga: &Saga, step: Step, now: i64) -> Envelope {
+        let fault = saga.faults.for_step(step);
+        let body = match step {
+            // Validated by the order service; checked again here because a message is input.
+            Step::Payment => Message::Debit {
+                username: saga.username.clone(),
+                total: saga.price.checked_mul(saga.amount).unwrap_or(i64::MAX),
+                fault,
+            },
+            Step::Inventory => Message::Reserve {
+                amount: saga.amount,
+                fault,
+            },
+            Step::Delivery => Message::Deliver {
+                username: saga.username.clone(),
+                amount: saga.amount,
+                fault,
+            },
+        };
+        Envelope::new(saga.order_id, now, body)
+    }
+
+    fn deadline_after(&self, now: i64, wait: Duration) -> i64 {
+        now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    /// The wait before retrying a compensation for the `attempts`-th time.
+    fn compensation_backoff(&self, attempts: i32) -> Duration {
+        let factor = 1u32 << attempts.clamp(0, 10);
+        self.step_timeout
+            .saturating_mul(factor)
+            .min(MAX_COMPENSATION_BACKOFF)
+    }
+
+    /// Moves to compensating (or straight to done when nothing needs undoing).
+    fn fail(
+        &self,
+        saga: &mut Saga,
+        status: OrderStatus,
+        undo: Vec<Step>,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        saga.status = Some(status);
+        saga.attempts = 0;
+        if undo.is_empty() {
+            self.finish(saga, now, fx);
+            return;
+        }
+        saga.phase = Phase::Compensating;
+        saga.pending = undo;
+        self.send_head_compensation(saga, now, fx);
+    }
+
+    fn send_head_compensation(&self, saga: &Saga, now: i64, fx: &mut Effects) {
+        if let Some(&head) = saga.pending.first() {
+            let msg = Message::compensation(head);
+            fx.log.push((head, msg.kind(), "sent".into()));
+            fx.out.push(Envelope::new(saga.order_id, now, msg));
+            fx.deadline =
+                Deadline::At(self.deadline_after(now, self.compensation_backoff(saga.attempts)));
+        }
+    }
+
+    fn finish(&self, saga: &mut Saga, now: i64, fx: &mut Effects) {
+        let status = saga.status.unwrap_or(OrderStatus::Unknown);
+        saga.phase = Phase::Done;
+        saga.pending.clear();
+        fx.deadline = Deadline::Clear;
+        fx.log
+            .push((saga.step, "order_finished", status.as_str().into()));
+        fx.out.push(Envelope::new(
+            saga.order_id,
+            now,
+            Message::OrderFinished { status },
+        ));
+    }
+
+    /// A step's answer.
+    fn on_result(
+        &self,
+        saga: &mut Saga,
+        step: Step,
+        outcome: StepOutcome,
+        now: i64,
+        fx: &mut Effects,
+    ) {
+        let label = format!("{outcome:?}").to_lowercase();
+        if saga.phase != Phase::Running || saga.step != step {
+            fx.log
+                .push((step, "step_result", format!("late: {label} (ignored)")));
+            return;
+        }
+        fx.log.push((step, "step_result", label));
+        let done_before: Vec<Step> = Step::ALL[..step.index()].iter().rev().copied().collect();
+        match outcome {
+            StepOutcome::Done => match step.next() {
+                Some(next) => {
+                    saga.step = next;
+                    let cmd = self.command(saga, next, now);
+                    fx.log.push((next, cmd.body.kind(), "sent".into()));
+                    fx.out.push(cmd);
+                    fx.deadline = Deadline::At(self.deadline_after(now, self.step_timeout));
+                }
+                None => {
+                    saga.status = Some(OrderStatus::Success);
+                    self.finish(saga, now, fx);
+                }
+            },
+            StepOutcome::Insufficient => {
+                let status = match step {
+                    Step::Payment => OrderStatus::InsufficientFund,
+                    Step::Inventory => OrderStatus::InsufficientInventory,
+                    Step::Delivery => OrderStatus::Unknown,
+                };
+                self.fail(saga, status, done_before, now, fx);
+            }
+            StepOutcome::Failed | StepOutcome::Refused => {
+                self.fail(saga, OrderStatus::Unknown, done_before, now, fx);
+            }
+        }
+    }
+
+    fn on_compensated(&self, saga: &mut Saga, step: Step, now: i64, fx: &mut Effects) {
+        if saga.phase != Phase::Compensating || saga.pending.first() != Some(&step) {
+            fx.log
+                .push((step, "compensated", "duplicate (ignored)".into()));
+            return;
+        }
+        fx.log.push((step, "compensated", "done".into()));
+        saga.pending.remove(0);
+        saga.attempts = 0;
+        if saga.pending.is_empty() {
+            self.finish(saga, now, fx);
+        } else {
+            self.send_head_compensation(saga, now, fx);
+        }
+    }
+
+    fn on_deadline(&self, saga: &mut Saga, now: i64, fx: &mut Effects) {
+        match saga.phase {
+            Phase::Running => {
+                fx.log.push((saga.step, "deadline", "timeout".into()));
+                // The stalled step may still act: undo it first, then the ones before it.
+                let undo: Vec<Step> = Step::ALL[..=saga.step.index()]
+                    .iter()
+                    .rev()
+                    .copied()
+                    .collect();
+                self.fail(saga, OrderStatus::Timeout, undo, now, fx);
+            }
+            Phase::Compensating => {
+                saga.attempts = saga.attempts.saturating_add(1);
+                if let Some(&head) = saga.pending.first() {
+                    if saga.attempts >= STUCK_AFTER_ATTEMPTS {
+                        tracing::error!(order_id = %saga.order_id, step = head.as_str(), attempts = saga.attempts,
+                            "compensation still unanswered; retrying");
+                    }
+                    fx.log
+                        .push((head, "deadline", format!("retry #{}", saga.attempts)));
+                }
+                self.send_head_compensation(saga, now, fx);
+            }
+            Phase::Done => fx.deadline = Deadline::Clear,
+        }
+    }
+
+    /// Writes the transition: saga row, log lines, outbox; all in the caller's transaction.
+    async fn persist(
+        &self,
+        tx: &mut PgConnection,
+        saga: &Saga,
+        fx: Effects,
+        now: i64,
+    ) -> Result<(), HandleError> {
+        let pending: Vec<&str> = saga.pending.iter().map(|s| s.as_str()).collect();
+        let deadline = match fx.deadline {
+            Deadline::Keep => None,
+            Deadline::Clear => Some(None),
+            Deadline::At(ms) => Some(Some(ms)),
+        };
+        let sql = if deadline.is_none() {
+            "UPDATE sagas SET phase = $2, step = $3, status = $4, pending_comp = $5, attempts = $6, \
+             updated_ms = $7 WHERE order_id = $1"
+        } else {
+            "UPDATE sagas SET phase = $2, step = $3, status = $4, pending_comp = $5, attempts = $6, \
+             updated_ms = $7, deadline_ms = $8 WHERE order_id = $1"
+        };
+        sqlx::query(sql)
+            .bind(saga.order_id.to_string())
+            .bind(saga.phase.as_str())
+            .bind(saga.step.as_str())
+            .bind(saga.status.map(|s| s.as_str()))
+            .bind(pending.join(","))
+            .bind(saga.attempts)
+            .bind(now)
+            .bind(deadline.flatten())
+            .execute(&mut *tx)
+            .await?;
+        self.write_log_and_outbox(tx, saga.order_id, fx, now).await
+    }
+
+    async fn write_log_and_outbox(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+        fx: Effects,
+        now: i64,
+    ) -> Result<(), HandleError> {
+        for (step, kind, event) in &fx.log {
+            sqlx::query("INSERT INTO saga_log (order_id, step, kind, event, at_ms) VALUES ($1, $2, $3, $4, $5)")
+                .bind(order_id.to_string())
+                .bind(step.as_str())
+                .bind(kind)
+                .bind(event)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+        }
+        messaging::enqueue(tx, &self.queues, &fx.out).await?;
+        Ok(())
+    }
+
+    async fn lock(&self, tx: &mut Tx, order_id: Uuid) -> Result<Option<Saga>, HandleError> {
+        let row = sqlx::query("SELECT * FROM sagas WHERE order_id = $1 FOR UPDATE")
+            .bind(order_id.to_string())
+            .fetch_optional(&mut **tx)
+            .await?;
+        row.as_ref().map(saga_from_row).transpose()
+    }
+
+    async fn on_order_placed(
+        &self,
+        env: &Envelope,
+        username: &str,
+        price: i64,
+        amount: i64,
+        faults: FaultPlan,
+    ) -> Result<(), HandleError> {
+        if price < 0 || amount <= 0 || price.checked_mul(amount).is_none() || username.is_empty() {
+            return Err(HandleError::Poison(format!(
+                "OrderPlaced with invalid terms (price {price}, amount {amount})"
+            )));
+        }
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let deadline = self.deadline_after(now, self.step_timeout);
+        let inserted = sqlx::query(
+            "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms) \
+             VALUES ($1, $2, $3, $4, $5, 'running', 'payment', $6, $7, $7) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(env.order_id.to_string())
+        .bind(username)
+        .bind(price)
+        .bind(amount)
+        .bind(serde_json::to_string(&faults).unwrap_or_default())
+        .bind(deadline)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            tracing::info!(order_id = %env.order_id, "duplicate OrderPlaced ignored");
+            return Ok(());
+        }
+        let saga = Saga {
+            order_id: env.order_id,
+            username: username.to_owned(),
+            price,
+            amount,
+            faults,
+            phase: Phase::Running,
+            step: Step::Payment,
+            status: None,
+            pending: Vec::new(),
+            attempts: 0,
+        };
+        let cmd = self.command(&saga, Step::Payment, now);
+        let fx = Effects {
+            log: vec![(Step::Payment, cmd.body.kind(), "sent".into())],
+            out: vec![cmd],
+            deadline: Deadline::At(deadline),
+        };
+        self.write_log_and_outbox(&mut tx, env.order_id, fx, now)
+            .await?;
+        tx.commit().await?;
+        self.signal.committed();
+        Ok(())
+    }
+
+    async fn on_answer(&self, env: &Envelope) -> Result<(), HandleError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let Some(mut saga) = self.lock(&mut tx, env.order_id).await? else {
+            return Err(HandleError::Poison(format!(
+                "{} for unknown saga {}",
+                env.body.kind(),
+                env.order_id
+            )));
+        };
+        let mut fx = Effects::new();
+        match &env.body {
+            Message::StepResult { step, outcome } => {
+                self.on_result(&mut saga, *step, *outcome, now, &mut fx)
+            }
+            Message::Compensated { step } => self.on_compensated(&mut saga, *step, now, &mut fx),
+            other => {
+                return Err(HandleError::Poison(format!(
+                    "`{}` is not an answer",
+                    other.kind()
+                )));
+            }
+        }
+        self.persist(&mut tx, &saga, fx, now).await?;
+        tx.commit().await?;
+        self.signal.committed();
+        Ok(())
+    }
+
+    /// Fires due deadlines until shutdown.
+    async fn run_deadlines(self, shutdown: CancellationToken) {
+        let tick = Duration::from_millis(20)
+            .min(self.step_timeout / 4)
+            .max(Duration::from_millis(5));
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            loop {
+                match self.fire_due().await {
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deadline poller failed; retrying");
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn fire_due(&self) -> Result<usize, HandleError> {
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let rows = sqlx::query(
+            "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100 FOR UPDATE SKIP LOCKED",
+        )
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+        let n = rows.len();
+        for row in &rows {
+            let mut saga = saga_from_row(row)?;
+            let mut fx = Effects::new();
+            self.on_deadline(&mut saga, now, &mut fx);
+            self.persist(&mut tx, &saga, fx, now).await?;
+        }
+        tx.commit().await?;
+        if n > 0 {
+            self.signal.committed();
+        }
+        Ok(n)
+    }
+}
+
+impl Handler for Orchestrator {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = messaging::decode(msg)?;
+        match &env.body {
+            Message::OrderPlaced {
+                username,
+                price,
+                amount,
+                faults,
+            } => {
+                self.on_order_placed(&env, username, *price, *amount, *faults)
+                    .await
+            }
+            Message::StepResult { .. } | Message::Compensated { .. } => self.on_answer(&env).await,
+            other => Err(HandleError::Poison(format!(
+                "the orchestrator does not handle `{}` messages",
+                other.kind()
+            ))),
+        }
+    }
+}
+
+/// One line of a saga's log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SagaEvent {
+    pub step: String,
+    /// The message or timer concerned (`debit`, `refund`, `step_result`, `deadline`, …).
+    pub kind: String,
+    /// What happened (`sent`, `done`, `insufficient`, `timeout`, `late: done (ignored)`, …).
+    pub event: String,
+    pub at_ms: i64,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SagaView {
+    pub order_id: String,
+    /// `running`, `compensating` or `done`.
+    pub phase: String,
+    /// The step in flight (or the last one reached).
+    pub step: String,
+    /// The final status, once decided.
+    pub status: Option<String>,
+    /// Compensations still to apply, in order.
+    pub pending_compensations: Vec<String>,
+    pub log: Vec<SagaEvent>,
+}
+
+/// The saga of an order: its step log, with every step and compensation and its outcome.
+#[utoipa::path(get, path = "/api/v1/sagas/{order_id}", tag = "orchestrator",
+    params(("order_id" = String, Path, description = "Order id")),
+    responses((status = 200, body = SagaView), (status = 404, body = crate::http::ErrorBody)))]
+async fn get_saga(
+    State(pool): State<PgPool>,
+    Path(order_id): Path<String>,
+) -> Result<Json<SagaView>, ApiError> {
+    let row = sqlx::query(
+        "SELECT order_id, phase, step, status, pending_comp FROM sagas WHERE order_id = $1",
+    )
+    .bind(&order_id)
+    .fetch_optional(&pool)
+    .await?
+    .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id:?}")))?;
+    let log = sqlx::query(
+        "SELECT step, kind, event, at_ms FROM saga_log WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(&order_id)
+    .fetch_all(&pool)
+    .await?;
+    let pending: String = row.try_get("pending_comp")?;
+    Ok(Json(SagaView {
+        order_id: row.try_get("order_id")?,
+        phase: row.try_get("phase")?,
+        step: row.try_get("step")?,
+        status: row.try_get("status")?,
+        pending_compensations: pending
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        log: log
+            .iter()
+            .map(|r| {
+                Ok(SagaEvent {
+                    step: r.try_get("step")?,
+                    kind: r.try_get("kind")?,
+                    event: r.try_get("event")?,
+                    at_ms: r.try_get("at_ms")?,
+                })
+            })
+            .collect::<Result<_, sqlx::Error>>()?,
+    }))
+}

@@ -1,0 +1,563 @@
+//! The order service: the public order API (legacy and v1). It stores an order as PENDING
+//! together with the `OrderPlaced` message in one transaction, answers at once, and records
+//! the final status when the orchestrator says the saga is over.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use sqlx::{PgPool, Row};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+use uuid::Uuid;
+
+use crate::bus::Incoming;
+use crate::contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, Service};
+use crate::db::now_ms;
+use crate::http::{ApiError, ApiJson, page_limit};
+use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+use crate::startup::{Context, Started};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/order");
+
+/// Longest accepted username, in characters.
+pub const MAX_USERNAME: usize = 64;
+
+#[derive(Clone)]
+pub struct OrderState {
+    pool: PgPool,
+    queues: Queues,
+    signal: OutboxSignal,
+}
+
+pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
+    let pool = ctx.open_db(Service::Order, &MIGRATOR).await?;
+    let signal = ctx.spawn_relay(Service::Order, pool.clone());
+    let state = OrderState {
+        pool: pool.clone(),
+        queues: ctx.queues.clone(),
+        signal,
+    };
+    ctx.spawn_consumer(Service::Order, Arc::new(state.clone()));
+    let router = OpenApiRouter::new()
+        .routes(routes!(legacy_purchase))
+        .routes(routes!(legacy_purchase_slash))
+        .routes(routes!(legacy_all_transactions))
+        .routes(routes!(create_order, list_orders))
+        .routes(routes!(get_order))
+        .with_state(state);
+    Ok(Started { router, pool })
+}
+
+/// An order as the API shows it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Order {
+    pub id: Uuid,
+    pub username: String,
+    pub price: i64,
+    pub amount: i64,
+    pub status: OrderStatus,
+    pub faults: FaultPlan,
+    pub created_at_ms: i64,
+    pub finished_at_ms: Option<i64>,
+}
+
+/// A validated order request.
+#[derive(Debug, Clone, PartialEq)]
+struct NewOrder {
+    username: String,
+    price: i64,
+    amount: i64,
+    faults: FaultPlan,
+    /// `kill_create`: the order is never stored.
+    kill_create: bool,
+}
+
+impl NewOrder {
+    fn validate(
+        username: String,
+        price: i64,
+        amount: i64,
+        faults: FaultPlan,
+        kill_create: bool,
+    ) -> Result<NewOrder, ApiError> {
+        let name_len = username.chars().count();
+        if username.trim().is_empty() {
+            return Err(ApiError::Invalid("username must not be empty".into()));
+        }
+        if name_len > MAX_USERNAME {
+            return Err(ApiError::Invalid(format!(
+                "username is {name_len} characters long; at most {MAX_USERNAME} are allowed"
+            )));
+        }
+        if username.chars().any(char::is_control) {
+            return Err(ApiError::Invalid(
+                "username must not contain control characters".into(),
+            ));
+        }
+        if price < 0 {
+            return Err(ApiError::Invalid(format!(
+                "price must not be negative, got {price}"
+            )));
+        }
+        if amount <= 0 {
+            return Err(ApiError::Invalid(format!(
+                "amount must be positive, got {amount}"
+            )));
+        }
+        if price.checked_mul(amount).is_none() {
+            return Err(ApiError::Invalid(format!(
+                "price × amount ({price} × {amount}) overflows a 64-bit integer"
+            )));
+        }
+        Ok(NewOrder {
+            username,
+            price,
+            amount,
+            faults,
+            kill_create,
+        })
+    }
+
+    /// Stable digest of what the request asks for, to recognise a retry of it.
+    fn fingerprint(&self) -> String {
+        format!(
+            "{}\u{1f}{}\u{1f}{}\u{1f}{}\u{1f}{}",
+            self.username,
+            self.price,
+            self.amount,
+            serde_json::to_string(&self.faults).unwrap_or_default(),
+            self.kill_create
+        )
+    }
+}
+
+/// What `POST /api/purchase/` accepts (the legacy contract).
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub struct LegacyPurchase {
+    pub username: String,
+    pub price: i64,
+    pub amount: i64,
+    #[serde(default)]
+    pub kill_create: bool,
+    #[serde(default)]
+    pub kill_payment: bool,
+    #[serde(default)]
+    pub timeout_payment: bool,
+    #[serde(default)]
+    pub kill_inventory: bool,
+    #[serde(default)]
+    pub timeout_inventory: bool,
+    #[serde(default)]
+    pub kill_deliver: bool,
+    #[serde(default)]
+    pub timeout_deliver: bool,
+}
+
+fn legacy_fault(kill: bool, timeout: bool) -> Option<Fault> {
+    // A step told both to fail and to stall fails: failing is the earlier event.
+    match (kill, timeout) {
+        (true, _) => Some(Fault::Kill),
+        (false, true) => Some(Fault::Timeout),
+        _ => None,
+    }
+}
+
+impl LegacyPurchase {
+    fn into_new_order(self) -> Result<NewOrder, ApiError> {
+        let faults = FaultPlan {
+            payment: legacy_fault(self.kill_payment, self.timeout_payment),
+            inventory: legacy_fault(self.kill_inventory, self.timeout_inventory),
+            delivery: legacy_fault(self.kill_deliver, self.timeout_deliver),
+        };
+        NewOrder::validate(
+            self.username,
+            self.price,
+            self.amount,
+            faults,
+            self.kill_create,
+        )
+    }
+}
+
+/// What `POST /api/v1/orders` accepts.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateOrder {
+    pub username: String,
+    /// Price of one token, in credits (≥ 0).
+    pub price: i64,
+    /// Number of tokens (> 0).
+    pub amount: i64,
+    /// Per-step fault plan, for testing the failure paths.
+    #[serde(default)]
+    pub faults: FaultPlan,
+    /// Fail before storing the order (the legacy `kill_create`).
+    #[serde(default)]
+    pub kill_create: bool,
+}
+
+enum Created {
+    New(Order),
+    /// A retry with the same idempotency key and body: the original order.
+    Replayed(Order),
+}
+
+impl OrderState {
+    /// Stores the order and its `OrderPlaced` message in one transaction.
+    async fn place(
+        &self,
+        new: NewOrder,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, ApiError> {
+        let id = Uuid::now_v7();
+        let now = now_ms();
+        let fingerprint = new.fingerprint();
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, idempotency_key, request_hash) \
+             VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(&new.username)
+        .bind(new.price)
+        .bind(new.amount)
+        .bind(serde_json::to_string(&new.faults).unwrap_or_default())
+        .bind(now)
+        .bind(idempotency_key)
+        .bind(idempotency_key.map(|_| fingerprint.clone()))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
+                .bind(idempotency_key)
+                .fetch_one(&mut *tx)
+                .await?;
+            let hash: Option<String> = row.try_get("request_hash")?;
+            if hash.as_deref() != Some(fingerprint.as_str()) {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was already used with a different request body".into(),
+                ));
+            }
+            return Ok(Created::Replayed(order_from_row(&row)?));
+        }
+        let placed = Envelope::new(
+            id,
+            now,
+            Message::OrderPlaced {
+                username: new.username.clone(),
+                price: new.price,
+                amount: new.amount,
+                faults: new.faults,
+            },
+        );
+        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
+        tx.commit().await?;
+        self.signal.committed();
+        Ok(Created::New(Order {
+            id,
+            username: new.username,
+            price: new.price,
+            amount: new.amount,
+            status: OrderStatus::Pending,
+            faults: new.faults,
+            created_at_ms: now,
+            finished_at_ms: None,
+        }))
+    }
+
+    async fn submit(
+        &self,
+        new: NewOrder,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, ApiError> {
+        if new.kill_create {
+            tracing::info!(username = %new.username, "injected fault kill_create: the order is not stored");
+            return Err(ApiError::Injected(
+                "order creation failed (injected fault kill_create); the order was not stored"
+                    .into(),
+            ));
+        }
+        self.place(new, idempotency_key).await
+    }
+}
+
+fn order_from_row(row: &sqlx::postgres::PgRow) -> Result<Order, ApiError> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let faults: String = row.try_get("faults")?;
+    Ok(Order {
+        id: Uuid::parse_str(&id).map_err(|e| ApiError::Internal(e.into()))?,
+        username: row.try_get("username")?,
+        price: row.try_get("price")?,
+        amount: row.try_get("amount")?,
+        status: OrderStatus::parse(&status).ok_or_else(|| {
+            ApiError::Internal(anyhow::anyhow!("bad status {status:?} in orders"))
+        })?,
+        faults: serde_json::from_str(&faults).unwrap_or_default(),
+        created_at_ms: row.try_get("created_ms")?,
+        finished_at_ms: row.try_get("finished_ms")?,
+    })
+}
+
+/// Legacy: place an order (answers at once; the saga runs after).
+#[utoipa::path(post, path = "/api/purchase", tag = "legacy",
+    request_body = LegacyPurchase,
+    responses((status = 200, body = Order), (status = 400, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody), (status = 500, body = crate::http::ErrorBody)))]
+async fn legacy_purchase(
+    State(state): State<OrderState>,
+    ApiJson(body): ApiJson<LegacyPurchase>,
+) -> Result<Json<Order>, ApiError> {
+    match state.submit(body.into_new_order()?, None).await? {
+        Created::New(order) | Created::Replayed(order) => Ok(Json(order)),
+    }
+}
+
+/// Legacy: the same, with the trailing slash the original clients use.
+#[utoipa::path(post, path = "/api/purchase/", tag = "legacy",
+    request_body = LegacyPurchase,
+    responses((status = 200, body = Order), (status = 400, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody), (status = 500, body = crate::http::ErrorBody)))]
+async fn legacy_purchase_slash(
+    state: State<OrderState>,
+    body: ApiJson<LegacyPurchase>,
+) -> Result<Json<Order>, ApiError> {
+    legacy_purchase(state, body).await
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct AllTransactionsQuery {
+    /// At most this many of the most recent orders (default 1000, at most 10000).
+    pub limit: Option<i64>,
+}
+
+/// Legacy: the most recent orders, oldest first (the newest is last).
+#[utoipa::path(get, path = "/api/all-transaction", tag = "legacy",
+    params(AllTransactionsQuery),
+    responses((status = 200, body = [Order])))]
+async fn legacy_all_transactions(
+    State(state): State<OrderState>,
+    Query(q): Query<AllTransactionsQuery>,
+) -> Result<Json<Vec<Order>>, ApiError> {
+    let limit = page_limit(q.limit, 1000)?;
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM orders ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
+    )
+    .bind(limit)
+    .fetch_all(&state.pool)
+    .await?;
+    rows.iter()
+        .map(order_from_row)
+        .collect::<Result<_, _>>()
+        .map(Json)
+}
+
+/// Place an order. Answers `202` at once with the PENDING order; poll its `Location`.
+/// A retry carrying the same `Idempotency-Key` and body returns the original order.
+#[utoipa::path(post, path = "/api/v1/orders", tag = "orders",
+    request_body = CreateOrder,
+    params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key and body, same order")),
+    responses((status = 202, body = Order, headers(("Location" = String))),
+              (status = 200, body = Order, description = "A retry of an earlier request: the original order"),
+              (status = 400, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody)))]
+async fn create_order(
+    State(state): State<OrderState>,
+    headers: HeaderMap,
+    ApiJson(body): ApiJson<CreateOrder>,
+) -> Result<Response, ApiError> {
+    let key = match headers.get("idempotency-key") {
+        None => None,
+        Some(v) => {
+            let key = v
+                .to_str()
+                .map_err(|_| ApiError::Invalid("Idempotency-Key must be visible ASCII".into()))?;
+            if key.is_empty() || key.len() > 200 {
+                return Err(ApiError::Invalid(
+                    "Idempotency-Key must be 1 to 200 characters".into(),
+                ));
+            }
+            Some(key.to_owned())
+        }
+    };
+    let new = NewOrder::validate(
+        body.username,
+        body.price,
+        body.amount,
+        body.faults,
+        body.kill_create,
+    )?;
+    let (status, order) = match state.submit(new, key.as_deref()).await? {
+        Created::New(order) => (StatusCode::ACCEPTED, order),
+        Created::Replayed(order) => (StatusCode::OK, order),
+    };
+    let location = format!("/api/v1/orders/{}", order.id);
+    Ok((status, [(header::LOCATION, location)], Json(order)).into_response())
+}
+
+/// One order with its current status.
+#[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders",
+    params(("id" = Uuid, Path, description = "Order id")),
+    responses((status = 200, body = Order), (status = 404, body = crate::http::ErrorBody)))]
+async fn get_order(
+    State(state): State<OrderState>,
+    Path(id): Path<String>,
+) -> Result<Json<Order>, ApiError> {
+    let id =
+        Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no order with id {id:?}")))?;
+    let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&state.pool)
+        .await?;
+    match row {
+        Some(row) => Ok(Json(order_from_row(&row)?)),
+        None => Err(ApiError::NotFound(format!("no order with id {id}"))),
+    }
+}
+
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+pub struct ListQuery {
+    pub username: Option<String>,
+    /// One of PENDING, SUCCESS, INSUFFICIENT_FUND, INSUFFICIENT_INVENTORY, TIMEOUT, UNKNOWN.
+    pub status: Option<String>,
+    /// Page size (default 100, at most 10000).
+    pub limit: Option<i64>,
+    /// Cursor: the `next` of the previous page.
+    pub after: Option<i64>,
+}
+
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct OrderPage {
+    /// Oldest first.
+    pub orders: Vec<Order>,
+    /// Pass as `after` to get the next page; absent on the last page.
+    pub next: Option<i64>,
+}
+
+/// A page of orders, oldest first, filtered by user and status.
+#[utoipa::path(get, path = "/api/v1/orders", tag = "orders",
+    params(ListQuery),
+    responses((status = 200, body = OrderPage), (status = 422, body = crate::http::ErrorBody)))]
+async fn list_orders(
+    State(state): State<OrderState>,
+    Query(q): Query<ListQuery>,
+) -> Result<Json<OrderPage>, ApiError> {
+    let limit = page_limit(q.limit, 100)?;
+    let status = match q.status.as_deref() {
+        None => None,
+        Some(s) => Some(
+            OrderStatus::parse(s)
+                .ok_or_else(|| ApiError::Invalid(format!("unknown status {s:?}")))?
+                .as_str(),
+        ),
+    };
+    let rows = sqlx::query(
+        "SELECT * FROM orders WHERE seq > $1 AND ($2::TEXT IS NULL OR username = $2) \
+         AND ($3::TEXT IS NULL OR status = $3) ORDER BY seq LIMIT $4",
+    )
+    .bind(q.after.unwrap_or(0))
+    .bind(q.username)
+    .bind(status)
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await?;
+    let more = rows.len() as i64 > limit;
+    let page = &rows[..rows.len().min(limit as usize)];
+    let next = if more {
+        page.last()
+            .map(|r| r.try_get::<i64, _>("seq"))
+            .transpose()?
+    } else {
+        None
+    };
+    let orders = page.iter().map(order_from_row).collect::<Result<_, _>>()?;
+    Ok(Json(OrderPage { orders, next }))
+}
+
+impl Handler for OrderState {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = messaging::decode(msg)?;
+        let Message::OrderFinished { status } = env.body else {
+            return Err(HandleError::Poison(format!(
+                "the order service does not handle `{}` messages",
+                env.body.kind()
+            )));
+        };
+        if !status.is_final() {
+            return Err(HandleError::Poison(
+                "OrderFinished with status PENDING".into(),
+            ));
+        }
+        // Only a PENDING order moves: a duplicate finds it final and changes nothing.
+        let updated = sqlx::query(
+            "UPDATE orders SET status = $2, finished_ms = $3 WHERE id = $1 AND status = 'PENDING'",
+        )
+        .bind(env.order_id.to_string())
+        .bind(status.as_str())
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?
+        .rows_affected();
+        if updated == 0 {
+            let known: Option<String> =
+                sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
+                    .bind(env.order_id.to_string())
+                    .fetch_optional(&self.pool)
+                    .await?;
+            if known.is_none() {
+                return Err(HandleError::Poison(format!(
+                    "OrderFinished for unknown order {}",
+                    env.order_id
+                )));
+            }
+        } else {
+            tracing::info!(order_id = %env.order_id, status = status.as_str(), "order finished");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn validate(username: &str, price: i64, amount: i64) -> Result<NewOrder, ApiError> {
+        NewOrder::validate(username.into(), price, amount, FaultPlan::default(), false)
+    }
+
+    #[test]
+    fn rejects_bad_orders_with_a_reason() {
+        assert!(validate("ann", 10, 1).is_ok());
+        assert!(validate("ann", 0, 1).is_ok());
+        for (name, price, amount, needle) in [
+            ("", 1, 1, "empty"),
+            ("  ", 1, 1, "empty"),
+            (&"x".repeat(65), 1, 1, "at most 64"),
+            ("ann", -1, 1, "price"),
+            ("ann", 1, 0, "amount"),
+            ("ann", 1, -3, "amount"),
+            ("ann", i64::MAX, 2, "overflows"),
+        ] {
+            let err = validate(name, price, amount).unwrap_err().to_string();
+            assert!(err.contains(needle), "{err} should mention {needle}");
+        }
+    }
+
+    #[test]
+    fn legacy_flags_become_a_fault_plan() {
+        let body: LegacyPurchase = serde_json::from_str(
+            r#"{"username":"a","price":1,"amount":1,"kill_inventory":true,"timeout_deliver":true}"#,
+        )
+        .unwrap();
+        let order = body.into_new_order().unwrap();
+        assert_eq!(order.faults.payment, None);
+        assert_eq!(order.faults.inventory, Some(Fault::Kill));
+        assert_eq!(order.faults.delivery, Some(Fault::Timeout));
+    }
+}

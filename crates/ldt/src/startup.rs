@@ -1,0 +1,313 @@
+//! Wiring: connect to the broker, start the chosen services (each opens and migrates its own
+//! database, starts its outbox relay and its consumer), serve their HTTP routes on one
+//! listener, and drain everything on shutdown.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context as _;
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use sqlx::PgPool;
+use sqlx::migrate::Migrator;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_swagger_ui::SwaggerUi;
+
+use crate::bus::Bus;
+use crate::configuration::Settings;
+use crate::contract::{Queues, Service};
+use crate::messaging::{self, Handler, OutboxSignal, Relay};
+use crate::services;
+
+/// What a service hands back once running: its routes and its database (for readiness).
+pub struct Started {
+    pub router: OpenApiRouter,
+    pub pool: PgPool,
+}
+
+/// Everything a service needs to start.
+pub struct Context {
+    pub settings: Settings,
+    pub bus: Bus,
+    pub queues: Queues,
+    pub shutdown: CancellationToken,
+    pub tasks: TaskTracker,
+}
+
+/// Retries `attempt` with backoff until it succeeds or `timeout` has passed, logging each
+/// failure, so that services started before their broker or database still come up.
+async fn with_retry<T, E, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut attempt: F,
+) -> anyhow::Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+    E: std::fmt::Display,
+{
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match attempt().await {
+            Ok(v) => return Ok(v),
+            Err(e) if started.elapsed() + delay < timeout => {
+                tracing::warn!(error = %e, retry_in = ?delay, "{what} not available yet");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+            Err(e) => anyhow::bail!("{what}: {e} (gave up after {:.0?})", started.elapsed()),
+        }
+    }
+}
+
+impl Context {
+    /// Opens (creating and migrating if needed) the service's own database.
+    pub async fn open_db(&self, service: Service, migrator: &Migrator) -> anyhow::Result<PgPool> {
+        let name = self.settings.database_name(service);
+        let what = format!("database {name} at {}", redact(&self.settings.database_url));
+        with_retry(&what, self.settings.startup_timeout(), || {
+            crate::db::open(
+                &self.settings.database_url,
+                &name,
+                migrator,
+                self.settings.db_pool_size,
+            )
+        })
+        .await
+    }
+
+    /// Starts the service's outbox relay; the returned signal wakes it after a commit.
+    pub fn spawn_relay(&self, service: Service, pool: PgPool) -> OutboxSignal {
+        let signal = OutboxSignal::default();
+        let relay = Relay {
+            pool,
+            bus: self.bus.clone(),
+            signal: signal.clone(),
+            service: service.as_str(),
+        };
+        self.tasks.spawn(relay.run(self.shutdown.clone()));
+        signal
+    }
+
+    /// Starts consuming the service's queue.
+    pub fn spawn_consumer<H: Handler>(&self, service: Service, handler: Arc<H>) {
+        self.tasks.spawn(messaging::consume(
+            self.bus.clone(),
+            self.queues.clone(),
+            self.queues.of(service),
+            self.settings.prefetch,
+            handler,
+            self.shutdown.clone(),
+        ));
+    }
+}
+
+/// Hides the password of a URL before it goes into a message.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let creds = &url[scheme + 3..at];
+            match creds.find(':') {
+                Some(colon) => format!(
+                    "{}{}:***{}",
+                    &url[..scheme + 3],
+                    &creds[..colon],
+                    &url[at..]
+                ),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "Late-Day Tokens Marketplace",
+        description = "Orders run as a saga (payment → inventory → delivery) across services \
+                       that talk over RabbitMQ; failures are compensated in reverse order."
+    ),
+    paths(healthz, readyz)
+)]
+struct ApiDoc;
+
+#[derive(Clone)]
+struct Health {
+    bus: Bus,
+    pools: Vec<(Service, PgPool)>,
+}
+
+/// Liveness: the process is up.
+#[utoipa::path(get, path = "/healthz", tag = "health", responses((status = 200)))]
+async fn healthz() -> impl IntoResponse {
+    Json(serde_json::json!({"status": "ok"}))
+}
+
+/// Readiness: the broker and every database of this process answer.
+#[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200), (status = 503)))]
+async fn readyz(State(health): State<Health>) -> impl IntoResponse {
+    let mut problems = Vec::new();
+    if !health.bus.ping().await {
+        problems.push("broker unreachable".to_owned());
+    }
+    for (service, pool) in &health.pools {
+        if sqlx::query("SELECT 1").execute(pool).await.is_err() {
+            problems.push(format!("{} database unreachable", service.as_str()));
+        }
+    }
+    if problems.is_empty() {
+        (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(serde_json::json!({"status": "not ready", "problems": problems})),
+        )
+    }
+}
+
+/// A running marketplace (or part of one).
+pub struct Application {
+    listener: TcpListener,
+    router: axum::Router,
+    shutdown: CancellationToken,
+    tasks: TaskTracker,
+}
+
+impl Application {
+    /// Starts `services` with `settings`, serving HTTP on `listener`.
+    pub async fn build(
+        services: &[Service],
+        settings: Settings,
+        listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        let queues = Queues::new(&settings.namespace);
+        let bus = with_retry(
+            &format!("RabbitMQ at {}", redact(&settings.amqp_url)),
+            settings.startup_timeout(),
+            || Bus::amqp(&settings.amqp_url, queues.all(), settings.queue_expires_ms),
+        )
+        .await?;
+        let ctx = Context {
+            settings,
+            bus: bus.clone(),
+            queues,
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+        };
+        let mut api = OpenApiRouter::with_openapi(ApiDoc::openapi());
+        let mut pools = Vec::new();
+        let mut unique: Vec<Service> = services.to_vec();
+        unique.sort();
+        unique.dedup();
+        for &service in &unique {
+            let started = match service {
+                Service::Order => services::order::start(&ctx).await,
+                Service::Orchestrator => services::orchestrator::start(&ctx).await,
+                Service::Payment => services::payment::start(&ctx).await,
+                Service::Inventory => services::inventory::start(&ctx).await,
+                Service::Delivery => services::delivery::start(&ctx).await,
+                Service::DeadLetter => services::dead_letter::start(&ctx).await,
+            };
+            let started = match started {
+                Ok(s) => s,
+                Err(e) => {
+                    ctx.shutdown.cancel();
+                    return Err(e.context(format!("starting the {} service", service.as_str())));
+                }
+            };
+            api = api.merge(started.router);
+            pools.push((service, started.pool));
+            tracing::info!(service = service.as_str(), "service started");
+        }
+        let (router, openapi) = api.split_for_parts();
+        let health = Health { bus, pools };
+        let router = router
+            .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
+            .route("/healthz", get(healthz))
+            .route("/readyz", get(readyz).with_state(health));
+        Ok(Application {
+            listener,
+            router,
+            shutdown: ctx.shutdown,
+            tasks: ctx.tasks,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        self.listener
+            .local_addr()
+            .context("reading the listener's address")
+    }
+
+    /// Serves until `signal` resolves, then stops taking requests, lets consumers finish
+    /// what they hold, flushes the outboxes and returns.
+    pub async fn run_until(
+        self,
+        signal: impl Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let shutdown = self.shutdown.clone();
+        let served = axum::serve(self.listener, self.router)
+            .with_graceful_shutdown(async move {
+                signal.await;
+                tracing::info!("shutting down: draining in-flight work");
+            })
+            .await;
+        shutdown.cancel();
+        self.tasks.close();
+        if tokio::time::timeout(Duration::from_secs(25), self.tasks.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!("background work did not finish within 25 s; exiting anyway");
+        }
+        served.context("HTTP server failed")
+    }
+}
+
+/// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {}
+        _ = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            super::redact("amqp://guest:guest@h:5672/%2f"),
+            "amqp://guest:***@h:5672/%2f"
+        );
+        assert_eq!(
+            super::redact("postgres://postgres@h:5432"),
+            "postgres://postgres@h:5432"
+        );
+    }
+}

@@ -1,0 +1,298 @@
+//! What payment, inventory and delivery have in common: a saga step is an *action* paired
+//! with its *undo* (as in steno), recorded per order in the service's `ledger` table.
+//!
+//! The ledger row is the idempotency key, per (order, step):
+//! - an action claims the row (`INSERT … ON CONFLICT DO NOTHING`), applies its effect and
+//!   records the outcome in the same transaction as the reply it puts in the outbox; a
+//!   duplicate finds the row and replies what the first one replied;
+//! - a compensation undoes a successful action once (`compensated`); if it arrives first —
+//!   the action stalled past its deadline — it leaves a `TIMEOUT` tombstone so that the late
+//!   action is refused instead of taking effect.
+//!
+//! Each service only supplies its effect ([`StepEffect`]); it never learns the saga's order.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::{PgConnection, PgPool, Row};
+use uuid::Uuid;
+
+use crate::bus::Incoming;
+use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
+use crate::db::now_ms;
+use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+
+/// The action a command asks for.
+#[derive(Debug, Clone)]
+pub struct Action {
+    pub username: Option<String>,
+    /// Credits (payment) or tokens (inventory, delivery).
+    pub quantity: i64,
+    pub fault: Option<Fault>,
+}
+
+enum Command {
+    Act(Action),
+    Compensate,
+}
+
+fn command_for(step: Step, msg: &Message) -> Option<Command> {
+    match (step, msg) {
+        (
+            Step::Payment,
+            Message::Debit {
+                username,
+                total,
+                fault,
+            },
+        ) => Some(Command::Act(Action {
+            username: Some(username.clone()),
+            quantity: *total,
+            fault: *fault,
+        })),
+        (Step::Inventory, Message::Reserve { amount, fault }) => Some(Command::Act(Action {
+            username: None,
+            quantity: *amount,
+            fault: *fault,
+        })),
+        (
+            Step::Delivery,
+            Message::Deliver {
+                username,
+                amount,
+                fault,
+            },
+        ) => Some(Command::Act(Action {
+            username: Some(username.clone()),
+            quantity: *amount,
+            fault: *fault,
+        })),
+        (Step::Payment, Message::Refund)
+        | (Step::Inventory, Message::Release)
+        | (Step::Delivery, Message::CancelDelivery) => Some(Command::Compensate),
+        _ => None,
+    }
+}
+
+/// A ledger row: what happened to one order at this step.
+#[derive(Debug, Clone)]
+pub struct LedgerRow {
+    pub order_id: String,
+    pub username: Option<String>,
+    pub quantity: i64,
+    pub outcome: String,
+    pub compensated: bool,
+    pub created_ms: i64,
+    pub updated_ms: i64,
+}
+
+impl LedgerRow {
+    pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<LedgerRow, sqlx::Error> {
+        Ok(LedgerRow {
+            order_id: row.try_get("order_id")?,
+            username: row.try_get("username")?,
+            quantity: row.try_get("quantity")?,
+            outcome: row.try_get("outcome")?,
+            compensated: row.try_get("compensated")?,
+            created_ms: row.try_get("created_ms")?,
+            updated_ms: row.try_get("updated_ms")?,
+        })
+    }
+}
+
+/// Outcome labels stored in the ledger (the legacy vocabulary).
+pub const SUCCESS: &str = "SUCCESS";
+pub const UNKNOWN: &str = "UNKNOWN";
+/// The action timed out and its compensation came first: a late action is refused.
+pub const TIMEOUT: &str = "TIMEOUT";
+
+/// A step service's own effect and undo, run inside the ledger's transaction.
+pub trait StepEffect: Send + Sync + 'static {
+    const STEP: Step;
+    /// The ledger label of a business refusal (`INSUFFICIENT_FUND`, …).
+    const INSUFFICIENT: &'static str;
+
+    /// Applies the action; `Ok(false)` when the business rule refuses it (nothing changed).
+    fn apply(
+        &self,
+        conn: &mut PgConnection,
+        action: &Action,
+    ) -> impl std::future::Future<Output = Result<bool, sqlx::Error>> + Send;
+
+    /// Undoes a successful action.
+    fn undo(
+        &self,
+        conn: &mut PgConnection,
+        row: &LedgerRow,
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// The message handler of a step service.
+pub struct StepService<E: StepEffect> {
+    pub effect: E,
+    pub pool: PgPool,
+    pub queues: Queues,
+    pub signal: OutboxSignal,
+    /// How long an action injected with a `timeout` fault stalls before it acts.
+    pub stall: Duration,
+}
+
+impl<E: StepEffect> StepService<E> {
+    pub fn new(
+        effect: E,
+        pool: PgPool,
+        queues: Queues,
+        signal: OutboxSignal,
+        stall: Duration,
+    ) -> Arc<Self> {
+        Arc::new(StepService {
+            effect,
+            pool,
+            queues,
+            signal,
+            stall,
+        })
+    }
+
+    fn outcome_of(label: &str) -> StepOutcome {
+        match label {
+            SUCCESS => StepOutcome::Done,
+            TIMEOUT => StepOutcome::Refused,
+            l if l == E::INSUFFICIENT => StepOutcome::Insufficient,
+            _ => StepOutcome::Failed,
+        }
+    }
+
+    async fn act(&self, order_id: Uuid, action: Action) -> Result<(), HandleError> {
+        if action.quantity <= 0 {
+            return Err(HandleError::Poison(format!(
+                "{} command with non-positive quantity {}",
+                E::STEP.as_str(),
+                action.quantity
+            )));
+        }
+        if action.fault == Some(Fault::Timeout) {
+            tracing::info!(%order_id, step = E::STEP.as_str(), stall = ?self.stall, "injected fault: stalling past the deadline");
+            tokio::time::sleep(self.stall).await;
+        }
+        let id = order_id.to_string();
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let claimed = sqlx::query(
+            "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
+             VALUES ($1, $2, $3, 'PENDING', FALSE, $4, $4) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(&action.username)
+        .bind(action.quantity)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        let label: String = if claimed {
+            let label = if action.fault == Some(Fault::Kill) {
+                tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
+                UNKNOWN
+            } else if self.effect.apply(&mut tx, &action).await? {
+                SUCCESS
+            } else {
+                E::INSUFFICIENT
+            };
+            sqlx::query("UPDATE ledger SET outcome = $2, updated_ms = $3 WHERE order_id = $1")
+                .bind(&id)
+                .bind(label)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+            label.to_owned()
+        } else {
+            // A duplicate, or an action arriving after its compensation: answer as before.
+            sqlx::query_scalar("SELECT outcome FROM ledger WHERE order_id = $1")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?
+        };
+        let outcome = Self::outcome_of(&label);
+        if !claimed {
+            tracing::info!(%order_id, step = E::STEP.as_str(), outcome = %label, "repeated or late action; answered from the ledger");
+        }
+        let reply = Envelope::new(
+            order_id,
+            now,
+            Message::StepResult {
+                step: E::STEP,
+                outcome,
+            },
+        );
+        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        tx.commit().await?;
+        self.signal.committed();
+        Ok(())
+    }
+
+    async fn compensate(&self, order_id: Uuid) -> Result<(), HandleError> {
+        let id = order_id.to_string();
+        let now = now_ms();
+        let mut tx = self.pool.begin().await?;
+        let tombstone = sqlx::query(
+            "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
+             VALUES ($1, NULL, 0, 'TIMEOUT', TRUE, $2, $2) ON CONFLICT (order_id) DO NOTHING",
+        )
+        .bind(&id)
+        .bind(now)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if tombstone {
+            tracing::info!(%order_id, step = E::STEP.as_str(), "compensation before its action: a late action will be refused");
+        } else {
+            let row = sqlx::query("SELECT * FROM ledger WHERE order_id = $1 FOR UPDATE")
+                .bind(&id)
+                .fetch_one(&mut *tx)
+                .await?;
+            let row = LedgerRow::from_row(&row)?;
+            if row.outcome == SUCCESS && !row.compensated {
+                self.effect.undo(&mut tx, &row).await?;
+                sqlx::query(
+                    "UPDATE ledger SET compensated = TRUE, updated_ms = $2 WHERE order_id = $1",
+                )
+                .bind(&id)
+                .bind(now)
+                .execute(&mut *tx)
+                .await?;
+                tracing::info!(%order_id, step = E::STEP.as_str(), "compensated");
+            }
+        }
+        let reply = Envelope::new(order_id, now, Message::Compensated { step: E::STEP });
+        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        tx.commit().await?;
+        self.signal.committed();
+        Ok(())
+    }
+}
+
+impl<E: StepEffect> Handler for StepService<E> {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let env = messaging::decode(msg)?;
+        match command_for(E::STEP, &env.body) {
+            Some(Command::Act(action)) => self.act(env.order_id, action).await,
+            Some(Command::Compensate) => self.compensate(env.order_id).await,
+            None => Err(HandleError::Poison(format!(
+                "the {} service does not handle `{}` messages",
+                E::STEP.as_str(),
+                env.body.kind()
+            ))),
+        }
+    }
+}
+
+/// Reads one order's ledger row (for the services' read APIs).
+pub async fn ledger_row(pool: &PgPool, order_id: &str) -> Result<Option<LedgerRow>, sqlx::Error> {
+    let row = sqlx::query("SELECT * FROM ledger WHERE order_id = $1")
+        .bind(order_id)
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(LedgerRow::from_row).transpose()
+}
