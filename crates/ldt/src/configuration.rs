@@ -38,6 +38,14 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Delete every database and queue of a namespace (all its orders, users and stock).
+    Purge {
+        /// Required: purging cannot be undone.
+        #[arg(long)]
+        yes: bool,
+        #[command(flatten)]
+        settings: Settings,
+    },
 }
 
 #[derive(Debug, Clone, Args)]

@@ -13,6 +13,23 @@ async fn main() -> ExitCode {
     let (services, settings) = match cli.command {
         Command::Up(settings) => (Service::ALL.to_vec(), settings),
         Command::Serve { services, settings } => (services, settings),
+        Command::Purge { yes, settings } => {
+            ldt::telemetry::init(&settings.log_format);
+            if !yes {
+                eprintln!(
+                    "ldt: error: purge deletes every order, user and token of namespace {:?}; pass --yes to confirm",
+                    settings.namespace
+                );
+                return ExitCode::FAILURE;
+            }
+            return match ldt::startup::purge(&settings).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("ldt: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            };
+        }
     };
     ldt::telemetry::init(&settings.log_format);
     match run(&services, settings).await {

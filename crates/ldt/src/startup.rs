@@ -275,6 +275,24 @@ impl Application {
     }
 }
 
+/// Drops every database and deletes every queue of the settings' namespace.
+pub async fn purge(settings: &Settings) -> anyhow::Result<()> {
+    for service in Service::ALL {
+        let name = settings.database_name(service);
+        crate::db::drop_database(&settings.database_url, &name)
+            .await
+            .with_context(|| format!("dropping database {name}"))?;
+    }
+    let queues = Queues::new(&settings.namespace);
+    let bus = Bus::amqp(&settings.amqp_url, queues.all(), settings.queue_expires_ms)
+        .await
+        .context("connecting to RabbitMQ")?;
+    bus.delete_queues(&queues.all())
+        .await
+        .context("deleting queues")?;
+    Ok(())
+}
+
 /// Resolves on SIGTERM (Kubernetes) or Ctrl-C.
 pub async fn shutdown_signal() {
     let ctrl_c = async {

@@ -164,9 +164,11 @@ impl<E: StepEffect> StepService<E> {
     }
 
     async fn act(&self, order_id: Uuid, action: Action) -> Result<(), HandleError> {
-        if action.quantity <= 0 {
+        // Zero is a legal debit (a free token); a negative quantity would turn a debit into a
+        // credit.
+        if action.quantity < 0 {
             return Err(HandleError::Poison(format!(
-                "{} command with non-positive quantity {}",
+                "{} command with negative quantity {}",
                 E::STEP.as_str(),
                 action.quantity
             )));

@@ -1,0 +1,197 @@
+//! Bad HTTP input gets a 4xx with a JSON error naming the problem, and changes nothing.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use common::{ALL, spawn_app};
+use serde_json::json;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_orders_are_rejected_with_a_reason_and_store_nothing() {
+    let app = spawn_app(&ALL, &[]).await;
+    let long = "x".repeat(65);
+    let cases: Vec<(&str, String, u16, &str)> = vec![
+        (
+            "/api/purchase/",
+            "{not json".into(),
+            400,
+            "malformed_request",
+        ),
+        (
+            "/api/purchase",
+            json!({"price": 1, "amount": 1}).to_string(),
+            422,
+            "username",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": "1", "amount": 1}).to_string(),
+            422,
+            "price",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": 1, "amount": 0}).to_string(),
+            422,
+            "amount",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": 1, "amount": -2}).to_string(),
+            422,
+            "amount",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": -1, "amount": 1}).to_string(),
+            422,
+            "price",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": i64::MAX, "amount": 2}).to_string(),
+            422,
+            "overflows",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "", "price": 1, "amount": 1}).to_string(),
+            422,
+            "empty",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": long, "price": 1, "amount": 1}).to_string(),
+            422,
+            "at most",
+        ),
+        (
+            "/api/purchase/",
+            json!({"username": "a", "price": 1, "amount": 1e30}).to_string(),
+            422,
+            "amount",
+        ),
+        (
+            "/api/v1/orders",
+            json!({"username": "a", "price": 1, "amount": 1, "faults": {"payment": "explode"}})
+                .to_string(),
+            422,
+            "explode",
+        ),
+        (
+            "/api/v1/orders",
+            json!({"username": "a", "price": 1, "amount": 1, "faults": {"shipping": "kill"}})
+                .to_string(),
+            422,
+            "shipping",
+        ),
+        (
+            "/api/v1/orders",
+            json!({"username": "a", "price": 1, "amount": 1, "colour": "red"}).to_string(),
+            422,
+            "colour",
+        ),
+        (
+            "/api/v1/inventory/restock",
+            json!({"amount": 0}).to_string(),
+            422,
+            "positive",
+        ),
+        (
+            "/api/v1/inventory/restock",
+            json!({"amount": i64::MAX}).to_string(),
+            422,
+            "overflow",
+        ),
+    ];
+    for (path, body, status, needle) in cases {
+        let resp = app
+            .client
+            .post(app.url(path))
+            .header("content-type", "application/json")
+            .body(body.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status().as_u16(), status, "{path} {body}");
+        let err: serde_json::Value = resp.json().await.unwrap();
+        let text = err.to_string();
+        assert!(
+            err["error"].is_string() && err["message"].is_string(),
+            "{text}"
+        );
+        assert!(
+            text.contains(needle),
+            "{path} {body}: {text} should mention {needle}"
+        );
+    }
+    // A missing content type is a clear error too.
+    let resp = app
+        .client
+        .post(app.url("/api/purchase/"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 400);
+    // Nothing was stored, nobody was charged, no stock moved.
+    let (_, all) = app.get("/api/all-transaction").await;
+    assert_eq!(all, json!([]));
+    assert_eq!(app.credits("a").await, None);
+    assert_eq!(app.stock().await, 500);
+    let (status, err) = app.get("/api/v1/users/nobody").await;
+    assert_eq!((status, err["error"].as_str()), (404, Some("not_found")));
+    let (status, _) = app.get("/api/v1/orders?status=NOPE").await;
+    assert_eq!(status, 422);
+    let (status, _) = app.get("/api/v1/orders?limit=0").await;
+    assert_eq!(status, 422);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_openapi_and_swagger_are_served() {
+    let app = spawn_app(&ALL, &[]).await;
+    assert_eq!(app.get("/healthz").await.0, 200);
+    let (status, ready) = app.get("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
+    let (status, spec) = app.get("/openapi.json").await;
+    assert_eq!(status, 200);
+    for path in [
+        "/api/purchase/",
+        "/api/all-transaction",
+        "/api/v1/orders",
+        "/api/v1/orders/{id}",
+        "/api/v1/sagas/{order_id}",
+        "/api/v1/users/{username}",
+        "/api/v1/inventory",
+        "/api/v1/inventory/restock",
+        "/api/v1/deliveries",
+        "/api/v1/dead-letters",
+        "/api/v1/dead-letters/{id}/replay",
+    ] {
+        assert!(
+            spec["paths"][path].is_object(),
+            "{path} missing from /openapi.json"
+        );
+    }
+    let docs = app.client.get(app.url("/docs/")).send().await.unwrap();
+    assert_eq!(docs.status(), 200);
+    assert!(
+        docs.text().await.unwrap().contains("swagger"),
+        "Swagger UI page"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restock_adds_to_the_stock() {
+    let app = spawn_app(&ALL, &["--initial-stock", "3"]).await;
+    let resp = app
+        .client
+        .post(app.url("/api/v1/inventory/restock"))
+        .json(&json!({"amount": 7}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    let inv: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(inv, json!({"available": 10, "initial": 3, "restocked": 7}));
+}

@@ -1,0 +1,227 @@
+//! Test harness: `spawn_app()` starts the chosen services in this process on port 0, in a
+//! fresh namespace (their own databases and queues on the real PostgreSQL and RabbitMQ), and
+//! purges the namespace when the test is done.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use ldt::configuration::{Cli, Command, Settings};
+use ldt::contract::Service;
+use ldt::startup::Application;
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+pub struct TestApp {
+    pub base: String,
+    pub settings: Settings,
+    pub client: reqwest::Client,
+    stop: Option<oneshot::Sender<()>>,
+    server: Option<JoinHandle<anyhow::Result<()>>>,
+}
+
+pub fn test_settings(extra: &[&str]) -> Settings {
+    let namespace = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let mut args = vec![
+        "ldt",
+        "up",
+        "--http-addr",
+        "127.0.0.1:0",
+        "--namespace",
+        &namespace,
+        "--startup-timeout-s",
+        "10",
+        "--queue-expires-ms",
+        "600000",
+    ];
+    args.extend_from_slice(extra);
+    match Cli::try_parse_from(args)
+        .expect("test settings parse")
+        .command
+    {
+        Command::Up(s) => s,
+        _ => unreachable!(),
+    }
+}
+
+pub async fn spawn_app(services: &[Service], extra: &[&str]) -> TestApp {
+    spawn_with(services, test_settings(extra)).await
+}
+
+pub async fn spawn_with(services: &[Service], settings: Settings) -> TestApp {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let app = Application::build(services, settings.clone(), listener)
+        .await
+        .expect("marketplace starts against the local RabbitMQ and PostgreSQL");
+    let addr = app.local_addr().unwrap();
+    let (stop, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(app.run_until(async move {
+        let _ = stopped.await;
+    }));
+    TestApp {
+        base: format!("http://{addr}"),
+        settings,
+        client: reqwest::Client::new(),
+        stop: Some(stop),
+        server: Some(server),
+    }
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Stops the services gracefully (the databases and queues stay until drop).
+    pub async fn stop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(server) = self.server.take() {
+            server.await.unwrap().unwrap();
+        }
+    }
+
+    pub async fn purchase(&self, body: Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url("/api/purchase/"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Places an order through the legacy API and returns its id.
+    pub async fn order(&self, body: Value) -> String {
+        let (status, order) = self.purchase(body).await;
+        assert_eq!(status, 200, "{order}");
+        order["id"].as_str().unwrap().to_owned()
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self.client.get(self.url(path)).send().await.unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// Polls the order until it is final; panics after `within`.
+    pub async fn wait_final(&self, id: &str, within: Duration) -> Value {
+        let started = Instant::now();
+        loop {
+            let (status, order) = self.get(&format!("/api/v1/orders/{id}")).await;
+            assert_eq!(status, 200, "{order}");
+            if order["status"] != "PENDING" {
+                return order;
+            }
+            assert!(
+                started.elapsed() < within,
+                "order {id} still PENDING after {within:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn status_of(&self, body: Value) -> String {
+        let id = self.order(body).await;
+        let order = self.wait_final(&id, Duration::from_secs(10)).await;
+        order["status"].as_str().unwrap().to_owned()
+    }
+
+    /// Credits of a user; `None` if never seen.
+    pub async fn credits(&self, user: &str) -> Option<i64> {
+        let (status, body) = self.get(&format!("/api/v1/users/{user}")).await;
+        match status {
+            200 => Some(body["credits"].as_i64().unwrap()),
+            404 => None,
+            other => panic!("GET user: {other} {body}"),
+        }
+    }
+
+    pub async fn stock(&self) -> i64 {
+        let (status, body) = self.get("/api/v1/inventory").await;
+        assert_eq!(status, 200, "{body}");
+        body["available"].as_i64().unwrap()
+    }
+
+    /// Deliveries of a user that are active (DELIVERED).
+    pub async fn active_deliveries(&self, user: &str) -> Vec<String> {
+        let (status, body) = self
+            .get(&format!("/api/v1/deliveries?username={user}"))
+            .await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array()
+            .unwrap()
+            .iter()
+            .filter(|d| d["status"] == "DELIVERED")
+            .map(|d| d["order_id"].as_str().unwrap().to_owned())
+            .collect()
+    }
+
+    pub async fn dead_letters(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/dead-letters").await;
+        assert_eq!(status, 200, "{body}");
+        body.as_array().unwrap().clone()
+    }
+
+    /// Polls `check` until it returns `Some`, or panics after `within`.
+    pub async fn eventually<T, F, Fut>(&self, within: Duration, what: &str, mut check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Option<T>>,
+    {
+        let started = Instant::now();
+        loop {
+            if let Some(v) = check().await {
+                return v;
+            }
+            assert!(started.elapsed() < within, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+/// A unique username for one test.
+pub fn user(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    )
+}
+
+pub fn order_body(username: &str, price: i64, amount: i64) -> Value {
+    json!({"username": username, "price": price, "amount": amount})
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let settings = self.settings.clone();
+        // Drop runs inside the test's runtime: purge on a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async {
+                // Give the stopped services a moment to release their connections.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if let Err(e) = ldt::startup::purge(&settings).await {
+                    eprintln!(
+                        "purging test namespace {} failed: {e:#}",
+                        settings.namespace
+                    );
+                }
+            });
+        })
+        .join();
+    }
+}
+
+/// Services every full-marketplace test runs.
+pub const ALL: [Service; 6] = Service::ALL;

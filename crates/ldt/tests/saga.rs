@@ -1,0 +1,302 @@
+//! The saga end to end in one process against the real RabbitMQ and PostgreSQL: every case
+//! of the legacy contract, checked by status and by the money, stock and deliveries after.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{ALL, TestApp, order_body, spawn_app, user};
+use serde_json::json;
+
+const FINAL: Duration = Duration::from_secs(10);
+
+/// Places an order, waits for its final status, and checks what it left behind.
+async fn check_case(
+    app: &TestApp,
+    body: serde_json::Value,
+    expected: &str,
+    expected_debit: i64,
+    expected_tokens: i64,
+) {
+    let username = body["username"].as_str().unwrap().to_owned();
+    let credits_before = app.credits(&username).await.unwrap_or(500);
+    let stock_before = app.stock().await;
+    let id = app.order(body.clone()).await;
+    let order = app.wait_final(&id, FINAL).await;
+    assert_eq!(order["status"], expected, "{body}");
+    // A stalled step acts late: wait until the orchestrator saw its (refused) late answer, so
+    // the books are checked after everything the order will ever do.
+    if expected == "TIMEOUT" {
+        app.eventually(FINAL, "the late answer of the stalled step", || async {
+            let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+            saga["log"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|e| e["event"].as_str().unwrap().starts_with("late: refused"))
+                .then_some(())
+        })
+        .await;
+    }
+    let credits_after = app.credits(&username).await.unwrap_or(500);
+    assert_eq!(
+        credits_before - credits_after,
+        expected_debit,
+        "credits after {body}"
+    );
+    assert_eq!(
+        stock_before - app.stock().await,
+        expected_tokens,
+        "stock after {body}"
+    );
+    let delivered = app.active_deliveries(&username).await;
+    if expected == "SUCCESS" {
+        assert!(
+            delivered.contains(&id),
+            "SUCCESS order {id} has an active delivery"
+        );
+    } else {
+        assert!(
+            !delivered.contains(&id),
+            "{expected} order {id} has no active delivery"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_legacy_case_ends_with_its_status_and_balanced_books() {
+    let app = spawn_app(&ALL, &["--step-timeout-ms", "400", "--stall-ms", "700"]).await;
+    check_case(&app, order_body(&user("ok"), 10, 2), "SUCCESS", 20, 2).await;
+    check_case(
+        &app,
+        order_body(&user("poor"), 520, 1),
+        "INSUFFICIENT_FUND",
+        0,
+        0,
+    )
+    .await;
+    check_case(
+        &app,
+        order_body(&user("greedy"), 0, 1000),
+        "INSUFFICIENT_INVENTORY",
+        0,
+        0,
+    )
+    .await;
+    for step in ["payment", "inventory", "deliver"] {
+        let mut body = order_body(&user(&format!("kill-{step}")), 7, 3);
+        body[format!("kill_{step}")] = json!(true);
+        check_case(&app, body, "UNKNOWN", 0, 0).await;
+        let mut body = order_body(&user(&format!("slow-{step}")), 7, 3);
+        body[format!("timeout_{step}")] = json!(true);
+        check_case(&app, body, "TIMEOUT", 0, 0).await;
+    }
+    // kill_create: an error, and no order stored.
+    let (_, before) = app.get("/api/all-transaction").await;
+    let mut body = order_body(&user("never"), 1, 1);
+    body["kill_create"] = json!(true);
+    let (status, err) = app.purchase(body).await;
+    assert_eq!(status, 500, "{err}");
+    assert_eq!(err["error"], "injected_fault");
+    let (_, after) = app.get("/api/all-transaction").await;
+    assert_eq!(
+        before.as_array().unwrap().len(),
+        after.as_array().unwrap().len()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failure_after_payment_refunds_the_money() {
+    let app = spawn_app(&ALL, &["--initial-stock", "5"]).await;
+    // 60 credits are debited, then the inventory has only 5 tokens: the debit is refunded.
+    check_case(
+        &app,
+        order_body(&user("short"), 10, 6),
+        "INSUFFICIENT_INVENTORY",
+        0,
+        0,
+    )
+    .await;
+    check_case(&app, order_body(&user("fits"), 10, 5), "SUCCESS", 50, 5).await;
+    // The saga log shows the compensation, in reverse order of the steps done.
+    let (_, page) = app
+        .get("/api/v1/orders?status=INSUFFICIENT_INVENTORY")
+        .await;
+    let id = page["orders"][0]["id"].as_str().unwrap();
+    let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+    let kinds: Vec<&str> = saga["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "debit",
+            "step_result",
+            "reserve",
+            "step_result",
+            "refund",
+            "compensated",
+            "order_finished"
+        ],
+        "{saga}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensations_run_in_reverse_order() {
+    let app = spawn_app(&ALL, &[]).await;
+    let mut body = order_body(&user("rev"), 1, 1);
+    body["kill_deliver"] = json!(true);
+    let id = app.order(body).await;
+    assert_eq!(app.wait_final(&id, FINAL).await["status"], "UNKNOWN");
+    let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+    let compensations: Vec<(&str, &str)> = saga["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["kind"] == "compensated")
+        .map(|e| (e["step"].as_str().unwrap(), e["event"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        compensations,
+        [("inventory", "done"), ("payment", "done")],
+        "{saga}"
+    );
+    assert_eq!(saga["phase"], "done");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_never_overdraw_a_user() {
+    let app = spawn_app(&ALL, &[]).await;
+    let name = user("rush");
+    let ids =
+        futures_util::future::join_all((0..30).map(|_| app.order(order_body(&name, 100, 1)))).await;
+    let mut success = 0;
+    for id in &ids {
+        match app.wait_final(id, FINAL).await["status"].as_str().unwrap() {
+            "SUCCESS" => success += 1,
+            "INSUFFICIENT_FUND" => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(success, 5, "500 credits pay for exactly five orders of 100");
+    assert_eq!(app.credits(&name).await, Some(0));
+    assert_eq!(app.stock().await, 495);
+    assert_eq!(app.active_deliveries(&name).await.len(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_orders_never_oversell_the_stock() {
+    let app = spawn_app(&ALL, &["--initial-stock", "10"]).await;
+    let users: Vec<String> = (0..25).map(|i| user(&format!("buyer{i}"))).collect();
+    let ids =
+        futures_util::future::join_all(users.iter().map(|u| app.order(order_body(u, 1, 1)))).await;
+    let mut success = 0;
+    for id in &ids {
+        match app.wait_final(id, FINAL).await["status"].as_str().unwrap() {
+            "SUCCESS" => success += 1,
+            "INSUFFICIENT_INVENTORY" => {}
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    assert_eq!(success, 10);
+    assert_eq!(app.stock().await, 0);
+    // Every buyer who did not get tokens got their credit back.
+    let mut spent = 0;
+    for u in &users {
+        spent += 500 - app.credits(u).await.unwrap();
+    }
+    assert_eq!(spent, 10);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_step_does_not_hold_up_other_orders() {
+    let app = spawn_app(&ALL, &[]).await;
+    let mut slow = order_body(&user("slow"), 1, 1);
+    slow["timeout_payment"] = json!(true);
+    let slow_id = app.order(slow).await;
+    let fast_id = app.order(order_body(&user("fast"), 1, 1)).await;
+    let fast = app.wait_final(&fast_id, FINAL).await;
+    assert_eq!(fast["status"], "SUCCESS");
+    let slow = app.wait_final(&slow_id, FINAL).await;
+    assert_eq!(slow["status"], "TIMEOUT");
+    assert!(
+        fast["finished_at_ms"].as_i64() < slow["finished_at_ms"].as_i64(),
+        "the order behind the stalled one finished first: {fast} {slow}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v1_orders_api_with_location_paging_and_idempotency() {
+    let app = spawn_app(&ALL, &[]).await;
+    let name = user("v1");
+    let resp = app
+        .client
+        .post(app.url("/api/v1/orders"))
+        .header("Idempotency-Key", "k-1")
+        .json(&json!({"username": name, "price": 2, "amount": 3, "faults": {"delivery": "kill"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 202);
+    let location = resp.headers()["location"].to_str().unwrap().to_owned();
+    let order: serde_json::Value = resp.json().await.unwrap();
+    assert_eq!(order["status"], "PENDING");
+    assert_eq!(
+        location,
+        format!("/api/v1/orders/{}", order["id"].as_str().unwrap())
+    );
+    let id = order["id"].as_str().unwrap();
+    assert_eq!(app.wait_final(id, FINAL).await["status"], "UNKNOWN");
+    // Same key, same body: the original order, no second saga.
+    let again = app
+        .client
+        .post(app.url("/api/v1/orders"))
+        .header("Idempotency-Key", "k-1")
+        .json(&json!({"username": name, "price": 2, "amount": 3, "faults": {"delivery": "kill"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.json::<serde_json::Value>().await.unwrap()["id"], id);
+    // Same key, other body: refused.
+    let other = app
+        .client
+        .post(app.url("/api/v1/orders"))
+        .header("Idempotency-Key", "k-1")
+        .json(&json!({"username": name, "price": 2, "amount": 4}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 409);
+    // Paging by user, oldest first.
+    for _ in 0..3 {
+        let id = app.order(order_body(&name, 1, 1)).await;
+        app.wait_final(&id, FINAL).await;
+    }
+    let (_, first) = app
+        .get(&format!("/api/v1/orders?username={name}&limit=2"))
+        .await;
+    assert_eq!(first["orders"].as_array().unwrap().len(), 2);
+    assert_eq!(first["orders"][0]["id"], id);
+    let next = first["next"].as_i64().unwrap();
+    let (_, second) = app
+        .get(&format!(
+            "/api/v1/orders?username={name}&limit=2&after={next}"
+        ))
+        .await;
+    assert_eq!(second["orders"].as_array().unwrap().len(), 2);
+    assert!(second["next"].is_null());
+    let (_, success) = app
+        .get(&format!("/api/v1/orders?username={name}&status=SUCCESS"))
+        .await;
+    assert_eq!(success["orders"].as_array().unwrap().len(), 3);
+    let (status, _) = app
+        .get("/api/v1/orders/00000000-0000-0000-0000-000000000000")
+        .await;
+    assert_eq!(status, 404);
+}

@@ -1,0 +1,270 @@
+//! The step services' contract, driven message by message over the real broker: the test
+//! plays the orchestrator, publishing commands and reading the answers from its queue.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, spawn_app};
+use ldt::bus::{Bus, Outgoing, Subscription};
+use ldt::contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
+use uuid::Uuid;
+
+struct Driver {
+    bus: Bus,
+    queues: Queues,
+    answers: Subscription,
+}
+
+impl Driver {
+    async fn new(app: &TestApp) -> Driver {
+        let queues = Queues::new(&app.settings.namespace);
+        let bus = Bus::amqp(
+            &app.settings.amqp_url,
+            queues.all(),
+            app.settings.queue_expires_ms,
+        )
+        .await
+        .unwrap();
+        let answers = bus
+            .subscribe(&queues.of(Service::Orchestrator), 100)
+            .await
+            .unwrap();
+        Driver {
+            bus,
+            queues,
+            answers,
+        }
+    }
+
+    async fn send(&self, env: &Envelope) {
+        self.send_raw(env.body.destination(), env.to_json(), &env.id.to_string())
+            .await;
+    }
+
+    async fn send_raw(&self, to: Service, payload: Vec<u8>, id: &str) {
+        let out = Outgoing {
+            queue: self.queues.of(to),
+            message_id: id.to_owned(),
+            payload,
+            headers: vec![],
+        };
+        self.bus.publish(&[out]).await.unwrap();
+    }
+
+    /// The next answer on the orchestrator's queue.
+    async fn answer(&mut self) -> Envelope {
+        let msg = tokio::time::timeout(Duration::from_secs(10), self.answers.next())
+            .await
+            .expect("an answer within 10 s")
+            .unwrap()
+            .unwrap();
+        msg.ack().await.unwrap();
+        Envelope::from_json(&msg.payload).unwrap()
+    }
+}
+
+fn debit(order: Uuid, user: &str, total: i64) -> Envelope {
+    Envelope::new(
+        order,
+        0,
+        Message::Debit {
+            username: user.into(),
+            total,
+            fault: None,
+        },
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused() {
+    let app = spawn_app(&[Service::Payment, Service::DeadLetter], &[]).await;
+    let mut driver = Driver::new(&app).await;
+
+    // The debit completes after the orchestrator recorded TIMEOUT (it sends the refund then):
+    // the refund gives the money back.
+    let late = Uuid::now_v7();
+    driver.send(&debit(late, "late", 120)).await;
+    let a = driver.answer().await;
+    assert_eq!(
+        (a.order_id, a.body),
+        (
+            late,
+            Message::StepResult {
+                step: Step::Payment,
+                outcome: StepOutcome::Done
+            }
+        )
+    );
+    assert_eq!(app.credits("late").await, Some(380));
+    driver.send(&Envelope::new(late, 0, Message::Refund)).await;
+    assert_eq!(
+        driver.answer().await.body,
+        Message::Compensated {
+            step: Step::Payment
+        }
+    );
+    assert_eq!(app.credits("late").await, Some(500));
+
+    // The refund overtakes the stalled debit: the debit is refused when it finally arrives.
+    let overtaken = Uuid::now_v7();
+    driver
+        .send(&Envelope::new(overtaken, 0, Message::Refund))
+        .await;
+    assert_eq!(
+        driver.answer().await.body,
+        Message::Compensated {
+            step: Step::Payment
+        }
+    );
+    driver.send(&debit(overtaken, "overtaken", 120)).await;
+    let a = driver.answer().await;
+    assert_eq!(
+        a.body,
+        Message::StepResult {
+            step: Step::Payment,
+            outcome: StepOutcome::Refused
+        }
+    );
+    assert_eq!(
+        app.credits("overtaken").await,
+        None,
+        "a refused debit creates no user and takes nothing"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_have_one_effect_and_get_the_first_answer() {
+    let app = spawn_app(
+        &[Service::Payment, Service::Inventory, Service::Delivery],
+        &[],
+    )
+    .await;
+    let mut driver = Driver::new(&app).await;
+    let order = Uuid::now_v7();
+    let cmds = [
+        debit(order, "dup", 100),
+        Envelope::new(
+            order,
+            0,
+            Message::Reserve {
+                amount: 4,
+                fault: None,
+            },
+        ),
+        Envelope::new(
+            order,
+            0,
+            Message::Deliver {
+                username: "dup".into(),
+                amount: 4,
+                fault: None,
+            },
+        ),
+    ];
+    for cmd in &cmds {
+        driver.send(cmd).await;
+        driver.send(cmd).await;
+        let first = driver.answer().await;
+        let second = driver.answer().await;
+        assert_eq!(first.body, second.body, "{cmd:?}");
+        assert!(
+            matches!(
+                first.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Done,
+                    ..
+                }
+            ),
+            "{first:?}"
+        );
+    }
+    assert_eq!(app.credits("dup").await, Some(400));
+    assert_eq!(app.stock().await, 496);
+    assert_eq!(app.active_deliveries("dup").await, [order.to_string()]);
+    for undo in [Message::CancelDelivery, Message::Release, Message::Refund] {
+        let env = Envelope::new(order, 0, undo);
+        driver.send(&env).await;
+        driver.send(&env).await;
+        assert!(matches!(
+            driver.answer().await.body,
+            Message::Compensated { .. }
+        ));
+        assert!(matches!(
+            driver.answer().await.body,
+            Message::Compensated { .. }
+        ));
+    }
+    assert_eq!(app.credits("dup").await, Some(500), "refunded once");
+    assert_eq!(app.stock().await, 500, "released once");
+    assert!(app.active_deliveries("dup").await.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working() {
+    let app = spawn_app(&[Service::Payment, Service::DeadLetter], &[]).await;
+    let mut driver = Driver::new(&app).await;
+    let order = Uuid::now_v7();
+    let wrong_version =
+        format!(r#"{{"v":9,"id":"{order}","order_id":"{order}","at_ms":0,"type":"refund"}}"#);
+    let poison: [(&str, Vec<u8>); 4] = [
+        ("garbage", b"\x00\xffnot json".to_vec()),
+        ("wrong-version", wrong_version.into_bytes()),
+        (
+            "wrong-service",
+            Envelope::new(order, 0, Message::Release).to_json(),
+        ),
+        ("negative", debit(order, "neg", -5).to_json()),
+    ];
+    for (id, payload) in &poison {
+        driver.send_raw(Service::Payment, payload.clone(), id).await;
+    }
+    let parked = app
+        .eventually(Duration::from_secs(10), "four dead letters", || async {
+            let dl = app.dead_letters().await;
+            (dl.len() == 4).then_some(dl)
+        })
+        .await;
+    for (id, _) in &poison {
+        let letter = parked.iter().find(|d| d["id"] == *id).unwrap();
+        assert_eq!(letter["origin_queue"], driver.queues.of(Service::Payment));
+        assert!(!letter["reason"].as_str().unwrap().is_empty());
+    }
+    // Still working.
+    driver.send(&debit(Uuid::now_v7(), "fine", 1)).await;
+    assert!(matches!(
+        driver.answer().await.body,
+        Message::StepResult {
+            outcome: StepOutcome::Done,
+            ..
+        }
+    ));
+    assert_eq!(app.credits("neg").await, None);
+    // A replay sends it back to where it came from; still poison, it is parked again.
+    let resp = app
+        .client
+        .post(app.url("/api/v1/dead-letters/garbage/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    app.eventually(
+        Duration::from_secs(10),
+        "the replayed letter parked again",
+        || async {
+            let dl = app.dead_letters().await;
+            dl.iter()
+                .any(|d| d["id"] == "garbage" && d["times_parked"] == 2)
+                .then_some(())
+        },
+    )
+    .await;
+    let resp = app
+        .client
+        .post(app.url("/api/v1/dead-letters/nope/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 404);
+}
