@@ -284,7 +284,8 @@ pub async fn purge(settings: &Settings) -> anyhow::Result<()> {
             .with_context(|| format!("dropping database {name}"))?;
     }
     let queues = Queues::new(&settings.namespace);
-    let bus = Bus::amqp(&settings.amqp_url, queues.all(), settings.queue_expires_ms)
+    // Declare nothing: a declaration with other arguments than the queue's would fail.
+    let bus = Bus::amqp(&settings.amqp_url, Vec::new(), None)
         .await
         .context("connecting to RabbitMQ")?;
     bus.delete_queues(&queues.all())
