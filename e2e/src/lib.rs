@@ -29,6 +29,9 @@ pub enum Mode {
     Up,
     /// `ldt serve <service>`: one process per service.
     Split,
+    /// Two `ldt serve <service>` processes of every service, competing for the same queues
+    /// (requests go to the first of each pair; both consume).
+    Replicas,
 }
 
 pub const SERVICES: [&str; 6] = [
@@ -69,7 +72,8 @@ pub struct Marketplace {
     owned: bool,
 }
 
-fn ldt_bin() -> PathBuf {
+/// The `ldt` binary under test.
+pub fn ldt_bin() -> PathBuf {
     if let Ok(bin) = std::env::var("LDT_BIN") {
         return PathBuf::from(bin);
     }
@@ -119,6 +123,17 @@ impl Marketplace {
         let groups: Vec<Vec<&'static str>> = match mode {
             Mode::Up => vec![vec![]],
             Mode::Split => SERVICES.iter().map(|s| vec![*s]).collect(),
+            Mode::Replicas => SERVICES
+                .iter()
+                .chain(SERVICES.iter())
+                .map(|s| vec![*s])
+                .collect(),
+        };
+        // PostgreSQL allows 100 connections in all; tests run two marketplaces at a time.
+        let pool = match mode {
+            Mode::Up => "8",
+            Mode::Split => "4",
+            Mode::Replicas => "2",
         };
         let mut market = Marketplace {
             mode,
@@ -140,6 +155,7 @@ impl Marketplace {
             cmd.env("LDT_NAMESPACE", &namespace)
                 .env("LDT_HTTP_ADDR", "127.0.0.1:0")
                 .env("LDT_QUEUE_EXPIRES_MS", "600000")
+                .env("LDT_DB_POOL_SIZE", pool)
                 .env("RUST_LOG", env_or("E2E_LOG", "warn"))
                 .envs(env.iter().copied())
                 .stdin(Stdio::null())
@@ -170,7 +186,7 @@ impl Marketplace {
                     market.bases.insert(s, base.clone());
                 }
             } else {
-                market.bases.insert(group[0], base);
+                market.bases.entry(group[0]).or_insert(base);
             }
         }
         market

@@ -57,10 +57,21 @@ impl Bus {
         queues: Vec<String>,
         queue_expires_ms: Option<u32>,
     ) -> Result<Bus, BusError> {
+        Bus::amqp_with_type(url, queues, queue_expires_ms, "classic").await
+    }
+
+    /// Like [`amqp`](Bus::amqp), declaring the queues as `classic` or `quorum`.
+    pub async fn amqp_with_type(
+        url: &str,
+        queues: Vec<String>,
+        queue_expires_ms: Option<u32>,
+        queue_type: &str,
+    ) -> Result<Bus, BusError> {
         let bus = AmqpBus {
             url: url.to_owned(),
             queues,
             queue_expires_ms,
+            queue_type: queue_type.to_owned(),
             state: Mutex::new(None),
         };
         bus.publisher().await?;
@@ -100,6 +111,7 @@ pub struct AmqpBus {
     url: String,
     queues: Vec<String>,
     queue_expires_ms: Option<u32>,
+    queue_type: String,
     /// The shared connection and the confirm-mode channel used for publishing.
     state: Mutex<Option<(Arc<Connection>, Channel)>>,
 }
@@ -111,6 +123,12 @@ impl AmqpBus {
         let mut args = FieldTable::default();
         if let Some(ms) = self.queue_expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
+        }
+        if self.queue_type != "classic" {
+            args.insert(
+                "x-queue-type".into(),
+                AMQPValue::LongString(LongString::from(self.queue_type.as_str())),
+            );
         }
         for queue in &self.queues {
             channel

@@ -38,6 +38,11 @@ pub enum Command {
         #[command(flatten)]
         settings: Settings,
     },
+    /// Run the marketplace as one process per service under SIGKILLs, broker restarts and
+    /// duplicate deliveries, then check the invariants (exit code 1 if one is broken).
+    Chaos(crate::chaos::ChaosArgs),
+    /// Load-test a running marketplace and check the invariants afterwards.
+    Bench(crate::bench::BenchArgs),
     /// Delete every database and queue of a namespace (all its orders, users and stock).
     Purge {
         /// Required: purging cannot be undone.
@@ -111,6 +116,35 @@ pub struct Settings {
     #[arg(long, env = "LDT_QUEUE_EXPIRES_MS", hide = true)]
     pub queue_expires_ms: Option<u32>,
 
+    /// RabbitMQ queue type for the marketplace's queues: `classic`, or `quorum` (replicated;
+    /// for a RabbitMQ cluster).
+    #[arg(long, env = "LDT_QUEUE_TYPE", default_value = "classic", value_parser = ["classic", "quorum"])]
+    pub queue_type: String,
+
+    /// Accept per-request fault injection (`kill_*`, `timeout_*`, `faults`). Turn it off in
+    /// production: requests carrying faults are then rejected with 422.
+    #[arg(long, env = "LDT_FAULT_INJECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    pub fault_injection: bool,
+
+    /// When set, admin endpoints (restock, dead-letter replay) require
+    /// `Authorization: Bearer <token>`.
+    #[arg(long, env = "LDT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
+
+    /// Abort the process at a named point (`<service>.before_commit|after_commit|after_publish`)
+    /// the first time it is reached; for crash testing.
+    #[arg(long, env = "LDT_CRASH_POINT", value_parser = crate::crash::parse)]
+    pub crash_point: Option<crate::crash::CrashPoint>,
+
+    /// Publish every Nth outbox message twice (0: never); for testing idempotency.
+    #[arg(
+        long,
+        env = "LDT_CHAOS_DUPLICATE_EVERY",
+        default_value_t = 0,
+        hide = true
+    )]
+    pub chaos_duplicate_every: u64,
+
     /// Log format: `text` (human-readable) or `json`.
     #[arg(long, env = "LDT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -135,6 +169,41 @@ impl Settings {
     /// The database of one service on the configured server.
     pub fn database_name(&self, service: Service) -> String {
         format!("{}_{}", self.namespace, service.db_suffix())
+    }
+}
+
+/// The default settings for `namespace` (what `purge` needs).
+pub fn purge_settings(namespace: &str) -> Settings {
+    let cli = Cli::try_parse_from(["ldt", "up", "--namespace", namespace]);
+    match cli.map(|c| c.command) {
+        Ok(Command::Up(s)) => s,
+        // Only reachable with an invalid namespace, which callers build from a safe alphabet.
+        _ => Settings::default_for(namespace),
+    }
+}
+
+impl Settings {
+    fn default_for(namespace: &str) -> Settings {
+        Settings {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
+            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
+            database_url: "postgres://postgres@127.0.0.1:5432".into(),
+            namespace: namespace.into(),
+            initial_credits: 500,
+            initial_stock: 500,
+            step_timeout_ms: 1000,
+            stall_ms: None,
+            prefetch: 64,
+            db_pool_size: 8,
+            startup_timeout_s: 30,
+            queue_expires_ms: None,
+            queue_type: "classic".into(),
+            fault_injection: true,
+            admin_token: None,
+            crash_point: None,
+            chaos_duplicate_every: 0,
+            log_format: "text".into(),
+        }
     }
 }
 

@@ -87,6 +87,32 @@ where
     }
 }
 
+/// Checks the admin bearer token when one is configured.
+pub fn require_admin(token: Option<&str>, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = token else {
+        return Ok(());
+    };
+    let given = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "));
+    // Compare without an early exit so the time taken does not tell how much matched.
+    let matches = given.is_some_and(|g| {
+        g.len() == expected.len()
+            && g.bytes()
+                .zip(expected.bytes())
+                .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+                == 0
+    });
+    if matches {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized(
+            "this endpoint needs `Authorization: Bearer <admin token>`".into(),
+        ))
+    }
+}
+
 /// Largest page any list endpoint returns.
 pub const MAX_PAGE: i64 = 10_000;
 

@@ -3,9 +3,13 @@
 //! One binary, many roles: every service lives in [`services`] and is started by
 //! [`startup::Application`] in whatever combination the command line asks for.
 
+pub mod bench;
 pub mod bus;
+pub mod chaos;
+pub mod check;
 pub mod configuration;
 pub mod contract;
+pub mod crash;
 pub mod db;
 pub mod http;
 pub mod messaging;

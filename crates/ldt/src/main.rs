@@ -13,6 +13,42 @@ async fn main() -> ExitCode {
     let (services, settings) = match cli.command {
         Command::Up(settings) => (Service::ALL.to_vec(), settings),
         Command::Serve { services, settings } => (services, settings),
+        Command::Chaos(args) => {
+            ldt::telemetry::init("text");
+            return match ldt::chaos::run(args).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("ldt: error: chaos run failed: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
+        Command::Bench(args) => {
+            ldt::telemetry::init("text");
+            let json = args.json;
+            return match ldt::bench::run(args).await {
+                Ok(report) => {
+                    if json {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&report).unwrap_or_default()
+                        );
+                    } else {
+                        print!("{}", report.human());
+                    }
+                    if report.ok() {
+                        ExitCode::SUCCESS
+                    } else {
+                        ExitCode::FAILURE
+                    }
+                }
+                Err(e) => {
+                    eprintln!("ldt: error: {e:#}");
+                    ExitCode::from(2)
+                }
+            };
+        }
         Command::Purge { yes, settings } => {
             ldt::telemetry::init(&settings.log_format);
             if !yes {

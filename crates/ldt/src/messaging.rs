@@ -82,6 +82,10 @@ pub struct Relay {
     pub bus: Bus,
     pub signal: OutboxSignal,
     pub service: &'static str,
+    pub crash: crate::crash::Crash,
+    /// Publish every Nth message twice (0: never): chaos testing of the receivers.
+    pub duplicate_every: u64,
+    pub published: std::sync::atomic::AtomicU64,
 }
 
 impl Relay {
@@ -137,14 +141,25 @@ impl Relay {
                 if let Some(tp) = row.try_get::<Option<String>, _>("traceparent")? {
                     headers.push((TRACEPARENT_HEADER.to_owned(), tp));
                 }
-                batch.push(Outgoing {
+                let out = Outgoing {
                     queue: row.try_get("queue")?,
                     message_id: row.try_get("message_id")?,
                     payload: row.try_get("payload")?,
                     headers,
-                });
+                };
+                if self.duplicate_every > 0 {
+                    let n = self
+                        .published
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n % self.duplicate_every == self.duplicate_every - 1 {
+                        tracing::info!(service = self.service, message_id = %out.message_id, "chaos: published a duplicate");
+                        batch.push(out.clone());
+                    }
+                }
+                batch.push(out);
             }
             self.bus.publish(&batch).await?;
+            self.crash.at(crate::crash::Point::AfterPublish);
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&ids)
                 .execute(&mut *tx)

@@ -25,6 +25,7 @@ use utoipa_swagger_ui::SwaggerUi;
 use crate::bus::Bus;
 use crate::configuration::Settings;
 use crate::contract::{Queues, Service};
+use crate::crash::Crash;
 use crate::messaging::{self, Handler, OutboxSignal, Relay};
 use crate::services;
 
@@ -94,9 +95,17 @@ impl Context {
             bus: self.bus.clone(),
             signal: signal.clone(),
             service: service.as_str(),
+            crash: self.crash(service),
+            duplicate_every: self.settings.chaos_duplicate_every,
+            published: Default::default(),
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
         signal
+    }
+
+    /// The crash point armed for `service`, if any.
+    pub fn crash(&self, service: Service) -> Crash {
+        Crash::for_service(self.settings.crash_point, service)
     }
 
     /// Starts consuming the service's queue.
@@ -195,7 +204,14 @@ impl Application {
         let bus = with_retry(
             &format!("RabbitMQ at {}", redact(&settings.amqp_url)),
             settings.startup_timeout(),
-            || Bus::amqp(&settings.amqp_url, queues.all(), settings.queue_expires_ms),
+            || {
+                Bus::amqp_with_type(
+                    &settings.amqp_url,
+                    queues.all(),
+                    settings.queue_expires_ms,
+                    &settings.queue_type,
+                )
+            },
         )
         .await?;
         let ctx = Context {

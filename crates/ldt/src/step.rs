@@ -135,22 +135,23 @@ pub struct StepService<E: StepEffect> {
     pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
     pub stall: Duration,
+    pub crash: crate::crash::Crash,
 }
 
 impl<E: StepEffect> StepService<E> {
     pub fn new(
         effect: E,
+        ctx: &crate::startup::Context,
         pool: PgPool,
-        queues: Queues,
         signal: OutboxSignal,
-        stall: Duration,
     ) -> Arc<Self> {
         Arc::new(StepService {
             effect,
             pool,
-            queues,
+            queues: ctx.queues.clone(),
             signal,
-            stall,
+            stall: ctx.settings.stall(),
+            crash: ctx.crash(E::STEP.service()),
         })
     }
 
@@ -228,7 +229,7 @@ impl<E: StepEffect> StepService<E> {
             },
         );
         messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
-        tx.commit().await?;
+        self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
     }
@@ -269,7 +270,7 @@ impl<E: StepEffect> StepService<E> {
         }
         let reply = Envelope::new(order_id, now, Message::Compensated { step: E::STEP });
         messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
-        tx.commit().await?;
+        self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
     }

@@ -13,6 +13,7 @@ use utoipa_axum::routes;
 
 use crate::bus::Incoming;
 use crate::contract::{Queues, Service, TRACEPARENT_HEADER};
+use crate::crash::{Crash, Point};
 use crate::db::now_ms;
 use crate::http::{ApiError, page_limit};
 use crate::messaging::{
@@ -27,6 +28,8 @@ pub struct DeadLetters {
     pool: PgPool,
     queues: Queues,
     signal: OutboxSignal,
+    crash: Crash,
+    admin_token: Option<String>,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -36,6 +39,8 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
         signal,
+        crash: ctx.crash(Service::DeadLetter),
+        admin_token: ctx.settings.admin_token.clone(),
     };
     ctx.spawn_consumer(Service::DeadLetter, Arc::new(state.clone()));
     let router = OpenApiRouter::new()
@@ -64,6 +69,7 @@ impl Handler for DeadLetters {
             .unwrap_or_else(|| "no reason given".into());
         let headers = serde_json::to_string(&msg.headers).unwrap_or_default();
         // A message parked again (after a replay, or a redelivery) is one dead letter.
+        self.crash.at(Point::BeforeCommit);
         sqlx::query(
             "INSERT INTO dead_letters (id, origin_queue, reason, payload, headers, parked_ms) \
              VALUES ($1, $2, $3, $4, $5, $6) \
@@ -78,6 +84,7 @@ impl Handler for DeadLetters {
         .bind(now_ms())
         .execute(&self.pool)
         .await?;
+        self.crash.at(Point::AfterCommit);
         tracing::warn!(dead_letter = %id, %origin, %reason, "dead letter parked");
         Ok(())
     }
@@ -145,8 +152,10 @@ async fn list_dead_letters(
               (status = 422, body = crate::http::ErrorBody)))]
 async fn replay_dead_letter(
     State(state): State<DeadLetters>,
+    headers: axum::http::HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<DeadLetter>, ApiError> {
+    crate::http::require_admin(state.admin_token.as_deref(), &headers)?;
     let mut tx = state.pool.begin().await?;
     let row = sqlx::query("SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE")
         .bind(&id)
@@ -171,7 +180,7 @@ async fn replay_dead_letter(
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await?;
-    tx.commit().await?;
+    state.crash.commit(tx).await?;
     state.signal.committed();
     tracing::info!(dead_letter = %id, %origin, "dead letter replayed");
     Ok(Json(dead_letter_from_row(&row)?))

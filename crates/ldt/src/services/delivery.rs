@@ -34,13 +34,7 @@ impl StepEffect for Deliveries {
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Delivery, &MIGRATOR).await?;
     let signal = ctx.spawn_relay(Service::Delivery, pool.clone());
-    let handler = StepService::new(
-        Deliveries,
-        pool.clone(),
-        ctx.queues.clone(),
-        signal,
-        ctx.settings.stall(),
-    );
+    let handler = StepService::new(Deliveries, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Delivery, handler);
     let router = OpenApiRouter::new()
         .routes(routes!(list_deliveries))

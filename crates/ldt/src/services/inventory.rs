@@ -52,19 +52,22 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     .execute(&pool)
     .await?;
     let signal = ctx.spawn_relay(Service::Inventory, pool.clone());
-    let handler = StepService::new(
-        Stock,
-        pool.clone(),
-        ctx.queues.clone(),
-        signal,
-        ctx.settings.stall(),
-    );
+    let handler = StepService::new(Stock, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Inventory, handler);
     let router = OpenApiRouter::new()
         .routes(routes!(get_inventory))
         .routes(routes!(restock))
-        .with_state(pool.clone());
+        .with_state(InventoryState {
+            pool: pool.clone(),
+            admin_token: ctx.settings.admin_token.clone(),
+        });
     Ok(Started { router, pool })
+}
+
+#[derive(Clone)]
+pub struct InventoryState {
+    pool: PgPool,
+    admin_token: Option<String>,
 }
 
 /// The stock, with what is needed to check it: `initial + restocked − available` is the
@@ -90,8 +93,8 @@ async fn read(pool: &PgPool) -> Result<Inventory, ApiError> {
 /// Tokens in stock.
 #[utoipa::path(get, path = "/api/v1/inventory", tag = "inventory",
     responses((status = 200, body = Inventory)))]
-async fn get_inventory(State(pool): State<PgPool>) -> Result<Json<Inventory>, ApiError> {
-    Ok(Json(read(&pool).await?))
+async fn get_inventory(State(state): State<InventoryState>) -> Result<Json<Inventory>, ApiError> {
+    Ok(Json(read(&state.pool).await?))
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -104,11 +107,14 @@ pub struct Restock {
 /// Adds tokens to the stock.
 #[utoipa::path(post, path = "/api/v1/inventory/restock", tag = "inventory",
     request_body = Restock,
-    responses((status = 200, body = Inventory), (status = 422, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = Inventory), (status = 401, body = crate::http::ErrorBody),
+              (status = 422, body = crate::http::ErrorBody)))]
 async fn restock(
-    State(pool): State<PgPool>,
+    State(InventoryState { pool, admin_token }): State<InventoryState>,
+    headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Restock>,
 ) -> Result<Json<Inventory>, ApiError> {
+    crate::http::require_admin(admin_token.as_deref(), &headers)?;
     if body.amount <= 0 {
         return Err(ApiError::Invalid(format!(
             "amount must be positive, got {}",

@@ -26,6 +26,7 @@ use crate::bus::Incoming;
 use crate::contract::{
     Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
 };
+use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
 use crate::messaging::{self, HandleError, Handler, OutboxSignal};
@@ -44,6 +45,7 @@ pub struct Orchestrator {
     queues: Queues,
     signal: OutboxSignal,
     step_timeout: Duration,
+    crash: Crash,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -54,6 +56,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         queues: ctx.queues.clone(),
         signal,
         step_timeout: ctx.settings.step_timeout(),
+        crash: ctx.crash(Service::Orchestrator),
     };
     ctx.spawn_consumer(Service::Orchestrator, Arc::new(orchestrator.clone()));
     let poller = orchestrator.clone();
@@ -423,6 +426,14 @@ impl Orchestrator {
             == 1;
         if !inserted {
             tracing::info!(order_id = %env.order_id, "duplicate OrderPlaced ignored");
+            let fx = Effects {
+                log: vec![(Step::Payment, "order_placed", "duplicate (ignored)".into())],
+                out: Vec::new(),
+                deadline: Deadline::Keep,
+            };
+            self.write_log_and_outbox(&mut tx, env.order_id, fx, now)
+                .await?;
+            self.crash.commit(tx).await?;
             return Ok(());
         }
         let saga = Saga {
@@ -445,7 +456,7 @@ impl Orchestrator {
         };
         self.write_log_and_outbox(&mut tx, env.order_id, fx, now)
             .await?;
-        tx.commit().await?;
+        self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
     }
@@ -474,7 +485,7 @@ impl Orchestrator {
             }
         }
         self.persist(&mut tx, &saga, fx, now).await?;
-        tx.commit().await?;
+        self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
     }
@@ -518,9 +529,11 @@ impl Orchestrator {
             self.on_deadline(&mut saga, now, &mut fx);
             self.persist(&mut tx, &saga, fx, now).await?;
         }
-        tx.commit().await?;
         if n > 0 {
+            self.crash.commit(tx).await?;
             self.signal.committed();
+        } else {
+            tx.commit().await?;
         }
         Ok(n)
     }

@@ -16,6 +16,7 @@ use uuid::Uuid;
 
 use crate::bus::Incoming;
 use crate::contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, Service};
+use crate::crash::{Crash, Point};
 use crate::db::now_ms;
 use crate::http::{ApiError, ApiJson, page_limit};
 use crate::messaging::{self, HandleError, Handler, OutboxSignal};
@@ -31,6 +32,8 @@ pub struct OrderState {
     pool: PgPool,
     queues: Queues,
     signal: OutboxSignal,
+    crash: Crash,
+    fault_injection: bool,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -40,6 +43,8 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
         signal,
+        crash: ctx.crash(Service::Order),
+        fault_injection: ctx.settings.fault_injection,
     };
     ctx.spawn_consumer(Service::Order, Arc::new(state.clone()));
     let router = OpenApiRouter::new()
@@ -257,7 +262,7 @@ impl OrderState {
             },
         );
         messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
-        tx.commit().await?;
+        self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(Created::New(Order {
             id,
@@ -276,6 +281,12 @@ impl OrderState {
         new: NewOrder,
         idempotency_key: Option<&str>,
     ) -> Result<Created, ApiError> {
+        if !self.fault_injection && (new.kill_create || !new.faults.is_empty()) {
+            return Err(ApiError::Invalid(
+                "fault injection is disabled on this marketplace (LDT_FAULT_INJECTION=false)"
+                    .into(),
+            ));
+        }
         if new.kill_create {
             tracing::info!(username = %new.username, "injected fault kill_create: the order is not stored");
             return Err(ApiError::Injected(
@@ -495,6 +506,7 @@ impl Handler for OrderState {
             ));
         }
         // Only a PENDING order moves: a duplicate finds it final and changes nothing.
+        self.crash.at(Point::BeforeCommit);
         let updated = sqlx::query(
             "UPDATE orders SET status = $2, finished_ms = $3 WHERE id = $1 AND status = 'PENDING'",
         )
@@ -504,6 +516,7 @@ impl Handler for OrderState {
         .execute(&self.pool)
         .await?
         .rows_affected();
+        self.crash.at(Point::AfterCommit);
         if updated == 0 {
             let known: Option<String> =
                 sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")

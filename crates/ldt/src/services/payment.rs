@@ -66,10 +66,9 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         Credits {
             initial: ctx.settings.initial_credits,
         },
+        ctx,
         pool.clone(),
-        ctx.queues.clone(),
         signal,
-        ctx.settings.stall(),
     );
     ctx.spawn_consumer(Service::Payment, handler);
     let router = OpenApiRouter::new()

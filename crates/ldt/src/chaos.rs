@@ -1,0 +1,679 @@
+//! `ldt chaos`: runs the marketplace as one process per service on the real RabbitMQ and
+//! PostgreSQL, sends a stream of orders (with kill/timeout faults and insufficient funds and
+//! stock), and meanwhile SIGKILLs and restarts service processes, restarts the broker and has
+//! the outbox relays publish duplicates. When the stream is over it waits for every order to be
+//! final and checks the invariants from the services' own APIs ([`crate::check`]).
+//!
+//! With `--crash-point service.point` one process aborts at that point the first time it gets
+//! there and is restarted without it: the deterministic version of a kill in that window.
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+use clap::Args;
+use serde_json::json;
+use tokio::process::{Child, Command};
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::bus::{Bus, Outgoing};
+use crate::check::{Checker, Endpoints, Verdict};
+use crate::contract::{Queues, Service};
+
+#[derive(Debug, Clone, Args)]
+pub struct ChaosArgs {
+    /// Orders to send.
+    #[arg(long, default_value_t = 300)]
+    pub orders: u64,
+    /// Orders per second (open loop).
+    #[arg(long, default_value_t = 100.0)]
+    pub rate: f64,
+    /// Distinct users the orders come from.
+    #[arg(long, default_value_t = 20)]
+    pub users: u64,
+    /// SIGKILLs of random service processes during the stream.
+    #[arg(long, default_value_t = 5)]
+    pub kills: u32,
+    /// Broker restarts during the stream.
+    #[arg(long, default_value_t = 1)]
+    pub broker_restarts: u32,
+    /// Shell command that restarts RabbitMQ.
+    #[arg(long, default_value = "rabbitmqctl stop_app && rabbitmqctl start_app")]
+    pub broker_restart_cmd: String,
+    /// Every Nth message each outbox relay publishes is published twice (0: never).
+    #[arg(long, default_value_t = 10)]
+    pub duplicate_every: u64,
+    /// Arm a crash point in the process of its service (e.g. `payment.after_commit`).
+    #[arg(long, value_parser = crate::crash::parse)]
+    pub crash_point: Option<crate::crash::CrashPoint>,
+    /// Unparseable messages to drop on the payment queue (they must all end as dead letters);
+    /// each is replayed once after it is parked.
+    #[arg(long, default_value_t = 0)]
+    pub poison: u64,
+    /// Database connections per process (PostgreSQL allows 100 by default, all processes
+    /// together).
+    #[arg(long, default_value_t = 4)]
+    pub db_pool_size: u32,
+    /// Each step's deadline in the processes under test.
+    #[arg(long, default_value_t = 1000)]
+    pub step_timeout_ms: u64,
+    /// How long to wait for every order to be final after the stream.
+    #[arg(long, default_value_t = 180)]
+    pub settle_timeout_s: u64,
+    /// PRNG seed (default: from the clock).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Keep the namespace's databases and queues afterwards.
+    #[arg(long)]
+    pub keep: bool,
+    /// Where the processes' logs go.
+    #[arg(long, default_value = "target/chaos-logs")]
+    pub log_dir: PathBuf,
+    /// RabbitMQ URL.
+    #[arg(
+        long,
+        env = "LDT_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
+        hide_env_values = true
+    )]
+    pub amqp_url: String,
+    /// PostgreSQL server URL.
+    #[arg(
+        long,
+        env = "LDT_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432",
+        hide_env_values = true
+    )]
+    pub database_url: String,
+}
+
+const INITIAL_CREDITS: i64 = 1_000;
+const INITIAL_STOCK: i64 = 1_000_000;
+
+/// A small deterministic PRNG (xorshift64*): chaos runs are reproducible from their seed.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn below(&mut self, n: u64) -> u64 {
+        if n == 0 { 0 } else { self.next() % n }
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+struct Proc {
+    service: Service,
+    port: u16,
+    child: Option<Child>,
+    crash_point: Option<String>,
+}
+
+/// The service processes.
+struct Fleet {
+    bin: PathBuf,
+    namespace: String,
+    args: ChaosArgs,
+    procs: Vec<Proc>,
+    /// Processes that exited by themselves (crash points) and were restarted.
+    crashes: u32,
+}
+
+/// A free port below Linux's ephemeral range (32768–60999), so that no outgoing connection
+/// takes it while a killed process is down and the restarted one can listen on it again.
+fn free_port(rng: &mut Rng) -> anyhow::Result<u16> {
+    for _ in 0..200 {
+        let port = 20_000 + rng.below(12_000) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    bail!("no free port between 20000 and 32000")
+}
+
+impl Fleet {
+    fn url(&self, service: Service) -> String {
+        let port = self
+            .procs
+            .iter()
+            .find(|p| p.service == service)
+            .map(|p| p.port)
+            .unwrap_or(0);
+        format!("http://127.0.0.1:{port}")
+    }
+
+    fn spawn(&mut self, i: usize) -> anyhow::Result<()> {
+        let p = &mut self.procs[i];
+        std::fs::create_dir_all(&self.args.log_dir)?;
+        let log_path =
+            self.args
+                .log_dir
+                .join(format!("{}-{}.log", self.namespace, p.service.as_str()));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)?;
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("serve")
+            .arg(p.service.as_str())
+            .env("LDT_NAMESPACE", &self.namespace)
+            .env("LDT_HTTP_ADDR", format!("127.0.0.1:{}", p.port))
+            .env("LDT_AMQP_URL", &self.args.amqp_url)
+            .env("LDT_DATABASE_URL", &self.args.database_url)
+            .env("LDT_INITIAL_CREDITS", INITIAL_CREDITS.to_string())
+            .env("LDT_INITIAL_STOCK", INITIAL_STOCK.to_string())
+            .env("LDT_STEP_TIMEOUT_MS", self.args.step_timeout_ms.to_string())
+            .env("LDT_STARTUP_TIMEOUT_S", "120")
+            .env("LDT_DB_POOL_SIZE", self.args.db_pool_size.to_string())
+            .env(
+                "LDT_CHAOS_DUPLICATE_EVERY",
+                self.args.duplicate_every.to_string(),
+            )
+            .env("RUST_LOG", "info,sqlx=warn,lapin=error,amq_protocol=error")
+            .env_remove("LDT_CRASH_POINT")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        if let Some(point) = p.crash_point.take() {
+            cmd.env("LDT_CRASH_POINT", point);
+        }
+        p.child = Some(
+            cmd.spawn()
+                .with_context(|| format!("starting {}", self.bin.display()))?,
+        );
+        Ok(())
+    }
+
+    async fn kill(&mut self, i: usize) {
+        if let Some(mut child) = self.procs[i].child.take() {
+            let _ = child.start_kill(); // SIGKILL
+            let _ = child.wait().await;
+        }
+    }
+
+    /// Restarts processes that exited on their own (crash points).
+    fn reap(&mut self) -> anyhow::Result<()> {
+        for i in 0..self.procs.len() {
+            let exited = match self.procs[i].child.as_mut() {
+                Some(child) => child.try_wait()?.is_some(),
+                None => false,
+            };
+            if exited {
+                self.crashes += 1;
+                eprintln!(
+                    "chaos: {} exited by itself; restarting it",
+                    self.procs[i].service.as_str()
+                );
+                self.spawn(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop_all(&mut self) {
+        for p in &mut self.procs {
+            if let Some(pid) = p.child.as_ref().and_then(|c| c.id()) {
+                let _ = std::process::Command::new("kill")
+                    .args(["-TERM", &pid.to_string()])
+                    .status();
+            }
+        }
+        for p in &mut self.procs {
+            if let Some(mut child) = p.child.take()
+                && tokio::time::timeout(Duration::from_secs(30), child.wait())
+                    .await
+                    .is_err()
+            {
+                let _ = child.start_kill();
+            }
+        }
+    }
+}
+
+async fn wait_ready(client: &reqwest::Client, base: &str, within: Duration) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await
+            && r.status().is_success()
+        {
+            return Ok(());
+        }
+        if started.elapsed() > within {
+            bail!("{base} not ready after {within:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Places one order, retrying with its idempotency key until the order service takes it.
+async fn submit(
+    client: &reqwest::Client,
+    url: &str,
+    key: &str,
+    body: &serde_json::Value,
+    deadline: Instant,
+) -> anyhow::Result<String> {
+    let mut delay = Duration::from_millis(50);
+    loop {
+        let result = client
+            .post(url)
+            .header("Idempotency-Key", key)
+            .json(body)
+            .send()
+            .await;
+        match result {
+            Ok(resp) if resp.status().is_success() => {
+                let order: serde_json::Value = resp.json().await?;
+                return order["id"]
+                    .as_str()
+                    .map(str::to_owned)
+                    .context("order without id");
+            }
+            Ok(resp) if resp.status().is_client_error() => {
+                bail!(
+                    "order {key} rejected: {} {}",
+                    resp.status(),
+                    resp.text().await.unwrap_or_default()
+                )
+            }
+            _ if Instant::now() > deadline => bail!("order {key} not accepted before the deadline"),
+            _ => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
+}
+
+fn order_body(rng: &mut Rng, users: u64) -> serde_json::Value {
+    let username = format!("chaos-user-{}", rng.below(users.max(1)));
+    let steps = ["payment", "inventory", "delivery"];
+    let r = rng.unit();
+    let (price, amount, faults) = if r < 0.08 {
+        (2, 1, json!({ steps[rng.below(3) as usize]: "kill" }))
+    } else if r < 0.13 {
+        (2, 1, json!({ steps[rng.below(3) as usize]: "timeout" }))
+    } else if r < 0.18 {
+        (INITIAL_CREDITS + 1, 1, json!({}))
+    } else if r < 0.22 {
+        (0, INITIAL_STOCK + 1, json!({}))
+    } else {
+        (1 + rng.below(5) as i64, 1 + rng.below(3) as i64, json!({}))
+    };
+    json!({"username": username, "price": price, "amount": amount, "faults": faults})
+}
+
+/// Runs the chaos scenario; `Ok(true)` when every invariant held.
+pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
+    let started = Instant::now();
+    let seed = args
+        .seed
+        .unwrap_or_else(|| crate::db::now_ms().unsigned_abs() | 1);
+    let namespace = format!("chaos_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
+    let bin = std::env::current_exe().context("locating the ldt binary")?;
+    eprintln!(
+        "chaos: namespace {namespace}, seed {seed}, logs in {}",
+        args.log_dir.display()
+    );
+    let mut procs = Vec::new();
+    let mut port_rng = Rng(seed ^ std::process::id() as u64 ^ 0x5DEECE66D);
+    for service in Service::ALL {
+        let crash_point = args
+            .crash_point
+            .filter(|c| c.service == service)
+            .map(|c| c.to_string());
+        procs.push(Proc {
+            service,
+            port: free_port(&mut port_rng)?,
+            child: None,
+            crash_point,
+        });
+    }
+    let fleet = Arc::new(Mutex::new(Fleet {
+        bin,
+        namespace: namespace.clone(),
+        args: args.clone(),
+        procs,
+        crashes: 0,
+    }));
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    {
+        let mut f = fleet.lock().await;
+        for i in 0..f.procs.len() {
+            f.spawn(i)?;
+        }
+    }
+    // Up, restarting any that aborts at an armed crash point meanwhile.
+    for s in Service::ALL {
+        let started = Instant::now();
+        loop {
+            let url = fleet.lock().await.url(s);
+            if wait_ready(&client, &url, Duration::from_millis(500))
+                .await
+                .is_ok()
+            {
+                break;
+            }
+            fleet.lock().await.reap()?;
+            if started.elapsed() > Duration::from_secs(60) {
+                bail!("{} not ready after 60 s", s.as_str());
+            }
+        }
+    }
+    let order_url = format!("{}/api/v1/orders", fleet.lock().await.url(Service::Order));
+    // Stopped by SIGTERM or Ctrl-C, still stop the fleet and purge.
+    let outcome = tokio::select! {
+        outcome = drive(&args, &fleet, &client, &order_url, &namespace, seed, started) => outcome,
+        _ = crate::startup::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+    };
+    fleet.lock().await.stop_all().await;
+    if !args.keep {
+        let mut settings = crate::configuration::purge_settings(&namespace);
+        settings.amqp_url = args.amqp_url.clone();
+        settings.database_url = args.database_url.clone();
+        if let Err(e) = crate::startup::purge(&settings).await {
+            eprintln!("chaos: purging {namespace} failed: {e:#}");
+        }
+    }
+    outcome
+}
+
+async fn drive(
+    args: &ChaosArgs,
+    fleet: &Arc<Mutex<Fleet>>,
+    client: &reqwest::Client,
+    order_url: &str,
+    namespace: &str,
+    seed: u64,
+    started: Instant,
+) -> anyhow::Result<bool> {
+    let mut rng = Rng(seed);
+    let queues = Queues::new(namespace);
+    if args.poison > 0 {
+        let bus = Bus::amqp(&args.amqp_url, Vec::new(), None).await?;
+        let batch: Vec<Outgoing> = (0..args.poison)
+            .map(|i| Outgoing {
+                queue: queues.of(Service::Payment),
+                message_id: format!("poison-{i}"),
+                payload: format!("{{poison #{i}").into_bytes(),
+                headers: Vec::new(),
+            })
+            .collect();
+        bus.publish(&batch).await?;
+    }
+
+    // The order stream: open loop at the given rate.
+    let stream_len = Duration::from_secs_f64(args.orders as f64 / args.rate.max(0.1));
+    let deadline = Instant::now() + stream_len + Duration::from_secs(args.settle_timeout_s);
+    let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+    let failures = Arc::new(AtomicU64::new(0));
+    let inflight = Arc::new(Semaphore::new(256));
+    let mut tasks = tokio::task::JoinSet::new();
+    let stream_start = Instant::now();
+    let bodies: Vec<serde_json::Value> = (0..args.orders)
+        .map(|_| order_body(&mut rng, args.users))
+        .collect();
+    let stream = {
+        let client = client.clone();
+        let order_url = order_url.to_owned();
+        let accepted = accepted.clone();
+        let failures = failures.clone();
+        let namespace = namespace.to_owned();
+        let rate = args.rate.max(0.1);
+        tokio::spawn(async move {
+            for (i, body) in bodies.into_iter().enumerate() {
+                let due = stream_start + Duration::from_secs_f64(i as f64 / rate);
+                tokio::time::sleep_until(due.into()).await;
+                let Ok(permit) = inflight.clone().acquire_owned().await else {
+                    break;
+                };
+                let (client, url, accepted, failures) = (
+                    client.clone(),
+                    order_url.clone(),
+                    accepted.clone(),
+                    failures.clone(),
+                );
+                let key = format!("{namespace}-{i}");
+                tasks.spawn(async move {
+                    match submit(&client, &url, &key, &body, deadline).await {
+                        Ok(id) => {
+                            accepted.lock().await.insert(id);
+                        }
+                        Err(e) => {
+                            eprintln!("chaos: {e:#}");
+                            failures.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                    drop(permit);
+                });
+            }
+            while tasks.join_next().await.is_some() {}
+        })
+    };
+
+    // The chaos: kills and broker restarts at random moments of the stream, crash-point reaping.
+    let mut events: Vec<(Duration, bool)> = Vec::new();
+    for _ in 0..args.kills {
+        events.push((stream_len.mul_f64(0.05 + 0.85 * rng.unit()), false));
+    }
+    for b in 0..args.broker_restarts {
+        let at = (f64::from(b) + 0.5) / f64::from(args.broker_restarts);
+        events.push((stream_len.mul_f64(0.1 + 0.8 * at), true));
+    }
+    events.sort_by_key(|e| e.0);
+    let (mut kills, mut broker_restarts) = (0u32, 0u32);
+    for (at, broker) in events {
+        while stream_start.elapsed() < at {
+            fleet.lock().await.reap()?;
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if broker {
+            let t = Instant::now();
+            let status = tokio::process::Command::new("sh")
+                .arg("-c")
+                .arg(&args.broker_restart_cmd)
+                .stdout(Stdio::null())
+                .status()
+                .await?;
+            if !status.success() {
+                bail!("broker restart command failed: {status}");
+            }
+            broker_restarts += 1;
+            eprintln!("chaos: broker restarted in {:.1?}", t.elapsed());
+        } else {
+            let mut f = fleet.lock().await;
+            let i = rng.below(f.procs.len() as u64) as usize;
+            f.kill(i).await;
+            kills += 1;
+            let down = Duration::from_millis(100 + rng.below(900));
+            eprintln!(
+                "chaos: SIGKILL {} (down {:?})",
+                f.procs[i].service.as_str(),
+                down
+            );
+            drop(f);
+            tokio::time::sleep(down).await;
+            fleet.lock().await.spawn(i)?;
+        }
+    }
+    while !stream.is_finished() {
+        fleet.lock().await.reap()?;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stream.await?;
+    let stream_secs = stream_start.elapsed().as_secs_f64();
+
+    // Every process back up, then every order final.
+    {
+        let mut f = fleet.lock().await;
+        f.reap()?;
+        for s in Service::ALL {
+            wait_ready(client, &f.url(s), Duration::from_secs(120)).await?;
+        }
+    }
+    let (endpoints, dead_letter_url) = {
+        let f = fleet.lock().await;
+        (
+            Endpoints {
+                order: f.url(Service::Order),
+                payment: f.url(Service::Payment),
+                inventory: f.url(Service::Inventory),
+                delivery: f.url(Service::Delivery),
+                dead_letter: f.url(Service::DeadLetter),
+            },
+            f.url(Service::DeadLetter),
+        )
+    };
+    let mut parked = Verdict {
+        name: "parked",
+        ok: true,
+        detail: "no poison sent".into(),
+    };
+    if args.poison > 0 {
+        parked = check_poison(client, &dead_letter_url, args.poison, fleet).await?;
+    }
+    let checker = Checker::new(endpoints, INITIAL_CREDITS);
+    let settle = Instant::now();
+    let orders = loop {
+        fleet.lock().await.reap()?;
+        let orders = checker.wait_all_final(Duration::from_secs(2)).await?;
+        if orders.iter().all(|o| o.status != "PENDING")
+            || settle.elapsed() > Duration::from_secs(args.settle_timeout_s)
+        {
+            break orders;
+        }
+    };
+    let accepted = accepted.lock().await.clone();
+    let mut report = checker.check(&orders, Some(&accepted)).await?;
+    report.verdicts.push(parked);
+    let crashes = fleet.lock().await.crashes;
+    let duplicates = count_in_logs(&args.log_dir, namespace, "chaos: published a duplicate");
+    let failed = failures.load(Ordering::Relaxed);
+    println!(
+        "chaos: {} orders sent at {:.0}/s over {stream_secs:.1} s, {} accepted, {failed} not accepted; {kills} SIGKILLs, {crashes} crash-point aborts, {broker_restarts} broker restarts, {duplicates} duplicate publishes, {} poison messages, {} dead letters",
+        args.orders,
+        args.rate,
+        accepted.len(),
+        args.poison,
+        report.dead_letters,
+    );
+    let statuses: Vec<String> = report
+        .by_status
+        .iter()
+        .map(|(s, n)| format!("{s}={n}"))
+        .collect();
+    println!("chaos: statuses {}", statuses.join(" "));
+    for v in &report.verdicts {
+        println!("{v}");
+    }
+    let ok = report.ok() && failed == 0 && args.crash_point.is_none_or(|_| crashes >= 1);
+    if args.crash_point.is_some() && crashes == 0 {
+        println!("chaos: FAIL the crash point was never reached");
+    }
+    println!(
+        "chaos: {} after {:.1} s (seed {seed})",
+        if ok { "PASSED" } else { "FAILED" },
+        started.elapsed().as_secs_f64()
+    );
+    Ok(ok)
+}
+
+/// Waits until every poison message is parked, replays each once, and waits until each is
+/// parked again.
+async fn check_poison(
+    client: &reqwest::Client,
+    base: &str,
+    expected: u64,
+    fleet: &Arc<Mutex<Fleet>>,
+) -> anyhow::Result<Verdict> {
+    #[derive(serde::Deserialize)]
+    struct Letter {
+        id: String,
+        times_parked: i32,
+    }
+    let list = |client: &reqwest::Client| {
+        let url = format!("{base}/api/v1/dead-letters?limit=10000");
+        let client = client.clone();
+        async move {
+            let letters: Vec<Letter> = client.get(url).send().await?.json().await?;
+            anyhow::Ok(letters)
+        }
+    };
+    let started = Instant::now();
+    let mut replayed = false;
+    loop {
+        fleet.lock().await.reap()?;
+        let letters = list(client).await.unwrap_or_default();
+        let poison: Vec<&Letter> = letters
+            .iter()
+            .filter(|l| l.id.starts_with("poison-"))
+            .collect();
+        if !replayed && poison.len() as u64 == expected {
+            for l in &poison {
+                let url = format!("{base}/api/v1/dead-letters/{}/replay", l.id);
+                let mut tries = 0;
+                while !client
+                    .post(&url)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+                {
+                    tries += 1;
+                    if tries > 100 {
+                        bail!("replaying {} failed", l.id);
+                    }
+                    fleet.lock().await.reap()?;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+            replayed = true;
+        } else if replayed
+            && poison.len() as u64 == expected
+            && poison.iter().all(|l| l.times_parked >= 2)
+        {
+            return Ok(Verdict {
+                name: "parked",
+                ok: true,
+                detail: format!(
+                    "all {expected} poison messages parked, replayed, parked again; none lost"
+                ),
+            });
+        }
+        if started.elapsed() > Duration::from_secs(120) {
+            return Ok(Verdict {
+                name: "parked",
+                ok: false,
+                detail: format!(
+                    "{} of {expected} poison messages parked (replayed: {replayed})",
+                    poison.len()
+                ),
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn count_in_logs(dir: &std::path::Path, namespace: &str, needle: &str) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(namespace))
+        .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+        .map(|text| text.matches(needle).count())
+        .sum()
+}

@@ -1,0 +1,287 @@
+//! Every message type delivered twice has one effect. The test plays the step services (or
+//! the orchestrator) on the real broker; the service under test consumes with prefetch 1, so
+//! its queue is processed in order and a later message is a barrier for the earlier ones.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{TestApp, order_body, spawn_app, user};
+use ldt::bus::{Bus, Outgoing, Subscription};
+use ldt::contract::{
+    Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
+};
+use uuid::Uuid;
+
+struct Driver {
+    bus: Bus,
+    queues: Queues,
+}
+
+impl Driver {
+    async fn new(app: &TestApp) -> Driver {
+        let queues = Queues::new(&app.settings.namespace);
+        let bus = Bus::amqp(
+            &app.settings.amqp_url,
+            queues.all(),
+            app.settings.queue_expires_ms,
+        )
+        .await
+        .unwrap();
+        Driver { bus, queues }
+    }
+
+    async fn send_twice(&self, env: &Envelope) {
+        let out = Outgoing {
+            queue: self.queues.of(env.body.destination()),
+            message_id: env.id.to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        };
+        self.bus.publish(&[out.clone(), out]).await.unwrap();
+    }
+
+    async fn listen(&self, service: Service) -> Subscription {
+        self.bus
+            .subscribe(&self.queues.of(service), 100)
+            .await
+            .unwrap()
+    }
+}
+
+async fn next(sub: &mut Subscription) -> Envelope {
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a message within 10 s")
+        .unwrap()
+        .unwrap();
+    msg.ack().await.unwrap();
+    Envelope::from_json(&msg.payload).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orchestrator_inputs_delivered_twice_drive_the_saga_once() {
+    let app = spawn_app(&[Service::Orchestrator], &["--prefetch", "1"]).await;
+    let driver = Driver::new(&app).await;
+    let (mut payment, mut inventory, mut delivery, mut order) = (
+        driver.listen(Service::Payment).await,
+        driver.listen(Service::Inventory).await,
+        driver.listen(Service::Delivery).await,
+        driver.listen(Service::Order).await,
+    );
+    let id = Uuid::now_v7();
+    let placed = Envelope::new(
+        id,
+        0,
+        Message::OrderPlaced {
+            username: "twice".into(),
+            price: 3,
+            amount: 2,
+            faults: FaultPlan::default(),
+        },
+    );
+    driver.send_twice(&placed).await;
+    assert!(matches!(
+        next(&mut payment).await.body,
+        Message::Debit { total: 6, .. }
+    ));
+    for (step, sub) in [
+        (Step::Payment, &mut inventory),
+        (Step::Inventory, &mut delivery),
+    ] {
+        let answer = Envelope::new(
+            id,
+            0,
+            Message::StepResult {
+                step,
+                outcome: StepOutcome::Done,
+            },
+        );
+        driver.send_twice(&answer).await;
+        let cmd = next(sub).await;
+        assert_eq!(cmd.order_id, id);
+    }
+    driver
+        .send_twice(&Envelope::new(
+            id,
+            0,
+            Message::StepResult {
+                step: Step::Delivery,
+                outcome: StepOutcome::Done,
+            },
+        ))
+        .await;
+    let finished = next(&mut order).await;
+    assert_eq!(
+        finished.body,
+        Message::OrderFinished {
+            status: OrderStatus::Success
+        }
+    );
+    // The duplicates were processed before the barrier: an answer for a step long done.
+    let barrier = Envelope::new(
+        id,
+        0,
+        Message::Compensated {
+            step: Step::Payment,
+        },
+    );
+    driver.send_twice(&barrier).await;
+    let (_, saga) = app
+        .eventually(
+            Duration::from_secs(10),
+            "the barrier in the saga log",
+            || async {
+                let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+                let seen = saga["log"]
+                    .as_array()?
+                    .iter()
+                    .filter(|e| e["kind"] == "compensated")
+                    .count();
+                (seen == 2).then_some(((), saga))
+            },
+        )
+        .await;
+    let log = saga["log"].as_array().unwrap();
+    let count = |kind: &str, event: &str| {
+        log.iter()
+            .filter(|e| e["kind"] == kind && e["event"].as_str().unwrap().starts_with(event))
+            .count()
+    };
+    for kind in ["debit", "reserve", "deliver"] {
+        assert_eq!(count(kind, "sent"), 1, "{kind} sent once: {saga}");
+    }
+    assert_eq!(count("order_placed", "duplicate"), 1, "{saga}");
+    assert_eq!(count("step_result", "late: done"), 3, "{saga}");
+    assert_eq!(count("order_finished", "SUCCESS"), 1, "{saga}");
+    assert_eq!(saga["status"], "SUCCESS");
+    // Exactly one OrderFinished went out, and nothing else follows it.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), order.next())
+            .await
+            .is_err(),
+        "a second OrderFinished"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compensation_answers_delivered_twice_advance_once() {
+    let app = spawn_app(&[Service::Orchestrator], &["--prefetch", "1"]).await;
+    let driver = Driver::new(&app).await;
+    let (mut payment, mut inventory, mut order) = (
+        driver.listen(Service::Payment).await,
+        driver.listen(Service::Inventory).await,
+        driver.listen(Service::Order).await,
+    );
+    let id = Uuid::now_v7();
+    driver
+        .send_twice(&Envelope::new(
+            id,
+            0,
+            Message::OrderPlaced {
+                username: "comp".into(),
+                price: 1,
+                amount: 1,
+                faults: FaultPlan::default(),
+            },
+        ))
+        .await;
+    next(&mut payment).await;
+    driver
+        .send_twice(&Envelope::new(
+            id,
+            0,
+            Message::StepResult {
+                step: Step::Payment,
+                outcome: StepOutcome::Done,
+            },
+        ))
+        .await;
+    next(&mut inventory).await;
+    driver
+        .send_twice(&Envelope::new(
+            id,
+            0,
+            Message::StepResult {
+                step: Step::Inventory,
+                outcome: StepOutcome::Insufficient,
+            },
+        ))
+        .await;
+    assert_eq!(next(&mut payment).await.body, Message::Refund);
+    driver
+        .send_twice(&Envelope::new(
+            id,
+            0,
+            Message::Compensated {
+                step: Step::Payment,
+            },
+        ))
+        .await;
+    assert_eq!(
+        next(&mut order).await.body,
+        Message::OrderFinished {
+            status: OrderStatus::InsufficientInventory
+        }
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), order.next())
+            .await
+            .is_err(),
+        "a second OrderFinished"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), payment.next())
+            .await
+            .is_err(),
+        "a second Refund"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn order_finished_delivered_twice_sets_the_status_once() {
+    let app = spawn_app(&[Service::Order], &["--prefetch", "1"]).await;
+    let driver = Driver::new(&app).await;
+    let mut placed = driver.listen(Service::Orchestrator).await;
+    let id = app.order(order_body(&user("fin"), 1, 1)).await;
+    let env = next(&mut placed).await;
+    assert_eq!(env.order_id.to_string(), id);
+    assert!(matches!(env.body, Message::OrderPlaced { .. }));
+    let oid = env.order_id;
+    driver
+        .send_twice(&Envelope::new(
+            oid,
+            0,
+            Message::OrderFinished {
+                status: OrderStatus::Success,
+            },
+        ))
+        .await;
+    let first = app.wait_final(&id, Duration::from_secs(10)).await;
+    // A conflicting late duplicate, then a barrier: an order finishing on the same queue.
+    driver
+        .send_twice(&Envelope::new(
+            oid,
+            0,
+            Message::OrderFinished {
+                status: OrderStatus::Unknown,
+            },
+        ))
+        .await;
+    let other = app.order(order_body(&user("barrier"), 1, 1)).await;
+    let other_env = next(&mut placed).await;
+    driver
+        .send_twice(&Envelope::new(
+            other_env.order_id,
+            0,
+            Message::OrderFinished {
+                status: OrderStatus::Timeout,
+            },
+        ))
+        .await;
+    app.wait_final(&other, Duration::from_secs(10)).await;
+    let (_, after) = app.get(&format!("/api/v1/orders/{id}")).await;
+    assert_eq!(after["status"], "SUCCESS");
+    assert_eq!(after["finished_at_ms"], first["finished_at_ms"]);
+}
