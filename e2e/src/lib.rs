@@ -192,6 +192,11 @@ impl Marketplace {
         market
     }
 
+    /// The base URL of one service's API.
+    pub fn base(&self, service: &str) -> &str {
+        &self.bases[service]
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.bases[owner(path)], path)
     }

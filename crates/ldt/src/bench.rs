@@ -64,6 +64,9 @@ pub struct BenchArgs {
     /// Initial credits of a user on the marketplace under test (for the money invariant).
     #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500)]
     pub initial_credits: i64,
+    /// Bearer token for the restock before the run, when the marketplace has one.
+    #[arg(long, env = "LDT_ADMIN_TOKEN", hide_env_values = true)]
+    pub admin_token: Option<String>,
     /// Skip the invariant check (e.g. against a marketplace others are using).
     #[arg(long)]
     pub no_check: bool,
@@ -419,12 +422,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         (args.rate.unwrap_or(1000.0) * args.duration.unwrap_or(60.0)) as u64 * 2
     });
     let warm_orders = (args.warmup * args.rate.unwrap_or(100.0)) as u64;
-    let restock = client
+    let mut restock = client
         .post(format!("{}/api/v1/inventory/restock", endpoints.inventory))
-        .json(&json!({"amount": planned.saturating_add(warm_orders).saturating_add(1000)}))
-        .send()
-        .await
-        .context("restocking before the run")?;
+        .json(&json!({"amount": planned.saturating_add(warm_orders).saturating_add(1000)}));
+    if let Some(token) = &args.admin_token {
+        restock = restock.bearer_auth(token);
+    }
+    let restock = restock.send().await.context("restocking before the run")?;
     if !restock.status().is_success() {
         bail!(
             "restock answered {}: {}",

@@ -104,6 +104,11 @@ pub struct Settings {
     #[arg(long, env = "LDT_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
 
+    /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
+    /// `Retry-After`: bounds the backlog, so accepted orders stay fast under overload.
+    #[arg(long, env = "LDT_MAX_PENDING", default_value_t = 2000, value_parser = clap::value_parser!(i64).range(1..))]
+    pub max_pending: i64,
+
     /// Connections in each service's database pool.
     #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
@@ -194,6 +199,7 @@ impl Settings {
             step_timeout_ms: 1000,
             stall_ms: None,
             prefetch: 64,
+            max_pending: 2000,
             db_pool_size: 8,
             startup_timeout_s: 30,
             queue_expires_ms: None,

@@ -195,3 +195,86 @@ async fn restock_adds_to_the_stock() {
     let inv: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(inv, json!({"available": 10, "initial": 3, "restocked": 7}));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_marketplace_sheds_new_orders_with_retry_after() {
+    // Three orders stalled at payment fill a marketplace that admits three in flight.
+    let app = spawn_app(&ALL, &["--max-pending", "3", "--step-timeout-ms", "3000"]).await;
+    let post = |key: &'static str, user: &'static str| {
+        let req = app
+            .client
+            .post(app.url("/api/v1/orders"))
+            .header("Idempotency-Key", key)
+            .json(&json!({"username": user, "price": 1, "amount": 1, "faults": {"payment": "timeout"}}));
+        async move { req.send().await.unwrap() }
+    };
+    let mut first = None;
+    for (key, user) in [("a", "u1"), ("b", "u2"), ("c", "u3")] {
+        let resp = post(key, user).await;
+        assert_eq!(resp.status(), 202);
+        first.get_or_insert(resp.json::<serde_json::Value>().await.unwrap());
+    }
+    let shed = post("d", "u4").await;
+    assert_eq!(shed.status(), 503);
+    assert_eq!(shed.headers()["retry-after"], "1");
+    let body: serde_json::Value = shed.json().await.unwrap();
+    assert_eq!(body["error"], "overloaded");
+    // A retry of an order already taken is still answered, with that order.
+    let again = post("a", "u1").await;
+    assert_eq!(again.status(), 200);
+    assert_eq!(
+        again.json::<serde_json::Value>().await.unwrap()["id"],
+        first.unwrap()["id"]
+    );
+    // The shed order was not stored.
+    let (_, all) = app.get("/api/all-transaction").await;
+    assert_eq!(all.as_array().unwrap().len(), 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags() {
+    let app = spawn_app(
+        &ALL,
+        &["--admin-token", "s3cret", "--fault-injection", "false"],
+    )
+    .await;
+    let restock = |token: Option<&'static str>| {
+        let mut req = app
+            .client
+            .post(app.url("/api/v1/inventory/restock"))
+            .json(&json!({"amount": 5}));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.unwrap().status().as_u16() }
+    };
+    assert_eq!(restock(None).await, 401);
+    assert_eq!(restock(Some("wrong")).await, 401);
+    assert_eq!(restock(Some("s3cret")).await, 200);
+    assert_eq!(app.stock().await, 505);
+    let resp = app
+        .client
+        .post(app.url("/api/v1/dead-letters/x/replay"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 401);
+    for body in [
+        json!({"username": "p", "price": 1, "amount": 1, "kill_payment": true}),
+        json!({"username": "p", "price": 1, "amount": 1, "kill_create": true}),
+    ] {
+        let (status, err) = app.purchase(body).await;
+        assert_eq!(status, 422, "{err}");
+        assert!(
+            err["message"]
+                .as_str()
+                .unwrap()
+                .contains("fault injection is disabled"),
+            "{err}"
+        );
+    }
+    assert_eq!(
+        app.status_of(common::order_body("p", 1, 1)).await,
+        "SUCCESS"
+    );
+}

@@ -34,6 +34,47 @@ pub struct OrderState {
     signal: OutboxSignal,
     crash: Crash,
     fault_injection: bool,
+    admission: Admission,
+}
+
+/// Admission control: an estimate of the orders in flight, refreshed from the database (so it
+/// holds across replicas) and bumped by every order this process accepts in between.
+#[derive(Clone)]
+struct Admission {
+    max_pending: i64,
+    pending: Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl Admission {
+    fn admit(&self) -> Result<(), ApiError> {
+        use std::sync::atomic::Ordering;
+        let now = self.pending.fetch_add(1, Ordering::Relaxed);
+        if now >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::Overloaded(format!(
+                "overloaded: {now} orders in flight (limit {}); retry after 1 s",
+                self.max_pending
+            )));
+        }
+        Ok(())
+    }
+
+    /// Re-reads the number of PENDING orders every 100 ms until shutdown.
+    async fn refresh(self, pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            let count: Result<i64, _> =
+                sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+                    .fetch_one(&pool)
+                    .await;
+            if let Ok(n) = count {
+                self.pending.store(n, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+    }
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -45,7 +86,17 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         crash: ctx.crash(Service::Order),
         fault_injection: ctx.settings.fault_injection,
+        admission: Admission {
+            max_pending: ctx.settings.max_pending,
+            pending: Arc::default(),
+        },
     };
+    ctx.tasks.spawn(
+        state
+            .admission
+            .clone()
+            .refresh(pool.clone(), ctx.shutdown.clone()),
+    );
     ctx.spawn_consumer(Service::Order, Arc::new(state.clone()));
     let router = OpenApiRouter::new()
         .routes(routes!(legacy_purchase))
@@ -286,6 +337,21 @@ impl OrderState {
                 "fault injection is disabled on this marketplace (LDT_FAULT_INJECTION=false)"
                     .into(),
             ));
+        }
+        if let Err(overloaded) = self.admission.admit() {
+            // A retry of an order already taken is answered even when full.
+            if let Some(key) = idempotency_key
+                && let Some(row) = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
+                    .bind(key)
+                    .fetch_optional(&self.pool)
+                    .await?
+            {
+                let hash: Option<String> = row.try_get("request_hash")?;
+                if hash.as_deref() == Some(new.fingerprint().as_str()) {
+                    return Ok(Created::Replayed(order_from_row(&row)?));
+                }
+            }
+            return Err(overloaded);
         }
         if new.kill_create {
             tracing::info!(username = %new.username, "injected fault kill_create: the order is not stored");

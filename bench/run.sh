@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# Benchmark scenarios, written into BENCHMARKS.md with the machine, versions and commit.
+#
+#   bench/run.sh                  # one process per service (release build), all durability on
+#   BENCH_MODE=up bench/run.sh    # every service in one process
+#   BENCH_DURATION=60 BENCH_RATES="300 1000 2000" bench/run.sh
+#
+# Starts the marketplace itself in a fresh namespace on the local RabbitMQ and PostgreSQL,
+# warms up, runs `ldt bench` at each rate (open loop), samples every process's RSS, checks
+# the invariants after each run, and purges the namespace at the end.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mode=${BENCH_MODE:-split}
+duration=${BENCH_DURATION:-60}
+rates=${BENCH_RATES:-"300 1000 2000"}
+out=${BENCH_OUT:-BENCHMARKS.md}
+ns="bench_$(date +%s)"
+work=$(mktemp -d -t ldt-bench.XXXXXX)
+credits=1000000000
+
+scripts/ensure-services.sh
+cargo build --release --locked --bin ldt
+bin=target/release/ldt
+
+export LDT_NAMESPACE=$ns LDT_INITIAL_CREDITS=$credits LDT_INITIAL_STOCK=0 RUST_LOG=warn
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  "$bin" purge --yes --namespace "$ns" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
+
+declare -A port=([order]=18100 [orchestrator]=18101 [payment]=18102 [inventory]=18103 [delivery]=18104 [dead-letter]=18105)
+if [ "$mode" = up ]; then
+  LDT_HTTP_ADDR=127.0.0.1:18100 "$bin" up >"$work/up.log" 2>&1 &
+  pids+=($!); echo "up $!" >"$work/pids"
+  urls=()
+else
+  : >"$work/pids"
+  for s in order orchestrator payment inventory delivery dead-letter; do
+    LDT_HTTP_ADDR=127.0.0.1:${port[$s]} "$bin" serve "$s" >"$work/$s.log" 2>&1 &
+    pids+=($!); echo "$s $!" >>"$work/pids"
+  done
+  urls=(--service-url payment=http://127.0.0.1:18102 --service-url inventory=http://127.0.0.1:18103
+        --service-url delivery=http://127.0.0.1:18104 --service-url dead-letter=http://127.0.0.1:18105)
+fi
+for p in 18100 $( [ "$mode" = up ] || echo 18101 18102 18103 18104 18105 ); do
+  for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.2; done
+done
+
+# Peak RSS of every process, sampled every second while the scenarios run.
+( while true; do
+    while read -r name pid; do
+      rss=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status" 2>/dev/null || echo 0)
+      echo "$name $rss"
+    done <"$work/pids" >>"$work/rss"
+    sleep 1
+  done ) &
+sampler=$!
+pids+=($sampler)
+
+common=(--url http://127.0.0.1:18100 "${urls[@]}" --users 1000 --initial-credits "$credits" --json)
+echo "bench: warming up (10 s at 200/s)" >&2
+"$bin" bench "${common[@]}" --rate 200 --duration 10 --no-check >/dev/null
+results=()
+for rate in $rates; do
+  d=$duration; [ "$rate" -ge 2000 ] && d=$(( duration < 30 ? duration : 30 ))
+  echo "bench: $rate orders/s for $d s" >&2
+  : >"$work/rss"
+  "$bin" bench "${common[@]}" --rate "$rate" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
+  cp "$work/rss" "$work/rss-$rate"
+  results+=("$rate")
+done
+kill "$sampler" 2>/dev/null || true
+
+python3 - "$work" "$mode" "$out" "${results[@]}" <<'PY'
+import json, os, subprocess, sys, platform, datetime
+work, mode, out, rates = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
+def sh(cmd):
+    try: return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
+    except Exception: return "?"
+cores = os.cpu_count()
+mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
+cpu = sh("awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo").strip()
+rows = []
+for rate in rates:
+    try: r = json.load(open(f"{work}/bench-{rate}.json"))
+    except Exception as e:
+        rows.append((rate, None, {})); continue
+    rss = {}
+    for line in open(f"{work}/rss-{rate}"):
+        name, kb = line.split()
+        rss[name] = max(rss.get(name, 0), int(kb))
+    rows.append((rate, r, rss))
+lines = []
+lines.append(f"## {datetime.date.today()} — mode `{mode}`, commit `{sh('git rev-parse --short HEAD')}`\n")
+lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {sh('rustc --version')}; PostgreSQL {sh('psql --version | cut -d\" \" -f3')}; RabbitMQ {sh('rabbitmqctl version 2>/dev/null')}. Release build, persistent messages, publisher confirms, fsync on.\n")
+lines.append("| offered/s | sent | accepted | shed | lost | final/s | saga p50 | p90 | p99 | p99.9 | max | HTTP p50 | p99 | invariants | peak RSS MiB |")
+lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+for rate, r, rss in rows:
+    if r is None:
+        lines.append(f"| {rate} | run failed | | | | | | | | | | | | | |"); continue
+    s, h = r["saga_ms"], r["http_ms"]
+    peak = ", ".join(f"{k} {v/1024:.0f}" for k, v in sorted(rss.items()))
+    lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} |")
+lines.append("")
+text = "\n".join(lines) + "\n"
+header = "# Benchmarks\n\nWritten by `bench/run.sh` (newest first). Saga latency is POST → final status from the orders' own timestamps; HTTP latency counts from when each request was due (open loop, no coordinated omission). Figures are for this machine; see the notes at the end for what each change bought.\n\n"
+old = open(out).read() if os.path.exists(out) else header
+if old.startswith("# Benchmarks"):
+    head, _, rest = old.partition("\n## ")
+    new = head.rstrip("\n") + "\n\n" + text + ("\n## " + rest if rest else "")
+else:
+    new = header + text
+open(out, "w").write(new)
+print(text)
+PY
