@@ -75,45 +75,4 @@ for rate in $rates; do
 done
 kill "$sampler" 2>/dev/null || true
 
-python3 - "$work" "$mode" "$out" "${results[@]}" <<'PY'
-import json, os, subprocess, sys, platform, datetime
-work, mode, out, rates = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
-def sh(cmd):
-    try: return subprocess.run(cmd, shell=True, capture_output=True, text=True).stdout.strip()
-    except Exception: return "?"
-cores = os.cpu_count()
-mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
-cpu = sh("awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo").strip()
-rows = []
-for rate in rates:
-    try: r = json.load(open(f"{work}/bench-{rate}.json"))
-    except Exception as e:
-        rows.append((rate, None, {})); continue
-    rss = {}
-    for line in open(f"{work}/rss-{rate}"):
-        name, kb = line.split()
-        rss[name] = max(rss.get(name, 0), int(kb))
-    rows.append((rate, r, rss))
-lines = []
-lines.append(f"## {datetime.date.today()} — mode `{mode}`, commit `{sh('git rev-parse --short HEAD')}`\n")
-lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {sh('rustc --version')}; PostgreSQL {sh('psql --version | cut -d\" \" -f3')}; RabbitMQ {sh('rabbitmqctl version 2>/dev/null')}. Release build, persistent messages, publisher confirms, fsync on.\n")
-lines.append("| offered/s | sent | accepted | shed | lost | final/s | saga p50 | p90 | p99 | p99.9 | max | HTTP p50 | p99 | invariants | peak RSS MiB |")
-lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-for rate, r, rss in rows:
-    if r is None:
-        lines.append(f"| {rate} | run failed | | | | | | | | | | | | | |"); continue
-    s, h = r["saga_ms"], r["http_ms"]
-    peak = ", ".join(f"{k} {v/1024:.0f}" for k, v in sorted(rss.items()))
-    lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} |")
-lines.append("")
-text = "\n".join(lines) + "\n"
-header = "# Benchmarks\n\nWritten by `bench/run.sh` (newest first). Saga latency is POST → final status from the orders' own timestamps; HTTP latency counts from when each request was due (open loop, no coordinated omission). Figures are for this machine; see the notes at the end for what each change bought.\n\n"
-old = open(out).read() if os.path.exists(out) else header
-if old.startswith("# Benchmarks"):
-    head, _, rest = old.partition("\n## ")
-    new = head.rstrip("\n") + "\n\n" + text + ("\n## " + rest if rest else "")
-else:
-    new = header + text
-open(out, "w").write(new)
-print(text)
-PY
+python3 bench/render.py "$work" "$mode" "$out" "${results[@]}"

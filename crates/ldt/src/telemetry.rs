@@ -1,18 +1,206 @@
-//! Logging set-up: `tracing` to stderr, human-readable by default or JSON on request,
-//! filtered by `RUST_LOG` (default `info`, with the chatty drivers turned down).
+//! Logging, tracing and metrics set-up, and the trace-context helpers.
+//!
+//! - Logs: `tracing` to stderr, human-readable by default or JSON (`LDT_LOG_FORMAT=json`),
+//!   filtered by `RUST_LOG`; every line inside a request or message span carries its
+//!   `trace_id` and `span_id`.
+//! - Traces and logs are bridged to OpenTelemetry and exported over OTLP when
+//!   `OTEL_EXPORTER_OTLP_ENDPOINT` (or a per-signal endpoint) is set, over gRPC or
+//!   HTTP/protobuf (`OTEL_EXPORTER_OTLP_PROTOCOL=grpc|http/protobuf`). Without an endpoint
+//!   nothing is exported, but trace ids are still made and propagated so logs correlate.
+//! - The W3C trace context travels in HTTP headers, the outbox (`traceparent` column) and AMQP
+//!   message headers, so one order is one trace across every service.
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use opentelemetry::propagation::TextMapPropagator;
+use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_sdk::logs::SdkLoggerProvider;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_opentelemetry::OpenTelemetrySpanExt;
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
-pub fn init(format: &str) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    // `try_init` fails only if a subscriber is already set (tests): keep that one.
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+use crate::contract::TRACEPARENT_HEADER;
+
+/// The providers to flush on exit.
+pub struct Telemetry {
+    tracer: SdkTracerProvider,
+    logger: Option<SdkLoggerProvider>,
+    meter: SdkMeterProvider,
+}
+
+/// The OTLP settings found in the environment.
+fn otlp_configured(signal: &str) -> bool {
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    set("OTEL_EXPORTER_OTLP_ENDPOINT") || set(&format!("OTEL_EXPORTER_OTLP_{signal}_ENDPOINT"))
+}
+
+fn http_protocol() -> bool {
+    std::env::var("OTEL_EXPORTER_OTLP_PROTOCOL").is_ok_and(|p| p.starts_with("http"))
+}
+
+fn resource(service_name: &str) -> opentelemetry_sdk::Resource {
+    // OTEL_SERVICE_NAME and OTEL_RESOURCE_ATTRIBUTES are read by the builder's detectors; a
+    // name given here only fills in when OTEL_SERVICE_NAME is not set.
+    let name = std::env::var("OTEL_SERVICE_NAME")
+        .ok()
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| service_name.to_owned());
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name(name)
+        .with_attribute(opentelemetry::KeyValue::new(
+            "service.version",
+            env!("CARGO_PKG_VERSION"),
+        ))
+        .build()
+}
+
+impl Telemetry {
+    /// Installs the global `tracing` subscriber. `service_name` is the default
+    /// `service.name` (`ldt-payment` for a one-service process, `ldt` for several).
+    pub fn init(format: &str, service_name: &str) -> Telemetry {
+        let resource = resource(service_name);
+        let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
+        if otlp_configured("TRACES") {
+            let exporter = if http_protocol() {
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build()
+            } else {
+                opentelemetry_otlp::SpanExporter::builder().with_tonic().build()
+            };
+            match exporter {
+                Ok(e) => tracer = tracer.with_batch_exporter(e),
+                Err(e) => eprintln!("ldt: warning: OTLP trace exporter not started: {e}"),
+            }
+        }
+        let tracer = tracer.build();
+
+        let logger = if otlp_configured("LOGS") {
+            let exporter = if http_protocol() {
+                opentelemetry_otlp::LogExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build()
+            } else {
+                opentelemetry_otlp::LogExporter::builder().with_tonic().build()
+            };
+            match exporter {
+                Ok(e) => Some(
+                    SdkLoggerProvider::builder()
+                        .with_resource(resource.clone())
+                        .with_batch_exporter(e)
+                        .build(),
+                ),
+                Err(e) => {
+                    eprintln!("ldt: warning: OTLP log exporter not started: {e}");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+
+        let mut meter = SdkMeterProvider::builder().with_resource(resource);
+        if otlp_configured("METRICS") {
+            let exporter = if http_protocol() {
+                opentelemetry_otlp::MetricExporter::builder()
+                    .with_http()
+                    .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+                    .build()
+            } else {
+                opentelemetry_otlp::MetricExporter::builder().with_tonic().build()
+            };
+            match exporter {
+                Ok(e) => meter = meter.with_periodic_exporter(e),
+                Err(e) => eprintln!("ldt: warning: OTLP metric exporter not started: {e}"),
+            }
+        }
+        let meter = meter.build();
+
+        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+            EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn,h2=warn,tonic=warn,hyper=warn,opentelemetry=warn,opentelemetry_sdk=warn")
+        });
+        let otel_traces = tracing_opentelemetry::layer()
+            .with_tracer(tracer.tracer("ldt"))
+            .with_error_records_to_exceptions(true);
+        let otel_logs = logger
+            .as_ref()
+            .map(opentelemetry_appender_tracing::layer::OpenTelemetryTracingBridge::new);
+        let registry = tracing_subscriber::registry()
+            .with(filter)
+            .with(otel_traces)
+            .with(otel_logs);
+        // `try_init` fails only if a subscriber is already set (tests): keep that one.
+        let _ = if format == "json" {
+            registry
+                .with(
+                    tracing_subscriber::fmt::layer()
+                        .json()
+                        .with_current_span(true)
+                        .with_span_list(false)
+                        .with_writer(std::io::stderr),
+                )
+                .try_init()
+        } else {
+            registry
+                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
+                .try_init()
+        };
+        Telemetry {
+            tracer,
+            logger,
+            meter,
+        }
+    }
+
+    /// The meter the metrics registry mirrors into.
+    pub fn meter(&self) -> opentelemetry::metrics::Meter {
+        opentelemetry::metrics::MeterProvider::meter(&self.meter, "ldt")
+    }
+
+    /// Exports what is buffered, within a few seconds.
+    pub fn shutdown(&self) {
+        let _ = self.tracer.force_flush();
+        if let Some(l) = &self.logger {
+            let _ = l.force_flush();
+        }
+        let _ = self.meter.force_flush();
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The W3C `traceparent` of the current span, to put into an outgoing message.
+pub fn current_traceparent() -> Option<String> {
+    let cx = tracing::Span::current().context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut carrier: HashMap<String, String> = HashMap::new();
+    TraceContextPropagator::new().inject_context(&cx, &mut carrier);
+    carrier.remove(TRACEPARENT_HEADER)
+}
+
+/// Makes `span` a child of the remote span described by `traceparent`, and records the
+/// trace and span ids on it (so log lines inside it carry them).
+pub fn adopt(span: &tracing::Span, traceparent: Option<&str>) {
+    if let Some(tp) = traceparent {
+        let mut carrier: HashMap<String, String> = HashMap::new();
+        carrier.insert(TRACEPARENT_HEADER.to_owned(), tp.to_owned());
+        let cx = TraceContextPropagator::new().extract(&carrier);
+        if cx.span().span_context().is_valid() {
+            let _ = span.set_parent(cx);
+        }
+    }
+    let sc = span.context().span().span_context().clone();
+    if sc.is_valid() {
+        span.record("trace_id", tracing::field::display(sc.trace_id()));
+        span.record("span_id", tracing::field::display(sc.span_id()));
+    }
 }
