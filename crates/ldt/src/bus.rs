@@ -99,6 +99,13 @@ impl Bus {
         }
     }
 
+    /// How many messages wait in `queue` (ready, not yet delivered).
+    pub async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
+        match self {
+            Bus::Amqp(b) => b.queue_depth(queue).await,
+        }
+    }
+
     /// Deletes the queues (test clean-up).
     pub async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
         match self {
@@ -233,6 +240,24 @@ impl AmqpBus {
             )
             .await?;
         Ok(Subscription::Amqp { channel, consumer })
+    }
+
+    async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
+        let (conn, _) = self.publisher().await?;
+        // A channel of its own: a passive declare of a missing queue closes its channel.
+        let channel = conn.create_channel().await?;
+        let q = channel
+            .queue_declare(
+                queue.into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await;
+        let _ = channel.close(200, "done".into()).await;
+        Ok(q?.message_count())
     }
 
     async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {

@@ -13,6 +13,7 @@ pub mod crash;
 pub mod db;
 pub mod http;
 pub mod messaging;
+pub mod metrics;
 pub mod services;
 pub mod startup;
 pub mod step;

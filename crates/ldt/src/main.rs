@@ -14,7 +14,7 @@ async fn main() -> ExitCode {
         Command::Up(settings) => (Service::ALL.to_vec(), settings),
         Command::Serve { services, settings } => (services, settings),
         Command::Chaos(args) => {
-            ldt::telemetry::init("text");
+            ldt::telemetry::init_plain("text");
             return match ldt::chaos::run(args).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
@@ -25,7 +25,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Bench(args) => {
-            ldt::telemetry::init("text");
+            ldt::telemetry::init_plain("text");
             let json = args.json;
             return match ldt::bench::run(args).await {
                 Ok(report) => {
@@ -50,7 +50,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Purge { yes, settings } => {
-            ldt::telemetry::init(&settings.log_format);
+            ldt::telemetry::init_plain(&settings.log_format);
             if !yes {
                 eprintln!(
                     "ldt: error: purge deletes every order, user and token of namespace {:?}; pass --yes to confirm",
@@ -67,8 +67,16 @@ async fn main() -> ExitCode {
             };
         }
     };
-    ldt::telemetry::init(&settings.log_format);
-    match run(&services, settings).await {
+    // One service per process: it is named after it (ldt-payment); several: ldt.
+    let name = match services.as_slice() {
+        [one] => format!("ldt-{}", one.as_str()),
+        _ => "ldt".to_owned(),
+    };
+    let telemetry = ldt::telemetry::Telemetry::init(&settings.log_format, &name);
+    let metrics = ldt::metrics::Metrics::with_meter(telemetry.meter());
+    let result = run(&services, settings, metrics).await;
+    telemetry.shutdown();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("ldt: error: {e:#}");
@@ -77,12 +85,16 @@ async fn main() -> ExitCode {
     }
 }
 
-async fn run(services: &[Service], settings: ldt::configuration::Settings) -> anyhow::Result<()> {
+async fn run(
+    services: &[Service],
+    settings: ldt::configuration::Settings,
+    metrics: ldt::metrics::Metrics,
+) -> anyhow::Result<()> {
     let addr = settings.http_addr;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
-    let app = Application::build(services, settings, listener).await?;
+    let app = Application::build_with_metrics(services, settings, listener, metrics).await?;
     let local = app.local_addr()?;
     let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
     tracing::info!(services = ?names, "ready: API on http://{local}, Swagger UI on http://{local}/docs");

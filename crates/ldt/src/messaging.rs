@@ -21,8 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
 
+use tracing::Instrument;
+
 use crate::bus::{Bus, Incoming, Outgoing};
-use crate::contract::{Envelope, Queues, TRACEPARENT_HEADER};
+use crate::contract::{Envelope, Message, Queues, TRACEPARENT_HEADER};
+use crate::metrics::Metrics;
+use crate::telemetry::{adopt, current_traceparent};
 
 /// Header naming the queue a dead letter came from (so it can be replayed there).
 pub const ORIGIN_QUEUE_HEADER: &str = "x-ldt-origin-queue";
@@ -31,15 +35,24 @@ pub const REASON_HEADER: &str = "x-ldt-reason";
 
 const RELAY_BATCH: i64 = 256;
 
-/// Writes envelopes into the outbox inside the caller's transaction.
+/// Writes envelopes into the outbox inside the caller's transaction, with the current
+/// trace context, so the trace goes on where the message is handled.
 pub async fn enqueue(
     conn: &mut PgConnection,
     queues: &Queues,
     envelopes: &[Envelope],
 ) -> Result<(), sqlx::Error> {
+    let traceparent = current_traceparent();
     for env in envelopes {
         let queue = queues.of(env.body.destination());
-        enqueue_raw(conn, &queue, &env.id.to_string(), &env.to_json(), None).await?;
+        enqueue_raw(
+            conn,
+            &queue,
+            &env.id.to_string(),
+            &env.to_json(),
+            traceparent.as_deref(),
+        )
+        .await?;
     }
     Ok(())
 }
@@ -86,6 +99,7 @@ pub struct Relay {
     /// Publish every Nth message twice (0: never): chaos testing of the receivers.
     pub duplicate_every: u64,
     pub published: std::sync::atomic::AtomicU64,
+    pub metrics: Metrics,
 }
 
 impl Relay {
@@ -103,7 +117,10 @@ impl Relay {
                 }
             }
             match self.drain().await {
-                Ok(()) => failures = 0,
+                Ok(()) => {
+                    failures = 0;
+                    self.report_backlog().await;
+                }
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     let backoff = Duration::from_millis(100u64 << failures.min(6));
@@ -115,6 +132,20 @@ impl Relay {
                     self.signal.committed();
                 }
             }
+        }
+    }
+
+    async fn report_backlog(&self) {
+        if let Ok(n) = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM outbox")
+            .fetch_one(&self.pool)
+            .await
+        {
+            self.metrics.set(
+                "ldt_outbox_backlog",
+                "Outbox rows not yet published.",
+                &[("service", self.service)],
+                n,
+            );
         }
     }
 
@@ -135,15 +166,38 @@ impl Relay {
             }
             let mut ids = Vec::with_capacity(rows.len());
             let mut batch = Vec::with_capacity(rows.len());
+            // One producer span per message, in the message's own trace; they end when the
+            // batch is confirmed.
+            let mut spans = Vec::with_capacity(rows.len());
             for row in &rows {
                 ids.push(row.try_get::<i64, _>("id")?);
+                let queue: String = row.try_get("queue")?;
+                let message_id: String = row.try_get("message_id")?;
+                let span = tracing::info_span!(
+                    "publish",
+                    otel.name = %format!("publish {queue}"),
+                    otel.kind = "producer",
+                    messaging.system = "rabbitmq",
+                    messaging.operation.type = "publish",
+                    messaging.operation.name = "publish",
+                    messaging.destination.name = %queue,
+                    messaging.message.id = %message_id,
+                    ldt.service = self.service,
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty,
+                );
+                let stored: Option<String> = row.try_get("traceparent")?;
                 let mut headers = Vec::new();
-                if let Some(tp) = row.try_get::<Option<String>, _>("traceparent")? {
-                    headers.push((TRACEPARENT_HEADER.to_owned(), tp));
+                if stored.is_some() {
+                    adopt(&span, stored.as_deref());
+                    if let Some(tp) = span.in_scope(current_traceparent) {
+                        headers.push((TRACEPARENT_HEADER.to_owned(), tp));
+                    }
                 }
+                spans.push(span);
                 let out = Outgoing {
-                    queue: row.try_get("queue")?,
-                    message_id: row.try_get("message_id")?,
+                    queue,
+                    message_id,
                     payload: row.try_get("payload")?,
                     headers,
                 };
@@ -159,6 +213,7 @@ impl Relay {
                 batch.push(out);
             }
             self.bus.publish(&batch).await?;
+            drop(spans);
             self.crash.at(crate::crash::Point::AfterPublish);
             sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
                 .bind(&ids)
@@ -202,20 +257,31 @@ pub trait Handler: Send + Sync + 'static {
     ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send;
 }
 
+/// What a consumer loop needs besides its handler.
+#[derive(Clone)]
+pub struct Consumer {
+    pub bus: Bus,
+    pub queues: Queues,
+    pub queue: String,
+    /// The service consuming (for spans and metrics).
+    pub service: &'static str,
+    pub prefetch: u16,
+    pub metrics: Metrics,
+}
+
 /// Consumes `queue` until shutdown, handling deliveries concurrently (at most `prefetch` at
 /// once), re-subscribing with backoff when the broker goes away.
-pub async fn consume<H: Handler>(
-    bus: Bus,
-    queues: Queues,
-    queue: String,
-    prefetch: u16,
-    handler: Arc<H>,
-    shutdown: CancellationToken,
-) {
+pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: CancellationToken) {
+    let Consumer {
+        ref bus,
+        ref queue,
+        prefetch,
+        ..
+    } = consumer;
     let tracker = TaskTracker::new();
     let mut failures: u32 = 0;
     while !shutdown.is_cancelled() {
-        let mut sub = match bus.subscribe(&queue, prefetch).await {
+        let mut sub = match bus.subscribe(queue, prefetch).await {
             Ok(sub) => {
                 if failures > 0 {
                     tracing::info!(%queue, "consumer re-subscribed");
@@ -241,11 +307,9 @@ pub async fn consume<H: Handler>(
             match next {
                 Some(Ok(msg)) => {
                     let handler = handler.clone();
-                    let bus = bus.clone();
-                    let dlq = queues.dead_letters();
-                    let queue = queue.clone();
+                    let consumer = consumer.clone();
                     tracker.spawn(async move {
-                        process(&*handler, &bus, &queue, &dlq, msg).await;
+                        process(&*handler, &consumer, msg).await;
                     });
                 }
                 Some(Err(e)) => {
@@ -276,8 +340,84 @@ pub async fn consume<H: Handler>(
     tracker.wait().await;
 }
 
-async fn process<H: Handler>(handler: &H, bus: &Bus, queue: &str, dlq: &str, msg: Incoming) {
+/// The saga step a message concerns, for span attributes.
+fn step_of(body: &Message) -> Option<&'static str> {
+    match body {
+        Message::Debit { .. } | Message::Refund => Some("payment"),
+        Message::Reserve { .. } | Message::Release => Some("inventory"),
+        Message::Deliver { .. } | Message::CancelDelivery => Some("delivery"),
+        Message::StepResult { step, .. } | Message::Compensated { step } => Some(step.as_str()),
+        Message::OrderPlaced { .. } | Message::OrderFinished { .. } => None,
+    }
+}
+
+async fn process<H: Handler>(handler: &H, consumer: &Consumer, msg: Incoming) {
+    let queue = consumer.queue.as_str();
+    let envelope = Envelope::from_json(&msg.payload).ok();
+    let body = envelope.as_ref().map(|e| &e.body);
+    let compensation = matches!(
+        body,
+        Some(
+            Message::Refund
+                | Message::Release
+                | Message::CancelDelivery
+                | Message::Compensated { .. }
+        )
+    );
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {queue}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = "rabbitmq",
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %queue,
+        messaging.message.id = msg.message_id.as_deref().unwrap_or(""),
+        ldt.service = consumer.service,
+        ldt.message.type = body.map(Message::kind).unwrap_or("unknown"),
+        ldt.order_id = %envelope.as_ref().map(|e| e.order_id.to_string()).unwrap_or_default(),
+        ldt.step = body.and_then(step_of).unwrap_or(""),
+        ldt.compensation = compensation,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    adopt(
+        &span,
+        msg.headers.get(TRACEPARENT_HEADER).map(String::as_str),
+    );
+    process_in(handler, consumer, msg, span.clone())
+        .instrument(span)
+        .await;
+}
+
+async fn process_in<H: Handler>(
+    handler: &H,
+    consumer: &Consumer,
+    msg: Incoming,
+    span: tracing::Span,
+) {
+    let (bus, queue, dlq) = (
+        &consumer.bus,
+        consumer.queue.as_str(),
+        consumer.queues.dead_letters(),
+    );
+    let dlq = dlq.as_str();
     let outcome = handler.handle(&msg).await;
+    let label = match &outcome {
+        Ok(()) => "ok",
+        Err(HandleError::Poison(_)) => "dead_lettered",
+        Err(HandleError::Transient(_)) => "retried",
+    };
+    if label != "ok" {
+        span.record("otel.status_code", "ERROR");
+    }
+    consumer.metrics.inc(
+        "ldt_messages_total",
+        "Messages consumed, by queue and outcome (ok, retried, dead_lettered).",
+        &[("queue", queue), ("outcome", label)],
+        1,
+    );
     let acked = match outcome {
         Ok(()) => msg.ack().await,
         Err(HandleError::Poison(reason)) => {

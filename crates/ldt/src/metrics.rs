@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 
 /// Upper bounds (ms) of the latency histograms' buckets.
 pub const LATENCY_BUCKETS_MS: [f64; 16] = [
-    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
-    30000.0, 60000.0, 300000.0,
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0,
 ];
 
 type Labels = Vec<(&'static str, String)>;
@@ -106,7 +106,13 @@ impl Metrics {
     }
 
     /// Adds `n` to a counter.
-    pub fn inc(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)], n: u64) {
+    pub fn inc(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        n: u64,
+    ) {
         let labels: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
         if let Series::Counter(c) = self.series(name, help, "counter", labels.clone(), || {
             Series::Counter(Arc::default())
@@ -123,7 +129,13 @@ impl Metrics {
     }
 
     /// Sets a gauge.
-    pub fn set(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)], v: i64) {
+    pub fn set(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        v: i64,
+    ) {
         let labels: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
         if let Series::Gauge(g) = self.series(name, help, "gauge", labels.clone(), || {
             Series::Gauge(Arc::default())
@@ -140,11 +152,20 @@ impl Metrics {
     }
 
     /// Records one observation (milliseconds) into a histogram.
-    pub fn observe_ms(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)], ms: f64) {
+    pub fn observe_ms(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        labels: &[(&'static str, &str)],
+        ms: f64,
+    ) {
         let labels: Labels = labels.iter().map(|(k, v)| (*k, (*v).to_owned())).collect();
         if let Series::Histogram(h) = self.series(name, help, "histogram", labels.clone(), || {
             Series::Histogram(Arc::new(HistogramCells {
-                buckets: LATENCY_BUCKETS_MS.iter().map(|_| AtomicU64::new(0)).collect(),
+                buckets: LATENCY_BUCKETS_MS
+                    .iter()
+                    .map(|_| AtomicU64::new(0))
+                    .collect(),
                 ..HistogramCells::default()
             }))
         }) {
@@ -181,8 +202,15 @@ impl Metrics {
             for (labels, series) in family.series.values() {
                 let base = key(labels);
                 let braces = |extra: &str| {
-                    let all: Vec<&str> = [base.as_str(), extra].into_iter().filter(|s| !s.is_empty()).collect();
-                    if all.is_empty() { String::new() } else { format!("{{{}}}", all.join(",")) }
+                    let all: Vec<&str> = [base.as_str(), extra]
+                        .into_iter()
+                        .filter(|s| !s.is_empty())
+                        .collect();
+                    if all.is_empty() {
+                        String::new()
+                    } else {
+                        format!("{{{}}}", all.join(","))
+                    }
                 };
                 match series {
                     Series::Counter(c) => {
@@ -224,18 +252,48 @@ mod tests {
     #[test]
     fn renders_prometheus_text() {
         let m = Metrics::default();
-        m.inc("ldt_orders_total", "Orders by final status.", &[("status", "SUCCESS")], 2);
-        m.inc("ldt_orders_total", "Orders by final status.", &[("status", "SUCCESS")], 1);
-        m.set("ldt_outbox_backlog", "Rows waiting.", &[("service", "payment")], 7);
+        m.inc(
+            "ldt_orders_total",
+            "Orders by final status.",
+            &[("status", "SUCCESS")],
+            2,
+        );
+        m.inc(
+            "ldt_orders_total",
+            "Orders by final status.",
+            &[("status", "SUCCESS")],
+            1,
+        );
+        m.set(
+            "ldt_outbox_backlog",
+            "Rows waiting.",
+            &[("service", "payment")],
+            7,
+        );
         m.observe_ms("ldt_saga_duration_ms", "Saga duration.", &[], 3.0);
         m.observe_ms("ldt_saga_duration_ms", "Saga duration.", &[], 700.0);
         let text = m.render();
         assert!(text.contains("# TYPE ldt_orders_total counter"), "{text}");
-        assert!(text.contains("ldt_orders_total{status=\"SUCCESS\"} 3"), "{text}");
-        assert!(text.contains("ldt_outbox_backlog{service=\"payment\"} 7"), "{text}");
-        assert!(text.contains("ldt_saga_duration_ms_bucket{le=\"5\"} 1"), "{text}");
-        assert!(text.contains("ldt_saga_duration_ms_bucket{le=\"1000\"} 2"), "{text}");
-        assert!(text.contains("ldt_saga_duration_ms_bucket{le=\"+Inf\"} 2"), "{text}");
+        assert!(
+            text.contains("ldt_orders_total{status=\"SUCCESS\"} 3"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ldt_outbox_backlog{service=\"payment\"} 7"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ldt_saga_duration_ms_bucket{le=\"5\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ldt_saga_duration_ms_bucket{le=\"1000\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ldt_saga_duration_ms_bucket{le=\"+Inf\"} 2"),
+            "{text}"
+        );
         assert!(text.contains("ldt_saga_duration_ms_count 2"), "{text}");
         assert!(text.contains("ldt_saga_duration_ms_sum 703"), "{text}");
     }

@@ -27,6 +27,7 @@ use crate::configuration::Settings;
 use crate::contract::{Queues, Service};
 use crate::crash::Crash;
 use crate::messaging::{self, Handler, OutboxSignal, Relay};
+use crate::metrics::Metrics;
 use crate::services;
 
 /// What a service hands back once running: its routes and its database (for readiness).
@@ -38,6 +39,7 @@ pub struct Started {
 /// Everything a service needs to start.
 pub struct Context {
     pub settings: Settings,
+    pub metrics: Metrics,
     pub bus: Bus,
     pub queues: Queues,
     pub shutdown: CancellationToken,
@@ -98,6 +100,7 @@ impl Context {
             crash: self.crash(service),
             duplicate_every: self.settings.chaos_duplicate_every,
             published: Default::default(),
+            metrics: self.metrics.clone(),
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
         signal
@@ -111,13 +114,40 @@ impl Context {
     /// Starts consuming the service's queue.
     pub fn spawn_consumer<H: Handler>(&self, service: Service, handler: Arc<H>) {
         self.tasks.spawn(messaging::consume(
-            self.bus.clone(),
-            self.queues.clone(),
-            self.queues.of(service),
-            self.settings.prefetch,
+            messaging::Consumer {
+                bus: self.bus.clone(),
+                queues: self.queues.clone(),
+                queue: self.queues.of(service),
+                service: service.as_str(),
+                prefetch: self.settings.prefetch,
+                metrics: self.metrics.clone(),
+            },
             handler,
             self.shutdown.clone(),
         ));
+        // Consumer lag: how many messages wait in the queue.
+        let (bus, queue, metrics, shutdown) = (
+            self.bus.clone(),
+            self.queues.of(service),
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        );
+        self.tasks.spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = shutdown.cancelled() => return,
+                }
+                if let Ok(depth) = bus.queue_depth(&queue).await {
+                    metrics.set(
+                        "ldt_consumer_lag_messages",
+                        "Messages waiting in a service's queue.",
+                        &[("queue", &queue)],
+                        i64::from(depth),
+                    );
+                }
+            }
+        });
     }
 }
 
@@ -185,6 +215,57 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     }
 }
 
+/// Prometheus text exposition of this process's metrics.
+async fn render_metrics(State(metrics): State<Metrics>) -> impl IntoResponse {
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        metrics.render(),
+    )
+}
+
+/// A server span per API request (HTTP semantic conventions), continuing the caller's trace
+/// when it sends a `traceparent`.
+async fn trace_http(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    use tracing::Instrument;
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| req.uri().path().to_owned());
+    let method = req.method().as_str().to_owned();
+    let span = tracing::info_span!(
+        "http request",
+        otel.name = %format!("{method} {route}"),
+        otel.kind = "server",
+        http.request.method = %method,
+        http.route = %route,
+        url.path = %req.uri().path(),
+        http.response.status_code = tracing::field::Empty,
+        otel.status_code = tracing::field::Empty,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    let parent = req
+        .headers()
+        .get(crate::contract::TRACEPARENT_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    crate::telemetry::adopt(&span, parent.as_deref());
+    let response = next.run(req).instrument(span.clone()).await;
+    let status = response.status();
+    span.record("http.response.status_code", status.as_u16());
+    if status.is_server_error() {
+        span.record("otel.status_code", "ERROR");
+    }
+    response
+}
+
 /// A running marketplace (or part of one).
 pub struct Application {
     listener: TcpListener,
@@ -199,6 +280,16 @@ impl Application {
         services: &[Service],
         settings: Settings,
         listener: TcpListener,
+    ) -> anyhow::Result<Application> {
+        Self::build_with_metrics(services, settings, listener, Metrics::default()).await
+    }
+
+    /// Like [`build`](Self::build), recording into `metrics` (mirrored to OpenTelemetry).
+    pub async fn build_with_metrics(
+        services: &[Service],
+        settings: Settings,
+        listener: TcpListener,
+        metrics: Metrics,
     ) -> anyhow::Result<Application> {
         let queues = Queues::new(&settings.namespace);
         let bus = with_retry(
@@ -216,6 +307,7 @@ impl Application {
         .await?;
         let ctx = Context {
             settings,
+            metrics: metrics.clone(),
             bus: bus.clone(),
             queues,
             shutdown: CancellationToken::new(),
@@ -249,9 +341,11 @@ impl Application {
         let (router, openapi) = api.split_for_parts();
         let health = Health { bus, pools };
         let router = router
+            .route_layer(axum::middleware::from_fn(trace_http))
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
             .route("/healthz", get(healthz))
-            .route("/readyz", get(readyz).with_state(health));
+            .route("/readyz", get(readyz).with_state(health))
+            .route("/metrics", get(render_metrics).with_state(metrics));
         Ok(Application {
             listener,
             router,

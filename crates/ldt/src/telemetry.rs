@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use opentelemetry::propagation::TextMapPropagator;
 use opentelemetry::trace::{TraceContextExt, TracerProvider as _};
-use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
+use opentelemetry_otlp::WithExportConfig;
 use opentelemetry_sdk::logs::SdkLoggerProvider;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
@@ -73,7 +73,9 @@ impl Telemetry {
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                     .build()
             } else {
-                opentelemetry_otlp::SpanExporter::builder().with_tonic().build()
+                opentelemetry_otlp::SpanExporter::builder()
+                    .with_tonic()
+                    .build()
             };
             match exporter {
                 Ok(e) => tracer = tracer.with_batch_exporter(e),
@@ -89,7 +91,9 @@ impl Telemetry {
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                     .build()
             } else {
-                opentelemetry_otlp::LogExporter::builder().with_tonic().build()
+                opentelemetry_otlp::LogExporter::builder()
+                    .with_tonic()
+                    .build()
             };
             match exporter {
                 Ok(e) => Some(
@@ -115,7 +119,9 @@ impl Telemetry {
                     .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
                     .build()
             } else {
-                opentelemetry_otlp::MetricExporter::builder().with_tonic().build()
+                opentelemetry_otlp::MetricExporter::builder()
+                    .with_tonic()
+                    .build()
             };
             match exporter {
                 Ok(e) => meter = meter.with_periodic_exporter(e),
@@ -174,6 +180,20 @@ impl Telemetry {
         let _ = self.meter.force_flush();
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// Logging only, for the client commands (`chaos`, `bench`, `purge`): no spans exported.
+pub fn init_plain(format: &str) {
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if format == "json" {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }
 
 /// The W3C `traceparent` of the current span, to put into an outgoing message.

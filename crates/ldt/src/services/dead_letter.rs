@@ -30,6 +30,7 @@ pub struct DeadLetters {
     signal: OutboxSignal,
     crash: Crash,
     admin_token: Option<String>,
+    metrics: crate::metrics::Metrics,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -41,6 +42,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         crash: ctx.crash(Service::DeadLetter),
         admin_token: ctx.settings.admin_token.clone(),
+        metrics: ctx.metrics.clone(),
     };
     ctx.spawn_consumer(Service::DeadLetter, Arc::new(state.clone()));
     let router = OpenApiRouter::new()
@@ -85,6 +87,12 @@ impl Handler for DeadLetters {
         .execute(&self.pool)
         .await?;
         self.crash.at(Point::AfterCommit);
+        self.metrics.inc(
+            "ldt_dead_letters_total",
+            "Messages parked as dead letters, by the queue they came from.",
+            &[("origin_queue", &origin)],
+            1,
+        );
         tracing::warn!(dead_letter = %id, %origin, %reason, "dead letter parked");
         Ok(())
     }

@@ -26,6 +26,8 @@ use crate::bus::Incoming;
 use crate::contract::{
     Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
 };
+use tracing::Instrument;
+
 use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
@@ -46,6 +48,7 @@ pub struct Orchestrator {
     signal: OutboxSignal,
     step_timeout: Duration,
     crash: Crash,
+    metrics: crate::metrics::Metrics,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -57,6 +60,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         step_timeout: ctx.settings.step_timeout(),
         crash: ctx.crash(Service::Orchestrator),
+        metrics: ctx.metrics.clone(),
     };
     ctx.spawn_consumer(Service::Orchestrator, Arc::new(orchestrator.clone()));
     let poller = orchestrator.clone();
@@ -83,6 +87,9 @@ struct Saga {
     /// Compensations still to apply, the one in flight first.
     pending: Vec<Step>,
     attempts: i32,
+    /// When the saga last changed (the command in flight was sent then).
+    updated_ms: i64,
+    traceparent: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -133,6 +140,8 @@ fn saga_from_row(row: &sqlx::postgres::PgRow) -> Result<Saga, HandleError> {
             .map(|s| Step::parse(s).ok_or_else(|| bad("pending_comp")))
             .collect::<Result<_, _>>()?,
         attempts: row.try_get("attempts")?,
+        updated_ms: row.try_get("updated_ms")?,
+        traceparent: row.try_get("traceparent")?,
     })
 }
 
@@ -255,7 +264,13 @@ impl Orchestrator {
                 .push((step, "step_result", format!("late: {label} (ignored)")));
             return;
         }
-        fx.log.push((step, "step_result", label));
+        fx.log.push((step, "step_result", label.clone()));
+        self.metrics.observe_ms(
+            "ldt_step_latency_ms",
+            "Time from a step's command to its answer.",
+            &[("step", step.as_str()), ("outcome", &label)],
+            now.saturating_sub(saga.updated_ms) as f64,
+        );
         let done_before: Vec<Step> = Step::ALL[..step.index()].iter().rev().copied().collect();
         match outcome {
             StepOutcome::Done => match step.next() {
@@ -292,6 +307,12 @@ impl Orchestrator {
             return;
         }
         fx.log.push((step, "compensated", "done".into()));
+        self.metrics.inc(
+            "ldt_compensations_total",
+            "Compensations applied, by step.",
+            &[("step", step.as_str())],
+            1,
+        );
         saga.pending.remove(0);
         saga.attempts = 0;
         if saga.pending.is_empty() {
@@ -305,6 +326,13 @@ impl Orchestrator {
         match saga.phase {
             Phase::Running => {
                 fx.log.push((saga.step, "deadline", "timeout".into()));
+                tracing::info!(order_id = %saga.order_id, step = saga.step.as_str(), "step deadline passed: the order ends TIMEOUT");
+                self.metrics.inc(
+                    "ldt_step_timeouts_total",
+                    "Steps that gave no answer within their deadline.",
+                    &[("step", saga.step.as_str())],
+                    1,
+                );
                 // The stalled step may still act: undo it first, then the ones before it.
                 let undo: Vec<Step> = Step::ALL[..=saga.step.index()]
                     .iter()
@@ -322,6 +350,12 @@ impl Orchestrator {
                     }
                     fx.log
                         .push((head, "deadline", format!("retry #{}", saga.attempts)));
+                    self.metrics.inc(
+                        "ldt_compensation_retries_total",
+                        "Compensations sent again because the step did not answer.",
+                        &[("step", head.as_str())],
+                        1,
+                    );
                 }
                 self.send_head_compensation(saga, now, fx);
             }
@@ -410,8 +444,8 @@ impl Orchestrator {
         let mut tx = self.pool.begin().await?;
         let deadline = self.deadline_after(now, self.step_timeout);
         let inserted = sqlx::query(
-            "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms) \
-             VALUES ($1, $2, $3, $4, $5, 'running', 'payment', $6, $7, $7) ON CONFLICT (order_id) DO NOTHING",
+            "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms, traceparent) \
+             VALUES ($1, $2, $3, $4, $5, 'running', 'payment', $6, $7, $7, $8) ON CONFLICT (order_id) DO NOTHING",
         )
         .bind(env.order_id.to_string())
         .bind(username)
@@ -420,6 +454,7 @@ impl Orchestrator {
         .bind(serde_json::to_string(&faults).unwrap_or_default())
         .bind(deadline)
         .bind(now)
+        .bind(crate::telemetry::current_traceparent())
         .execute(&mut *tx)
         .await?
         .rows_affected()
@@ -447,6 +482,8 @@ impl Orchestrator {
             status: None,
             pending: Vec::new(),
             attempts: 0,
+            updated_ms: now,
+            traceparent: None,
         };
         let cmd = self.command(&saga, Step::Payment, now);
         let fx = Effects {
@@ -525,9 +562,23 @@ impl Orchestrator {
         let n = rows.len();
         for row in &rows {
             let mut saga = saga_from_row(row)?;
+            // The deadline's work belongs to the order's trace.
+            let span = tracing::info_span!(
+                "saga deadline",
+                otel.name = "saga deadline",
+                ldt.service = "orchestrator",
+                ldt.order_id = %saga.order_id,
+                ldt.step = saga.step.as_str(),
+                ldt.compensation = saga.phase == Phase::Compensating,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            crate::telemetry::adopt(&span, saga.traceparent.as_deref());
             let mut fx = Effects::new();
-            self.on_deadline(&mut saga, now, &mut fx);
-            self.persist(&mut tx, &saga, fx, now).await?;
+            span.in_scope(|| self.on_deadline(&mut saga, now, &mut fx));
+            self.persist(&mut tx, &saga, fx, now)
+                .instrument(span)
+                .await?;
         }
         if n > 0 {
             self.crash.commit(tx).await?;

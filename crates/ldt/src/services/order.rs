@@ -35,6 +35,7 @@ pub struct OrderState {
     crash: Crash,
     fault_injection: bool,
     admission: Admission,
+    metrics: crate::metrics::Metrics,
 }
 
 /// Admission control: an estimate of the orders in flight, refreshed from the database (so it
@@ -90,6 +91,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
             max_pending: ctx.settings.max_pending,
             pending: Arc::default(),
         },
+        metrics: ctx.metrics.clone(),
     };
     ctx.tasks.spawn(
         state
@@ -573,15 +575,31 @@ impl Handler for OrderState {
         }
         // Only a PENDING order moves: a duplicate finds it final and changes nothing.
         self.crash.at(Point::BeforeCommit);
-        let updated = sqlx::query(
-            "UPDATE orders SET status = $2, finished_ms = $3 WHERE id = $1 AND status = 'PENDING'",
+        let now = now_ms();
+        let created: Option<i64> = sqlx::query_scalar(
+            "UPDATE orders SET status = $2, finished_ms = $3 WHERE id = $1 AND status = 'PENDING' \
+             RETURNING created_ms",
         )
         .bind(env.order_id.to_string())
         .bind(status.as_str())
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?
-        .rows_affected();
+        .bind(now)
+        .fetch_optional(&self.pool)
+        .await?;
+        if let Some(created) = created {
+            self.metrics.inc(
+                "ldt_orders_total",
+                "Orders by final status.",
+                &[("status", status.as_str())],
+                1,
+            );
+            self.metrics.observe_ms(
+                "ldt_saga_duration_ms",
+                "Time from an order's creation to its final status.",
+                &[("status", status.as_str())],
+                now.saturating_sub(created) as f64,
+            );
+        }
+        let updated = u64::from(created.is_some());
         self.crash.at(Point::AfterCommit);
         if updated == 0 {
             let known: Option<String> =
