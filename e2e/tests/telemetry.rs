@@ -47,13 +47,16 @@ struct Span {
     events: Vec<String>,
 }
 
+/// A sum data point: (service, metric name, attributes, value).
+type SumPoint = (String, String, BTreeMap<String, String>, f64);
+
 #[derive(Default)]
 struct Sink {
     spans: Mutex<Vec<Span>>,
     /// (service, trace id, body)
     logs: Mutex<Vec<(String, String, String)>>,
     /// (service, metric name, attributes, value) of sum data points, latest last.
-    sums: Mutex<Vec<(String, String, BTreeMap<String, String>, f64)>>,
+    sums: Mutex<Vec<SumPoint>>,
 }
 
 fn text(v: &Option<AnyValue>) -> String {
