@@ -20,7 +20,8 @@ use uuid::Uuid;
 use crate::bus::Incoming;
 use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
 use crate::db::now_ms;
-use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
+use tracing::Instrument;
 
 /// The action a command asks for.
 #[derive(Debug, Clone)]
@@ -164,23 +165,62 @@ impl<E: StepEffect> StepService<E> {
         }
     }
 
-    async fn act(&self, order_id: Uuid, action: Action) -> Result<(), HandleError> {
-        // Zero is a legal debit (a free token); a negative quantity would turn a debit into a
-        // credit.
-        if action.quantity < 0 {
-            return Err(HandleError::Poison(format!(
+    /// The command a delivery carries, or why it is poison.
+    fn command(msg: &Incoming) -> Result<(Uuid, Command), HandleError> {
+        let env = messaging::decode(msg)?;
+        match command_for(E::STEP, &env.body) {
+            // Zero is a legal debit (a free token); a negative quantity would turn a debit
+            // into a credit.
+            Some(Command::Act(action)) if action.quantity < 0 => Err(HandleError::Poison(format!(
                 "{} command with negative quantity {}",
                 E::STEP.as_str(),
                 action.quantity
-            )));
+            ))),
+            Some(cmd) => Ok((env.order_id, cmd)),
+            None => Err(HandleError::Poison(format!(
+                "the {} service does not handle `{}` messages",
+                E::STEP.as_str(),
+                env.body.kind()
+            ))),
         }
-        if action.fault == Some(Fault::Timeout) {
+    }
+
+    /// Applies one command inside `tx` (its reply goes into the outbox there too).
+    async fn apply_in(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+        cmd: &Command,
+    ) -> Result<(), HandleError> {
+        match cmd {
+            Command::Act(action) => self.act_in(tx, order_id, action).await,
+            Command::Compensate => self.compensate_in(tx, order_id).await,
+        }
+    }
+
+    /// One command in a transaction of its own.
+    async fn apply_alone(&self, order_id: Uuid, cmd: &Command) -> Result<(), HandleError> {
+        if let Command::Act(action) = cmd
+            && action.fault == Some(Fault::Timeout)
+        {
             tracing::info!(%order_id, step = E::STEP.as_str(), stall = ?self.stall, "injected fault: stalling past the deadline");
             tokio::time::sleep(self.stall).await;
         }
+        let mut tx = self.pool.begin().await?;
+        self.apply_in(&mut tx, order_id, cmd).await?;
+        self.crash.commit(tx).await?;
+        self.signal.committed();
+        Ok(())
+    }
+
+    async fn act_in(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+        action: &Action,
+    ) -> Result<(), HandleError> {
         let id = order_id.to_string();
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
         let claimed = sqlx::query(
             "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
              VALUES ($1, $2, $3, 'PENDING', FALSE, $4, $4) ON CONFLICT (order_id) DO NOTHING",
@@ -197,7 +237,7 @@ impl<E: StepEffect> StepService<E> {
             let label = if action.fault == Some(Fault::Kill) {
                 tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
                 UNKNOWN
-            } else if self.effect.apply(&mut tx, &action).await? {
+            } else if self.effect.apply(&mut *tx, action).await? {
                 SUCCESS
             } else {
                 E::INSUFFICIENT
@@ -228,16 +268,17 @@ impl<E: StepEffect> StepService<E> {
                 outcome,
             },
         );
-        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
-        self.crash.commit(tx).await?;
-        self.signal.committed();
+        messaging::enqueue(&mut *tx, &self.queues, std::slice::from_ref(&reply)).await?;
         Ok(())
     }
 
-    async fn compensate(&self, order_id: Uuid) -> Result<(), HandleError> {
+    async fn compensate_in(
+        &self,
+        tx: &mut PgConnection,
+        order_id: Uuid,
+    ) -> Result<(), HandleError> {
         let id = order_id.to_string();
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
         let tombstone = sqlx::query(
             "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
              VALUES ($1, NULL, 0, 'TIMEOUT', TRUE, $2, $2) ON CONFLICT (order_id) DO NOTHING",
@@ -257,7 +298,7 @@ impl<E: StepEffect> StepService<E> {
                 .await?;
             let row = LedgerRow::from_row(&row)?;
             if row.outcome == SUCCESS && !row.compensated {
-                self.effect.undo(&mut tx, &row).await?;
+                self.effect.undo(&mut *tx, &row).await?;
                 sqlx::query(
                     "UPDATE ledger SET compensated = TRUE, updated_ms = $2 WHERE order_id = $1",
                 )
@@ -269,7 +310,24 @@ impl<E: StepEffect> StepService<E> {
             }
         }
         let reply = Envelope::new(order_id, now, Message::Compensated { step: E::STEP });
-        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        messaging::enqueue(&mut *tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        Ok(())
+    }
+
+    /// Applies `work` (delivery index, order, command) in one transaction, in order-id order
+    /// so that concurrent batches take row locks in the same order.
+    async fn apply_batch(
+        &self,
+        batch: &[Delivery],
+        work: &mut [(usize, Uuid, Command)],
+    ) -> Result<(), HandleError> {
+        work.sort_by_key(|(_, order_id, _)| *order_id);
+        let mut tx = self.pool.begin().await?;
+        for (i, order_id, cmd) in work.iter() {
+            self.apply_in(&mut tx, *order_id, cmd)
+                .instrument(batch[*i].span.clone())
+                .await?;
+        }
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
@@ -278,16 +336,57 @@ impl<E: StepEffect> StepService<E> {
 
 impl<E: StepEffect> Handler for StepService<E> {
     async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
-        let env = messaging::decode(msg)?;
-        match command_for(E::STEP, &env.body) {
-            Some(Command::Act(action)) => self.act(env.order_id, action).await,
-            Some(Command::Compensate) => self.compensate(env.order_id).await,
-            None => Err(HandleError::Poison(format!(
-                "the {} service does not handle `{}` messages",
-                E::STEP.as_str(),
-                env.body.kind()
-            ))),
+        let (order_id, cmd) = Self::command(msg)?;
+        self.apply_alone(order_id, &cmd).await
+    }
+
+    /// One transaction for the whole batch. A stalled command (injected `timeout`) waits on
+    /// its own; if the batch's transaction fails, each command is retried in its own, so one
+    /// bad message cannot hold back the others.
+    async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
+        let mut results: Vec<Option<Result<(), HandleError>>> =
+            batch.iter().map(|_| None).collect();
+        let mut work = Vec::new();
+        let mut alone = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            match Self::command(&d.msg) {
+                Err(e) => results[i] = Some(Err(e)),
+                Ok((order_id, Command::Act(a))) if a.fault == Some(Fault::Timeout) => {
+                    alone.push((i, order_id, Command::Act(a)));
+                }
+                Ok((order_id, cmd)) => work.push((i, order_id, cmd)),
+            }
         }
+        let stalled = futures_util::future::join_all(alone.iter().map(|(i, order_id, cmd)| {
+            self.apply_alone(*order_id, cmd)
+                .instrument(batch[*i].span.clone())
+        }));
+        let together = async {
+            if work.len() <= 1 || self.apply_batch(batch, &mut work).await.is_err() {
+                let outcomes =
+                    futures_util::future::join_all(work.iter().map(|(i, order_id, cmd)| {
+                        self.apply_alone(*order_id, cmd)
+                            .instrument(batch[*i].span.clone())
+                    }))
+                    .await;
+                work.iter().map(|w| w.0).zip(outcomes).collect::<Vec<_>>()
+            } else {
+                work.iter().map(|w| (w.0, Ok(()))).collect()
+            }
+        };
+        let (stalled, together) = futures_util::future::join(stalled, together).await;
+        for ((i, _, _), r) in alone.iter().zip(stalled) {
+            results[*i] = Some(r);
+        }
+        for (i, r) in together {
+            results[i] = Some(r);
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(HandleError::Transient(anyhow::anyhow!("not handled"))))
+            })
+            .collect()
     }
 }
 

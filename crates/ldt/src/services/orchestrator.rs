@@ -31,7 +31,7 @@ use tracing::Instrument;
 use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
-use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/orchestrator");
@@ -427,8 +427,9 @@ impl Orchestrator {
         row.as_ref().map(saga_from_row).transpose()
     }
 
-    async fn on_order_placed(
+    async fn order_placed_in(
         &self,
+        tx: &mut Tx,
         env: &Envelope,
         username: &str,
         price: i64,
@@ -441,7 +442,6 @@ impl Orchestrator {
             )));
         }
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
         let deadline = self.deadline_after(now, self.step_timeout);
         let inserted = sqlx::query(
             "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms, traceparent) \
@@ -455,7 +455,7 @@ impl Orchestrator {
         .bind(deadline)
         .bind(now)
         .bind(crate::telemetry::current_traceparent())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?
         .rows_affected()
             == 1;
@@ -466,10 +466,7 @@ impl Orchestrator {
                 out: Vec::new(),
                 deadline: Deadline::Keep,
             };
-            self.write_log_and_outbox(&mut tx, env.order_id, fx, now)
-                .await?;
-            self.crash.commit(tx).await?;
-            return Ok(());
+            return self.write_log_and_outbox(tx, env.order_id, fx, now).await;
         }
         let saga = Saga {
             order_id: env.order_id,
@@ -491,17 +488,12 @@ impl Orchestrator {
             out: vec![cmd],
             deadline: Deadline::At(deadline),
         };
-        self.write_log_and_outbox(&mut tx, env.order_id, fx, now)
-            .await?;
-        self.crash.commit(tx).await?;
-        self.signal.committed();
-        Ok(())
+        self.write_log_and_outbox(tx, env.order_id, fx, now).await
     }
 
-    async fn on_answer(&self, env: &Envelope) -> Result<(), HandleError> {
+    async fn answer_in(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
         let now = now_ms();
-        let mut tx = self.pool.begin().await?;
-        let Some(mut saga) = self.lock(&mut tx, env.order_id).await? else {
+        let Some(mut saga) = self.lock(tx, env.order_id).await? else {
             return Err(HandleError::Poison(format!(
                 "{} for unknown saga {}",
                 env.body.kind(),
@@ -521,7 +513,54 @@ impl Orchestrator {
                 )));
             }
         }
-        self.persist(&mut tx, &saga, fx, now).await?;
+        self.persist(tx, &saga, fx, now).await
+    }
+
+    /// Applies one message inside `tx`.
+    async fn apply_in(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
+        match &env.body {
+            Message::OrderPlaced {
+                username,
+                price,
+                amount,
+                faults,
+            } => {
+                self.order_placed_in(tx, env, username, *price, *amount, *faults)
+                    .await
+            }
+            Message::StepResult { .. } | Message::Compensated { .. } => {
+                self.answer_in(tx, env).await
+            }
+            other => Err(HandleError::Poison(format!(
+                "the orchestrator does not handle `{}` messages",
+                other.kind()
+            ))),
+        }
+    }
+
+    /// One message in a transaction of its own.
+    async fn apply_alone(&self, env: &Envelope) -> Result<(), HandleError> {
+        let mut tx = self.pool.begin().await?;
+        self.apply_in(&mut tx, env).await?;
+        self.crash.commit(tx).await?;
+        self.signal.committed();
+        Ok(())
+    }
+
+    /// Applies `work` (delivery index, envelope) in one transaction, sagas locked in order-id
+    /// order so concurrent batches do not deadlock.
+    async fn apply_batch(
+        &self,
+        batch: &[Delivery],
+        work: &mut [(usize, Envelope)],
+    ) -> Result<(), HandleError> {
+        work.sort_by_key(|(_, env)| env.order_id);
+        let mut tx = self.pool.begin().await?;
+        for (i, env) in work.iter() {
+            self.apply_in(&mut tx, env)
+                .instrument(batch[*i].span.clone())
+                .await?;
+        }
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
@@ -593,22 +632,41 @@ impl Orchestrator {
 impl Handler for Orchestrator {
     async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
         let env = messaging::decode(msg)?;
-        match &env.body {
-            Message::OrderPlaced {
-                username,
-                price,
-                amount,
-                faults,
-            } => {
-                self.on_order_placed(&env, username, *price, *amount, *faults)
-                    .await
+        self.apply_alone(&env).await
+    }
+
+    /// One transaction for the batch; if it fails (a poison message, a deadlock), each message
+    /// is applied in its own so one cannot hold back the others.
+    async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
+        let mut results: Vec<Option<Result<(), HandleError>>> =
+            batch.iter().map(|_| None).collect();
+        let mut work = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            match messaging::decode(&d.msg) {
+                Ok(env) => work.push((i, env)),
+                Err(e) => results[i] = Some(Err(e)),
             }
-            Message::StepResult { .. } | Message::Compensated { .. } => self.on_answer(&env).await,
-            other => Err(HandleError::Poison(format!(
-                "the orchestrator does not handle `{}` messages",
-                other.kind()
-            ))),
         }
+        if work.len() > 1 && self.apply_batch(batch, &mut work).await.is_ok() {
+            for (i, _) in &work {
+                results[*i] = Some(Ok(()));
+            }
+        } else {
+            let outcomes = futures_util::future::join_all(
+                work.iter()
+                    .map(|(i, env)| self.apply_alone(env).instrument(batch[*i].span.clone())),
+            )
+            .await;
+            for ((i, _), r) in work.iter().zip(outcomes) {
+                results[*i] = Some(r);
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(HandleError::Transient(anyhow::anyhow!("not handled"))))
+            })
+            .collect()
     }
 }
 
