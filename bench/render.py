@@ -10,7 +10,9 @@ cores = os.cpu_count()
 mem = sh("awk '/MemTotal/ {printf \"%.0f GiB\", $2/1048576}' /proc/meminfo")
 cpu = sh("awk -F: '/model name/ {print $2; exit}' /proc/cpuinfo").strip()
 rustc = sh("rustc --version")
-pg = sh("psql --version").split()[-1] if sh("psql --version") else "?"
+import re
+pg_match = re.search(r"\d+\.\d+", sh("psql --version") or "")
+pg = pg_match.group(0) if pg_match else "?"
 rabbit = sh("rabbitmqctl version 2>/dev/null")
 commit = sh("git rev-parse --short HEAD")
 rows = []

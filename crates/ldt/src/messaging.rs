@@ -123,7 +123,7 @@ impl Relay {
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let backoff = Duration::from_millis(100u64 << failures.min(6));
+                    let backoff = Duration::from_millis(100u64 << failures.min(4));
                     tracing::warn!(service = self.service, error = %e, ?backoff, "outbox relay failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
@@ -322,7 +322,7 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
             }
             Err(e) => {
                 failures = failures.saturating_add(1);
-                let backoff = Duration::from_millis(100u64 << failures.min(6));
+                let backoff = Duration::from_millis(100u64 << failures.min(4));
                 tracing::warn!(%queue, error = %e, ?backoff, "cannot subscribe; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => continue,
@@ -380,7 +380,7 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
         }
         failures = failures.saturating_add(1);
         tokio::select! {
-            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(6))) => {}
+            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(4))) => {}
             _ = shutdown.cancelled() => {}
         }
     }
