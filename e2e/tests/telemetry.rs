@@ -370,6 +370,28 @@ async fn one_trace_per_order_across_every_service_with_logs_and_metrics() {
                 "a consumer span's parent is the producer span: {s:?} {parent:?}"
             );
         }
+        // Database work is a client span with the database conventions, in every service.
+        let db: BTreeSet<&str> = spans
+            .iter()
+            .filter(|s| {
+                s.kind == 3
+                    && s.attrs.get("db.system.name").map(String::as_str) == Some("postgresql")
+            })
+            .map(|s| s.service.as_str())
+            .collect();
+        for service in ["ldt-order", "ldt-orchestrator", "ldt-payment"] {
+            assert!(
+                db.contains(service),
+                "{status}: no database span from {service}: {db:?}"
+            );
+        }
+        assert!(
+            spans.iter().filter(|s| s.kind == 3).all(|s| s
+                .attrs
+                .get("db.namespace")
+                .is_some_and(|n| n.starts_with(&m.namespace))),
+            "database spans name their database"
+        );
         let compensations: Vec<&Span> = spans
             .iter()
             .filter(|s| s.attrs.get("ldt.compensation").map(String::as_str) == Some("true"))

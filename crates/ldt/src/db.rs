@@ -121,6 +121,22 @@ pub async fn open(
     Ok(pool)
 }
 
+/// A client span for a piece of database work (OpenTelemetry database conventions), e.g.
+/// `db_span(&pool, "ledger")` around the statements that handle one message.
+pub fn span(pool: &PgPool, summary: &'static str) -> tracing::Span {
+    let options = pool.connect_options();
+    tracing::info_span!(
+        "db",
+        otel.name = summary,
+        otel.kind = "client",
+        db.system.name = "postgresql",
+        db.namespace = options.get_database().unwrap_or_default(),
+        db.query.summary = summary,
+        server.address = options.get_host(),
+        server.port = options.get_port(),
+    )
+}
+
 /// Whether the error is a check-constraint or numeric-range violation: the request asked
 /// for something the data does not allow (e.g. stock that would overflow).
 pub fn is_out_of_range(e: &sqlx::Error) -> bool {

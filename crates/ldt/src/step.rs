@@ -192,9 +192,10 @@ impl<E: StepEffect> StepService<E> {
         order_id: Uuid,
         cmd: &Command,
     ) -> Result<(), HandleError> {
+        let span = crate::db::span(&self.pool, "ledger");
         match cmd {
-            Command::Act(action) => self.act_in(tx, order_id, action).await,
-            Command::Compensate => self.compensate_in(tx, order_id).await,
+            Command::Act(action) => self.act_in(tx, order_id, action).instrument(span).await,
+            Command::Compensate => self.compensate_in(tx, order_id).instrument(span).await,
         }
     }
 

@@ -516,8 +516,14 @@ impl Orchestrator {
         self.persist(tx, &saga, fx, now).await
     }
 
-    /// Applies one message inside `tx`.
+    /// Applies one message inside `tx`, in a database span.
     async fn apply_in(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
+        self.apply_in_span(tx, env)
+            .instrument(crate::db::span(&self.pool, "sagas"))
+            .await
+    }
+
+    async fn apply_in_span(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
         match &env.body {
             Message::OrderPlaced {
                 username,

@@ -10,6 +10,7 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use sqlx::{PgPool, Row};
+use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
@@ -362,7 +363,9 @@ impl OrderState {
                     .into(),
             ));
         }
-        self.place(new, idempotency_key).await
+        self.place(new, idempotency_key)
+            .instrument(crate::db::span(&self.pool, "orders"))
+            .await
     }
 }
 
