@@ -215,6 +215,18 @@ struct Shared {
     errors: AtomicU64,
 }
 
+impl Shared {
+    fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            http: Mutex::new(histogram()),
+            accepted: Mutex::new(BTreeSet::new()),
+            sent: AtomicU64::new(0),
+            shed: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+        })
+    }
+}
+
 async fn send_one(
     client: &reqwest::Client,
     url: &str,
@@ -438,13 +450,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     }
 
     if args.warmup > 0.0 {
-        let shared = Arc::new(Shared {
-            http: Mutex::new(histogram()),
-            accepted: Mutex::new(BTreeSet::new()),
-            sent: AtomicU64::new(0),
-            shed: AtomicU64::new(0),
-            errors: AtomicU64::new(0),
-        });
+        let shared = Shared::new();
         let span = Span {
             orders: None,
             duration: Some(Duration::from_secs_f64(args.warmup)),
@@ -453,13 +459,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         load(&args, &endpoints, &client, span, shared).await?;
     }
 
-    let shared = Arc::new(Shared {
-        http: Mutex::new(histogram()),
-        accepted: Mutex::new(BTreeSet::new()),
-        sent: AtomicU64::new(0),
-        shed: AtomicU64::new(0),
-        errors: AtomicU64::new(0),
-    });
+    let shared = Shared::new();
     let span = Span {
         orders,
         duration,

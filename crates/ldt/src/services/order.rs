@@ -39,20 +39,48 @@ pub struct OrderState {
     metrics: crate::metrics::Metrics,
 }
 
-/// Admission control: an estimate of the orders in flight, refreshed from the database (so it
-/// holds across replicas) and bumped by every order this process accepts in between.
+/// Admission control: an estimate of the orders in flight, from the database (so it holds
+/// across replicas) plus the orders this process committed since that count was taken.
 #[derive(Clone)]
 struct Admission {
     max_pending: i64,
-    pending: Arc<std::sync::atomic::AtomicI64>,
+    state: Arc<AdmissionState>,
+}
+
+#[derive(Default)]
+struct AdmissionState {
+    /// Orders this process has committed, ever.
+    committed: std::sync::atomic::AtomicI64,
+    /// The last count of PENDING orders, and `committed` as it was just before that count
+    /// was taken. An order committed in between is counted twice for a moment (too cautious),
+    /// never missed.
+    snapshot: std::sync::Mutex<(i64, i64)>,
 }
 
 impl Admission {
+    fn new(max_pending: i64) -> Admission {
+        Admission {
+            max_pending,
+            state: Arc::default(),
+        }
+    }
+
+    fn estimate(&self) -> i64 {
+        let (count, committed_then) = *self
+            .state
+            .snapshot
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let committed = self
+            .state
+            .committed
+            .load(std::sync::atomic::Ordering::Acquire);
+        count.saturating_add(committed.saturating_sub(committed_then))
+    }
+
     fn admit(&self) -> Result<(), ApiError> {
-        use std::sync::atomic::Ordering;
-        let now = self.pending.fetch_add(1, Ordering::Relaxed);
+        let now = self.estimate();
         if now >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
             return Err(ApiError::Overloaded(format!(
                 "overloaded: {now} orders in flight (limit {}); retry after 1 s",
                 self.max_pending
@@ -61,19 +89,34 @@ impl Admission {
         Ok(())
     }
 
-    /// Re-reads the number of PENDING orders every 100 ms until shutdown.
+    /// Called after an order's transaction committed.
+    fn committed(&self) {
+        self.state
+            .committed
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+    }
+
+    /// Re-counts the PENDING orders every 100 ms until shutdown.
     async fn refresh(self, pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
                 _ = shutdown.cancelled() => return,
             }
+            let before = self
+                .state
+                .committed
+                .load(std::sync::atomic::Ordering::Acquire);
             let count: Result<i64, _> =
                 sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
                     .fetch_one(&pool)
                     .await;
             if let Ok(n) = count {
-                self.pending.store(n, std::sync::atomic::Ordering::Relaxed);
+                *self
+                    .state
+                    .snapshot
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner()) = (n, before);
             }
         }
     }
@@ -88,10 +131,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         crash: ctx.crash(Service::Order),
         fault_injection: ctx.settings.fault_injection,
-        admission: Admission {
-            max_pending: ctx.settings.max_pending,
-            pending: Arc::default(),
-        },
+        admission: Admission::new(ctx.settings.max_pending),
         metrics: ctx.metrics.clone(),
     };
     ctx.tasks.spawn(
@@ -318,6 +358,7 @@ impl OrderState {
         messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
+        self.admission.committed();
         Ok(Created::New(Order {
             id,
             username: new.username,
