@@ -390,12 +390,3 @@ impl<E: StepEffect> Handler for StepService<E> {
             .collect()
     }
 }
-
-/// Reads one order's ledger row (for the services' read APIs).
-pub async fn ledger_row(pool: &PgPool, order_id: &str) -> Result<Option<LedgerRow>, sqlx::Error> {
-    let row = sqlx::query("SELECT * FROM ledger WHERE order_id = $1")
-        .bind(order_id)
-        .fetch_optional(pool)
-        .await?;
-    row.as_ref().map(LedgerRow::from_row).transpose()
-}
