@@ -2,8 +2,10 @@
 //!
 //! [`Bus`] is what the services see: publish a batch (returns once the broker confirmed every
 //! message), subscribe to a queue (at-least-once deliveries, explicit ack / nack). It is an
-//! enum rather than a trait object so that an in-process transport can be added as a second
-//! variant without boxing every future; RabbitMQ (lapin) is the one implementation today.
+//! enum rather than a trait object so that no future is boxed: RabbitMQ (lapin) for real
+//! deployments, and the in-process [`EmbeddedBus`] for `ldt up` without a broker. The
+//! services cannot tell them apart; `tests/transport.rs` runs one conformance suite
+//! against both.
 //!
 //! Connections are re-established lazily: a publish or subscribe after the broker restarted
 //! reconnects, and the callers (the outbox relay and the consumer loops) retry with backoff.
@@ -21,6 +23,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
 use tokio::sync::Mutex;
 
+pub use crate::embedded_bus::EmbeddedBus;
+use crate::embedded_bus::{EmbeddedAcker, EmbeddedSubscription};
+
 /// A message to publish.
 #[derive(Debug, Clone)]
 pub struct Outgoing {
@@ -37,6 +42,15 @@ pub enum BusError {
     Unavailable(String),
     #[error("broker refused message {0}")]
     Nacked(String),
+    #[error("queue {0} is full; publish again later")]
+    Full(String),
+}
+
+impl BusError {
+    /// Whether the broker refused the publish (a full queue) rather than being unreachable.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, BusError::Nacked(_) | BusError::Full(_))
+    }
 }
 
 impl From<lapin::Error> for BusError {
@@ -48,6 +62,19 @@ impl From<lapin::Error> for BusError {
 #[derive(Clone)]
 pub enum Bus {
     Amqp(Arc<AmqpBus>),
+    Embedded(EmbeddedBus),
+}
+
+/// How the marketplace's queues are declared on RabbitMQ.
+#[derive(Debug, Clone, Default)]
+pub struct QueueOptions {
+    /// Delete a queue after this long unused (`x-expires`).
+    pub expires_ms: Option<u32>,
+    /// `classic` (default) or `quorum`.
+    pub queue_type: Option<String>,
+    /// Refuse publishes past this many ready messages (`x-max-length` with
+    /// `x-overflow: reject-publish`): back-pressure instead of unbounded queues.
+    pub max_length: Option<u32>,
 }
 
 impl Bus {
@@ -57,31 +84,57 @@ impl Bus {
         queues: Vec<String>,
         queue_expires_ms: Option<u32>,
     ) -> Result<Bus, BusError> {
-        Bus::amqp_with_type(url, queues, queue_expires_ms, "classic").await
+        Bus::amqp_with(
+            url,
+            queues,
+            QueueOptions {
+                expires_ms: queue_expires_ms,
+                ..QueueOptions::default()
+            },
+        )
+        .await
     }
 
-    /// Like [`amqp`](Bus::amqp), declaring the queues as `classic` or `quorum`.
-    pub async fn amqp_with_type(
+    /// The in-process bus, journaled in `journal` (or in memory only when `None`).
+    pub async fn embedded(
+        journal: Option<&std::path::Path>,
+        queues: Vec<String>,
+        capacity: usize,
+    ) -> Result<Bus, BusError> {
+        Ok(Bus::Embedded(
+            EmbeddedBus::open(journal, queues, capacity).await?,
+        ))
+    }
+
+    /// Like [`amqp`](Bus::amqp), declaring the queues with `options`.
+    pub async fn amqp_with(
         url: &str,
         queues: Vec<String>,
-        queue_expires_ms: Option<u32>,
-        queue_type: &str,
+        options: QueueOptions,
     ) -> Result<Bus, BusError> {
         let bus = AmqpBus {
             url: url.to_owned(),
             queues,
-            queue_expires_ms,
-            queue_type: queue_type.to_owned(),
+            options,
             state: Mutex::new(None),
         };
         bus.publisher().await?;
         Ok(Bus::Amqp(Arc::new(bus)))
     }
 
+    /// The `messaging.system` of spans: `rabbitmq`, or `ldt_embedded` for the in-process bus.
+    pub fn system(&self) -> &'static str {
+        match self {
+            Bus::Amqp(_) => "rabbitmq",
+            Bus::Embedded(_) => "ldt_embedded",
+        }
+    }
+
     /// Publishes every message and waits until the broker has confirmed them all.
     pub async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
         match self {
             Bus::Amqp(b) => b.publish(batch).await,
+            Bus::Embedded(b) => b.publish(batch).await,
         }
     }
 
@@ -89,6 +142,7 @@ impl Bus {
     pub async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
         match self {
             Bus::Amqp(b) => b.subscribe(queue, prefetch).await,
+            Bus::Embedded(b) => Ok(Subscription::Embedded(b.subscribe(queue, prefetch))),
         }
     }
 
@@ -96,6 +150,7 @@ impl Bus {
     pub async fn ping(&self) -> bool {
         match self {
             Bus::Amqp(b) => b.publisher().await.is_ok(),
+            Bus::Embedded(b) => b.healthy(),
         }
     }
 
@@ -103,6 +158,7 @@ impl Bus {
     pub async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
         match self {
             Bus::Amqp(b) => b.queue_depth(queue).await,
+            Bus::Embedded(b) => Ok(b.queue_depth(queue)),
         }
     }
 
@@ -110,6 +166,7 @@ impl Bus {
     pub async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
         match self {
             Bus::Amqp(b) => b.delete_queues(queues).await,
+            Bus::Embedded(b) => b.delete_queues(queues).await,
         }
     }
 }
@@ -117,8 +174,7 @@ impl Bus {
 pub struct AmqpBus {
     url: String,
     queues: Vec<String>,
-    queue_expires_ms: Option<u32>,
-    queue_type: String,
+    options: QueueOptions,
     /// The shared connection and the confirm-mode channel used for publishing.
     state: Mutex<Option<(Arc<Connection>, Channel)>>,
 }
@@ -128,13 +184,22 @@ impl AmqpBus {
         let conn = Arc::new(Connection::connect(&self.url, ConnectionProperties::default()).await?);
         let channel = conn.create_channel().await?;
         let mut args = FieldTable::default();
-        if let Some(ms) = self.queue_expires_ms {
+        if let Some(ms) = self.options.expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
-        if self.queue_type != "classic" {
+        if let Some(queue_type) = self.options.queue_type.as_deref()
+            && queue_type != "classic"
+        {
             args.insert(
                 "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(self.queue_type.as_str())),
+                AMQPValue::LongString(LongString::from(queue_type)),
+            );
+        }
+        if let Some(max) = self.options.max_length {
+            args.insert("x-max-length".into(), AMQPValue::LongUInt(max));
+            args.insert(
+                "x-overflow".into(),
+                AMQPValue::LongString(LongString::from("reject-publish")),
             );
         }
         for queue in &self.queues {
@@ -277,6 +342,7 @@ pub enum Subscription {
         channel: Channel,
         consumer: lapin::Consumer,
     },
+    Embedded(EmbeddedSubscription),
 }
 
 impl Subscription {
@@ -287,6 +353,7 @@ impl Subscription {
                 Ok(delivery) => Some(Ok(Incoming::from_amqp(delivery))),
                 Err(e) => Some(Err(e.into())),
             },
+            Subscription::Embedded(s) => s.next().await,
         }
     }
 
@@ -296,6 +363,7 @@ impl Subscription {
             Subscription::Amqp { channel, .. } => {
                 let _ = channel.close(200, "shutting down".into()).await;
             }
+            Subscription::Embedded(s) => s.close(),
         }
     }
 }
@@ -311,9 +379,26 @@ pub struct Incoming {
 
 enum Acker {
     Amqp(lapin::Acker),
+    Embedded(EmbeddedAcker),
 }
 
 impl Incoming {
+    pub(crate) fn embedded(
+        payload: Vec<u8>,
+        message_id: Option<String>,
+        headers: BTreeMap<String, String>,
+        redelivered: bool,
+        acker: EmbeddedAcker,
+    ) -> Incoming {
+        Incoming {
+            payload,
+            message_id,
+            headers,
+            redelivered,
+            acker: Acker::Embedded(acker),
+        }
+    }
+
     fn from_amqp(d: lapin::message::Delivery) -> Incoming {
         let mut headers = BTreeMap::new();
         if let Some(table) = d.properties.headers() {
@@ -342,6 +427,7 @@ impl Incoming {
     pub async fn ack(&self) -> Result<(), BusError> {
         match &self.acker {
             Acker::Amqp(a) => a.ack(BasicAckOptions::default()).await.map(|_| ())?,
+            Acker::Embedded(a) => a.ack()?,
         }
         Ok(())
     }
@@ -358,6 +444,7 @@ impl Incoming {
                 })
                 .await
                 .map(|_| ())?,
+            Acker::Embedded(a) => a.nack_requeue()?,
         }
         Ok(())
     }

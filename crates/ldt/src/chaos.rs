@@ -382,8 +382,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     fleet.lock().await.stop_all().await;
     if !args.keep {
         let mut settings = crate::configuration::purge_settings(&namespace);
-        settings.amqp_url = args.amqp_url.clone();
-        settings.database_url = args.database_url.clone();
+        settings.amqp_url = Some(args.amqp_url.clone());
+        settings.database_url = Some(args.database_url.clone());
         if let Err(e) = crate::startup::purge(&settings).await {
             eprintln!("chaos: purging {namespace} failed: {e:#}");
         }

@@ -59,24 +59,31 @@ pub struct Settings {
     #[arg(long, env = "LDT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
     pub http_addr: SocketAddr,
 
-    /// RabbitMQ URL.
-    #[arg(
-        long,
-        env = "LDT_AMQP_URL",
-        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f",
-        hide_env_values = true
-    )]
-    pub amqp_url: String,
+    /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Unset: `ldt up` uses its
+    /// in-process bus (journaled in the data directory); `ldt serve` needs a broker.
+    #[arg(long, env = "LDT_AMQP_URL", hide_env_values = true)]
+    pub amqp_url: Option<String>,
 
-    /// PostgreSQL server URL; each service keeps its own database on it
-    /// (`<namespace>_payment`, …), created and migrated on start when missing.
-    #[arg(
-        long,
-        env = "LDT_DATABASE_URL",
-        default_value = "postgres://postgres@127.0.0.1:5432",
-        hide_env_values = true
-    )]
-    pub database_url: String,
+    /// PostgreSQL server URL, e.g. `postgres://postgres@127.0.0.1:5432`; each service keeps
+    /// its own database on it (`<namespace>_payment`, …), created and migrated on start.
+    /// Unset: each service keeps an embedded SQLite file in the data directory.
+    #[arg(long, env = "LDT_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
+
+    /// Where the embedded mode keeps its files (one SQLite database per service and the
+    /// in-process bus's journal), when no database or broker URL is given.
+    #[arg(long, env = "LDT_DATA_DIR", default_value = "ldt-data")]
+    pub data_dir: std::path::PathBuf,
+
+    /// Keep the embedded databases and bus in memory only: nothing is written to disk and
+    /// everything is gone when the process stops.
+    #[arg(long, env = "LDT_EPHEMERAL")]
+    pub ephemeral: bool,
+
+    /// Ready messages each queue of the in-process bus holds before it refuses publishes
+    /// (the outboxes keep the rest and retry).
+    #[arg(long, env = "LDT_BUS_CAPACITY", default_value_t = crate::embedded_bus::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub bus_capacity: usize,
 
     /// Prefix of every database and queue name, so several marketplaces can share one broker
     /// and one database server.
@@ -171,9 +178,34 @@ impl Settings {
         Duration::from_secs(self.startup_timeout_s)
     }
 
-    /// The database of one service on the configured server.
+    /// The database of one service on the configured server (or its SQLite file's name).
     pub fn database_name(&self, service: Service) -> String {
         format!("{}_{}", self.namespace, service.db_suffix())
+    }
+
+    /// Where the services keep their data: PostgreSQL when a URL is set, else SQLite.
+    pub fn backend(&self) -> crate::db::Backend {
+        match &self.database_url {
+            Some(url) => crate::db::Backend::Postgres {
+                server_url: url.clone(),
+            },
+            None if self.ephemeral => crate::db::Backend::Sqlite { dir: None },
+            None => crate::db::Backend::Sqlite {
+                dir: Some(self.data_dir.clone()),
+            },
+        }
+    }
+
+    /// The in-process bus's journal file (`None`: a broker is configured, or `--ephemeral`).
+    pub fn bus_journal(&self) -> Option<std::path::PathBuf> {
+        (self.amqp_url.is_none() && !self.ephemeral)
+            .then(|| self.data_dir.join(format!("{}_bus.db", self.namespace)))
+    }
+
+    /// Whether anything is kept in the data directory (so it must not be shared by two
+    /// processes).
+    pub fn uses_data_dir(&self) -> bool {
+        !self.ephemeral && (self.amqp_url.is_none() || self.database_url.is_none())
     }
 }
 
@@ -191,8 +223,11 @@ impl Settings {
     fn default_for(namespace: &str) -> Settings {
         Settings {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            amqp_url: "amqp://guest:guest@127.0.0.1:5672/%2f".into(),
-            database_url: "postgres://postgres@127.0.0.1:5432".into(),
+            amqp_url: None,
+            database_url: None,
+            data_dir: "ldt-data".into(),
+            ephemeral: false,
+            bus_capacity: crate::embedded_bus::DEFAULT_CAPACITY,
             namespace: namespace.into(),
             initial_credits: 500,
             initial_stock: 500,
@@ -243,6 +278,47 @@ mod tests {
         assert_eq!(s.step_timeout(), Duration::from_millis(1000));
         assert_eq!(s.stall(), Duration::from_millis(2000));
         assert_eq!(s.database_name(Service::DeadLetter), "ldt_dead_letter");
+        // No broker or database configured: the embedded mode, kept in ./ldt-data.
+        assert_eq!(
+            s.backend(),
+            crate::db::Backend::Sqlite {
+                dir: Some("ldt-data".into())
+            }
+        );
+        assert_eq!(
+            s.bus_journal(),
+            Some(std::path::PathBuf::from("ldt-data/ldt_bus.db"))
+        );
+    }
+
+    #[test]
+    fn mixed_and_ephemeral_modes() {
+        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
+            Command::Up(s) => s,
+            _ => panic!("expected up"),
+        };
+        let s = parse(&["ldt", "up", "--ephemeral"]);
+        assert_eq!(s.backend(), crate::db::Backend::Sqlite { dir: None });
+        assert_eq!(s.bus_journal(), None);
+        assert!(!s.uses_data_dir());
+        let s = parse(&["ldt", "up", "--amqp-url", "amqp://h"]);
+        assert!(matches!(
+            s.backend(),
+            crate::db::Backend::Sqlite { dir: Some(_) }
+        ));
+        assert_eq!(s.bus_journal(), None);
+        let s = parse(&["ldt", "up", "--database-url", "postgres://h"]);
+        assert!(matches!(s.backend(), crate::db::Backend::Postgres { .. }));
+        assert!(s.bus_journal().is_some());
+        let s = parse(&[
+            "ldt",
+            "up",
+            "--database-url",
+            "postgres://h",
+            "--amqp-url",
+            "amqp://h",
+        ]);
+        assert!(!s.uses_data_dir());
     }
 
     #[test]

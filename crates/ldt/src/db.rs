@@ -1,15 +1,24 @@
-//! PostgreSQL plumbing shared by every service: create the service's own database on the
-//! configured server when missing, migrate it, and map driver errors to something a caller
-//! can act on.
+//! Database plumbing shared by every service. One SQL code path serves two backends through
+//! sqlx's `Any` driver: PostgreSQL (a server; each service gets its own database on it,
+//! created and migrated on start) and SQLite (embedded; one file per service under a data
+//! directory, or in memory). The few statements whose syntax differs are written once per
+//! backend as a [`Sql`] pair; everything else is portable SQL.
 
+use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
+use sqlx::any::{AnyConnectOptions, AnyPoolOptions};
 use sqlx::migrate::Migrator;
-use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
-use sqlx::{AssertSqlSafe, ConnectOptions, Connection, PgPool};
+use sqlx::postgres::PgConnectOptions;
+use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
 
-pub type Tx = sqlx::Transaction<'static, sqlx::Postgres>;
+/// A service's connection pool, whichever the backend.
+pub type Pool = sqlx::AnyPool;
+/// One connection (or an open transaction, which derefs to one).
+pub type Conn = sqlx::AnyConnection;
+pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
+pub type DbRow = sqlx::any::AnyRow;
 
 /// Milliseconds since the Unix epoch: every timestamp in every database.
 pub fn now_ms() -> i64 {
@@ -25,6 +34,8 @@ pub enum DbError {
     BadUrl(String),
     #[error("cannot reach the database server: {0}")]
     Unreachable(String),
+    #[error("cannot open the database file {path}: {reason}")]
+    File { path: String, reason: String },
     #[error("migrating database {db} failed: {source}")]
     Migrate {
         db: String,
@@ -34,7 +45,73 @@ pub enum DbError {
     Query(#[from] sqlx::Error),
 }
 
-/// A database name we are willing to splice into `CREATE DATABASE`.
+/// Where the services keep their data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backend {
+    /// A PostgreSQL server (URL without a database name): one database per service on it.
+    Postgres { server_url: String },
+    /// Embedded SQLite: one file per service in `dir`, or in memory when `dir` is `None`.
+    Sqlite { dir: Option<PathBuf> },
+}
+
+impl Backend {
+    pub fn name(&self) -> &'static str {
+        match self {
+            Backend::Postgres { .. } => "postgresql",
+            Backend::Sqlite { .. } => "sqlite",
+        }
+    }
+
+    /// Where a service's database lives, for messages.
+    pub fn describe(&self, db_name: &str) -> String {
+        match self {
+            Backend::Postgres { server_url } => {
+                format!(
+                    "database {db_name} at {}",
+                    crate::startup::redact(server_url)
+                )
+            }
+            Backend::Sqlite { dir: Some(dir) } => {
+                format!(
+                    "SQLite database {}",
+                    dir.join(format!("{db_name}.db")).display()
+                )
+            }
+            Backend::Sqlite { dir: None } => format!("in-memory SQLite database {db_name}"),
+        }
+    }
+}
+
+/// A statement whose syntax differs between the backends.
+pub struct Sql {
+    pub postgres: &'static str,
+    pub sqlite: &'static str,
+}
+
+impl Sql {
+    /// The statement in the dialect of the connection it will run on.
+    pub fn on(&self, conn: &Conn) -> &'static str {
+        if is_sqlite_name(conn.backend_name()) {
+            self.sqlite
+        } else {
+            self.postgres
+        }
+    }
+}
+
+fn is_sqlite_name(backend_name: &str) -> bool {
+    backend_name.eq_ignore_ascii_case("sqlite")
+}
+
+/// The migrations of one service, written once per backend (SQLite lacks `BIGSERIAL`,
+/// `BYTEA`, `BOOLEAN`; PostgreSQL's migrations, once applied, are never edited): from
+/// `migrations/<service>` and `migrations-sqlite/<service>`.
+pub struct Migrators {
+    pub postgres: Migrator,
+    pub sqlite: Migrator,
+}
+
+/// A database name we are willing to splice into `CREATE DATABASE` or a file name.
 fn is_safe_identifier(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 63
@@ -47,7 +124,7 @@ fn server_options(server_url: &str) -> Result<PgConnectOptions, DbError> {
     PgConnectOptions::from_str(server_url).map_err(|e| DbError::BadUrl(e.to_string()))
 }
 
-/// Creates `db_name` on the server unless it exists. Safe when several replicas race.
+/// Creates `db_name` on the PostgreSQL server unless it exists. Safe when replicas race.
 pub async fn ensure_database(server_url: &str, db_name: &str) -> Result<(), DbError> {
     if !is_safe_identifier(db_name) {
         return Err(DbError::BadUrl(format!("unsafe database name {db_name:?}")));
@@ -76,41 +153,74 @@ pub async fn ensure_database(server_url: &str, db_name: &str) -> Result<(), DbEr
     Ok(())
 }
 
-/// Drops `db_name` (test clean-up), disconnecting anyone still on it.
-pub async fn drop_database(server_url: &str, db_name: &str) -> Result<(), DbError> {
+/// Drops a service's database (purge, test clean-up), disconnecting anyone still on it.
+pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<(), DbError> {
     if !is_safe_identifier(db_name) {
         return Err(DbError::BadUrl(format!("unsafe database name {db_name:?}")));
     }
-    let mut conn = server_options(server_url)?
-        .database("postgres")
-        .connect()
-        .await
-        .map_err(|e| DbError::Unreachable(e.to_string()))?;
-    let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
-    sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
-    let _ = conn.close().await;
+    match backend {
+        Backend::Postgres { server_url } => {
+            let mut conn = server_options(server_url)?
+                .database("postgres")
+                .connect()
+                .await
+                .map_err(|e| DbError::Unreachable(e.to_string()))?;
+            let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+            sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
+            let _ = conn.close().await;
+        }
+        Backend::Sqlite { dir: Some(dir) } => {
+            for suffix in ["db", "db-wal", "db-shm"] {
+                let path = dir.join(format!("{db_name}.{suffix}"));
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => {
+                        return Err(DbError::File {
+                            path: path.display().to_string(),
+                            reason: e.to_string(),
+                        });
+                    }
+                }
+            }
+        }
+        Backend::Sqlite { dir: None } => {}
+    }
     Ok(())
 }
 
 /// Opens a pool on the service's own database, creating and migrating it first.
 pub async fn open(
-    server_url: &str,
+    backend: &Backend,
     db_name: &str,
-    migrator: &Migrator,
+    migrators: &Migrators,
     pool_size: u32,
-) -> Result<PgPool, DbError> {
-    ensure_database(server_url, db_name).await?;
-    let options = server_options(server_url)?
-        .database(db_name)
-        .application_name("ldt");
-    let pool = PgPoolOptions::new()
-        .max_connections(pool_size)
-        .acquire_timeout(Duration::from_secs(10))
-        .connect_with(options)
-        .await
-        .map_err(|e| DbError::Unreachable(e.to_string()))?;
-    // sqlx takes an advisory lock around migrations: two replicas starting together apply
-    // each migration once.
+) -> Result<Pool, DbError> {
+    sqlx::any::install_default_drivers();
+    if !is_safe_identifier(db_name) {
+        return Err(DbError::BadUrl(format!("unsafe database name {db_name:?}")));
+    }
+    let (pool, migrator) = match backend {
+        Backend::Postgres { server_url } => {
+            ensure_database(server_url, db_name).await?;
+            let url = server_options(server_url)?
+                .database(db_name)
+                .application_name("ldt")
+                .to_url_lossy();
+            let options = AnyConnectOptions::from_str(url.as_str())
+                .map_err(|e| DbError::BadUrl(e.to_string()))?;
+            let pool = AnyPoolOptions::new()
+                .max_connections(pool_size)
+                .acquire_timeout(Duration::from_secs(10))
+                .connect_with(options)
+                .await
+                .map_err(|e| DbError::Unreachable(e.to_string()))?;
+            (pool, &migrators.postgres)
+        }
+        Backend::Sqlite { dir } => (open_sqlite(dir.as_ref(), db_name).await?, &migrators.sqlite),
+    };
+    // sqlx takes an advisory lock around PostgreSQL migrations: two replicas starting
+    // together apply each migration once.
     migrator
         .run(&pool)
         .await
@@ -121,24 +231,98 @@ pub async fn open(
     Ok(pool)
 }
 
+/// One connection per SQLite database: SQLite has one writer at a time anyway, and a single
+/// connection turns what would be `SQLITE_BUSY` failures into a queue for the connection.
+/// In WAL mode with `synchronous = NORMAL` a commit survives the process being killed (it
+/// is in the WAL, in the OS's cache); only a power loss can take back the last commits.
+async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbError> {
+    let url = match dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir).map_err(|e| DbError::File {
+                path: dir.display().to_string(),
+                reason: e.to_string(),
+            })?;
+            let path = dir.join(format!("{db_name}.db"));
+            let path = path.to_str().ok_or_else(|| DbError::File {
+                path: path.display().to_string(),
+                reason: "the path is not valid UTF-8".into(),
+            })?;
+            format!("sqlite://{path}?mode=rwc")
+        }
+        None => "sqlite::memory:".to_owned(),
+    };
+    let options = AnyConnectOptions::from_str(&url).map_err(|e| DbError::BadUrl(e.to_string()))?;
+    AnyPoolOptions::new()
+        .max_connections(1)
+        .min_connections(1)
+        // An in-memory database lives as long as its connection: never recycle it.
+        .idle_timeout(None)
+        .max_lifetime(None)
+        .acquire_timeout(Duration::from_secs(30))
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute(
+                    "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
+                     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
+                )
+                .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options)
+        .await
+        .map_err(|e| DbError::File {
+            path: url.clone(),
+            reason: e.to_string(),
+        })
+}
+
+/// The backend a pool talks to.
+pub fn is_sqlite(pool: &Pool) -> bool {
+    pool.connect_options().database_url.scheme() == "sqlite"
+}
+
 /// A client span for a piece of database work (OpenTelemetry database conventions), e.g.
-/// `db_span(&pool, "ledger")` around the statements that handle one message.
-pub fn span(pool: &PgPool, summary: &'static str) -> tracing::Span {
+/// `db::span(&pool, "ledger")` around the statements that handle one message.
+pub fn span(pool: &Pool, summary: &'static str) -> tracing::Span {
     let options = pool.connect_options();
+    let url = &options.database_url;
+    let sqlite = url.scheme() == "sqlite";
+    let namespace = if sqlite {
+        url.path().rsplit('/').next().unwrap_or_default().to_owned()
+    } else {
+        url.path().trim_start_matches('/').to_owned()
+    };
     tracing::info_span!(
         "db",
         otel.name = summary,
         otel.kind = "client",
-        db.system.name = "postgresql",
-        db.namespace = options.get_database().unwrap_or_default(),
+        db.system.name = if sqlite { "sqlite" } else { "postgresql" },
+        db.namespace = namespace,
         db.query.summary = summary,
-        server.address = options.get_host(),
-        server.port = options.get_port(),
+        server.address = url.host_str().unwrap_or_default(),
+        server.port = url.port(),
     )
+}
+
+/// A boolean column: PostgreSQL's `BOOLEAN`, or SQLite's 0/1 integer.
+pub fn get_bool(row: &DbRow, column: &str) -> Result<bool, sqlx::Error> {
+    use sqlx::Row;
+    match row.try_get::<bool, _>(column) {
+        Ok(b) => Ok(b),
+        Err(sqlx::Error::ColumnDecode { .. }) => Ok(row.try_get::<i64, _>(column)? != 0),
+        Err(e) => Err(e),
+    }
 }
 
 /// Whether the error is a check-constraint or numeric-range violation: the request asked
 /// for something the data does not allow (e.g. stock that would overflow).
 pub fn is_out_of_range(e: &sqlx::Error) -> bool {
-    matches!(e, sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("22003") | Some("23514")))
+    match e {
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("22003") | Some("23514"))
+                || matches!(d.kind(), sqlx::error::ErrorKind::CheckViolation)
+        }
+        _ => false,
+    }
 }

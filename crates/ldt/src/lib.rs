@@ -11,6 +11,7 @@ pub mod configuration;
 pub mod contract;
 pub mod crash;
 pub mod db;
+pub mod embedded_bus;
 pub mod http;
 pub mod messaging;
 pub mod metrics;

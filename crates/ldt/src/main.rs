@@ -12,7 +12,18 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let (services, settings) = match cli.command {
         Command::Up(settings) => (Service::ALL.to_vec(), settings),
-        Command::Serve { services, settings } => (services, settings),
+        Command::Serve { services, settings } => {
+            if settings.amqp_url.is_none() {
+                eprintln!(
+                    "ldt: error: `ldt serve` runs services as separate processes, which talk over \
+                     RabbitMQ: set --amqp-url or LDT_AMQP_URL (e.g. \
+                     amqp://guest:guest@127.0.0.1:5672/%2f). To run everything in one process \
+                     without a broker, use `ldt up`."
+                );
+                return ExitCode::from(2);
+            }
+            (services, settings)
+        }
         Command::Chaos(args) => {
             ldt::telemetry::init_plain("text");
             return match ldt::chaos::run(args).await {
@@ -91,13 +102,29 @@ async fn run(
     metrics: ldt::metrics::Metrics,
 ) -> anyhow::Result<()> {
     let addr = settings.http_addr;
+    let settings_summary = (
+        settings.amqp_url.is_some(),
+        settings.backend().name(),
+        if settings.ephemeral {
+            "in memory".to_owned()
+        } else if settings.uses_data_dir() {
+            settings.data_dir.display().to_string()
+        } else {
+            "on the servers".to_owned()
+        },
+    );
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Application::build_with_metrics(services, settings, listener, metrics).await?;
     let local = app.local_addr()?;
     let names: Vec<&str> = services.iter().map(|s| s.as_str()).collect();
-    tracing::info!(services = ?names, "ready: API on http://{local}, Swagger UI on http://{local}/docs");
+    let bus = if settings_summary.0 {
+        "RabbitMQ"
+    } else {
+        "in-process bus"
+    };
+    tracing::info!(services = ?names, database = settings_summary.1, bus, data = %settings_summary.2, "ready: API on http://{local}, Swagger UI on http://{local}/docs");
     println!("ldt ready: http://{local}/docs");
     app.run_until(shutdown_signal()).await
 }

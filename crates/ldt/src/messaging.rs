@@ -15,7 +15,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgPool, Row};
+use crate::db::{Conn, Pool};
+use sqlx::Row;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -25,6 +26,7 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, Incoming, Outgoing};
 use crate::contract::{Envelope, Message, Queues, TRACEPARENT_HEADER};
+use crate::db::Sql;
 use crate::metrics::Metrics;
 use crate::telemetry::{adopt, current_traceparent};
 
@@ -35,10 +37,32 @@ pub const REASON_HEADER: &str = "x-ldt-reason";
 
 const RELAY_BATCH: i64 = 256;
 
+/// Losing the relay's delete in a crash only re-publishes rows the receivers ignore: it
+/// need not wait for its WAL flush. (SQLite's commits do not wait for a flush anyway.)
+const RELAXED_COMMIT: Sql = Sql {
+    postgres: "SET LOCAL synchronous_commit = off",
+    sqlite: "",
+};
+
+/// The oldest unpublished rows; with PostgreSQL, rows another replica's relay is publishing
+/// are skipped. (SQLite has one writer: the transaction alone keeps others out.)
+const CLAIM_BATCH: Sql = Sql {
+    postgres: "SELECT id, queue, message_id, payload, traceparent FROM outbox \
+               ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
+    sqlite: "SELECT id, queue, message_id, payload, traceparent FROM outbox \
+             ORDER BY id LIMIT $1",
+};
+
+/// Deletes the published rows, given as a comma-separated list of ids.
+const DELETE_SENT: Sql = Sql {
+    postgres: "DELETE FROM outbox WHERE id = ANY(string_to_array($1, ',')::bigint[])",
+    sqlite: "DELETE FROM outbox WHERE id IN (SELECT value FROM json_each('[' || $1 || ']'))",
+};
+
 /// Writes envelopes into the outbox inside the caller's transaction, with the current
 /// trace context, so the trace goes on where the message is handled.
 pub async fn enqueue(
-    conn: &mut PgConnection,
+    conn: &mut Conn,
     queues: &Queues,
     envelopes: &[Envelope],
 ) -> Result<(), sqlx::Error> {
@@ -59,7 +83,7 @@ pub async fn enqueue(
 
 /// Writes one already-encoded message into the outbox (dead-letter replay).
 pub async fn enqueue_raw(
-    conn: &mut PgConnection,
+    conn: &mut Conn,
     queue: &str,
     message_id: &str,
     payload: &[u8],
@@ -91,7 +115,7 @@ impl OutboxSignal {
 
 /// Publishes a service's outbox.
 pub struct Relay {
-    pub pool: PgPool,
+    pub pool: Pool,
     pub bus: Bus,
     pub signal: OutboxSignal,
     pub service: &'static str,
@@ -153,18 +177,14 @@ impl Relay {
     async fn drain(&self) -> anyhow::Result<()> {
         loop {
             let mut tx = self.pool.begin().await?;
-            // Losing this transaction's delete in a crash only re-publishes rows the receivers
-            // ignore: it need not wait for its WAL flush.
-            sqlx::query("SET LOCAL synchronous_commit = off")
-                .execute(&mut *tx)
+            let relaxed = RELAXED_COMMIT.on(&tx);
+            if !relaxed.is_empty() {
+                sqlx::query(relaxed).execute(&mut *tx).await?;
+            }
+            let rows = sqlx::query(CLAIM_BATCH.on(&tx))
+                .bind(RELAY_BATCH)
+                .fetch_all(&mut *tx)
                 .await?;
-            let rows = sqlx::query(
-                "SELECT id, queue, message_id, payload, traceparent FROM outbox \
-                 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED",
-            )
-            .bind(RELAY_BATCH)
-            .fetch_all(&mut *tx)
-            .await?;
             if rows.is_empty() {
                 tx.commit().await?;
                 return Ok(());
@@ -182,7 +202,7 @@ impl Relay {
                     "publish",
                     otel.name = %format!("publish {queue}"),
                     otel.kind = "producer",
-                    messaging.system = "rabbitmq",
+                    messaging.system = self.bus.system(),
                     messaging.operation.type = "publish",
                     messaging.operation.name = "publish",
                     messaging.destination.name = %queue,
@@ -220,8 +240,9 @@ impl Relay {
             self.bus.publish(&batch).await?;
             drop(spans);
             self.crash.at(crate::crash::Point::AfterPublish);
-            sqlx::query("DELETE FROM outbox WHERE id = ANY($1)")
-                .bind(&ids)
+            let ids = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            sqlx::query(DELETE_SENT.on(&tx))
+                .bind(ids)
                 .execute(&mut *tx)
                 .await?;
             tx.commit().await?;
@@ -436,7 +457,7 @@ fn consumer_span(consumer: &Consumer, msg: &Incoming) -> tracing::Span {
         otel.name = %format!("process {queue}"),
         otel.kind = "consumer",
         otel.status_code = tracing::field::Empty,
-        messaging.system = "rabbitmq",
+        messaging.system = consumer.bus.system(),
         messaging.operation.type = "process",
         messaging.operation.name = "process",
         messaging.destination.name = %queue,

@@ -7,14 +7,13 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::db::Pool;
 use anyhow::Context as _;
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
-use sqlx::PgPool;
-use sqlx::migrate::Migrator;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -33,7 +32,7 @@ use crate::services;
 /// What a service hands back once running: its routes and its database (for readiness).
 pub struct Started {
     pub router: OpenApiRouter,
-    pub pool: PgPool,
+    pub pool: Pool,
 }
 
 /// Everything a service needs to start.
@@ -75,22 +74,22 @@ where
 
 impl Context {
     /// Opens (creating and migrating if needed) the service's own database.
-    pub async fn open_db(&self, service: Service, migrator: &Migrator) -> anyhow::Result<PgPool> {
+    pub async fn open_db(
+        &self,
+        service: Service,
+        migrators: &crate::db::Migrators,
+    ) -> anyhow::Result<Pool> {
         let name = self.settings.database_name(service);
-        let what = format!("database {name} at {}", redact(&self.settings.database_url));
+        let backend = self.settings.backend();
+        let what = backend.describe(&name);
         with_retry(&what, self.settings.startup_timeout(), || {
-            crate::db::open(
-                &self.settings.database_url,
-                &name,
-                migrator,
-                self.settings.db_pool_size,
-            )
+            crate::db::open(&backend, &name, migrators, self.settings.db_pool_size)
         })
         .await
     }
 
     /// Starts the service's outbox relay; the returned signal wakes it after a commit.
-    pub fn spawn_relay(&self, service: Service, pool: PgPool) -> OutboxSignal {
+    pub fn spawn_relay(&self, service: Service, pool: Pool) -> OutboxSignal {
         let signal = OutboxSignal::default();
         let relay = Relay {
             pool,
@@ -184,7 +183,7 @@ struct ApiDoc;
 #[derive(Clone)]
 struct Health {
     bus: Bus,
-    pools: Vec<(Service, PgPool)>,
+    pools: Vec<(Service, Pool)>,
 }
 
 /// Liveness: the process is up.
@@ -272,6 +271,67 @@ pub struct Application {
     router: axum::Router,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    /// Held while running: two processes on one data directory would corrupt each other.
+    _data_lock: Option<std::fs::File>,
+}
+
+/// The broker: RabbitMQ when a URL is set, else the in-process bus.
+async fn connect_bus(settings: &Settings, queues: &Queues) -> anyhow::Result<Bus> {
+    match &settings.amqp_url {
+        Some(url) => {
+            with_retry(
+                &format!("RabbitMQ at {}", redact(url)),
+                settings.startup_timeout(),
+                || {
+                    Bus::amqp_with(
+                        url,
+                        queues.all(),
+                        crate::bus::QueueOptions {
+                            expires_ms: settings.queue_expires_ms,
+                            queue_type: Some(settings.queue_type.clone()),
+                            max_length: None,
+                        },
+                    )
+                },
+            )
+            .await
+        }
+        None => {
+            let journal = settings.bus_journal();
+            Bus::embedded(journal.as_deref(), queues.all(), settings.bus_capacity)
+                .await
+                .context("opening the in-process bus")
+        }
+    }
+}
+
+/// Takes the data directory's lock for the namespace, when the settings keep files there.
+fn lock_data_dir(settings: &Settings) -> anyhow::Result<Option<std::fs::File>> {
+    if !settings.uses_data_dir() {
+        return Ok(None);
+    }
+    let dir = &settings.data_dir;
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating the data directory {}", dir.display()))?;
+    let path = dir.join(format!("{}.lock", settings.namespace));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(std::fs::TryLockError::WouldBlock) => anyhow::bail!(
+            "another ldt process is using the data directory {} (namespace {:?}); stop it, \
+             or give this one another --data-dir or --namespace",
+            dir.display(),
+            settings.namespace
+        ),
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(anyhow::Error::new(e).context(format!("locking {}", path.display())))
+        }
+    }
 }
 
 impl Application {
@@ -292,19 +352,8 @@ impl Application {
         metrics: Metrics,
     ) -> anyhow::Result<Application> {
         let queues = Queues::new(&settings.namespace);
-        let bus = with_retry(
-            &format!("RabbitMQ at {}", redact(&settings.amqp_url)),
-            settings.startup_timeout(),
-            || {
-                Bus::amqp_with_type(
-                    &settings.amqp_url,
-                    queues.all(),
-                    settings.queue_expires_ms,
-                    &settings.queue_type,
-                )
-            },
-        )
-        .await?;
+        let data_lock = lock_data_dir(&settings)?;
+        let bus = connect_bus(&settings, &queues).await?;
         let ctx = Context {
             settings,
             metrics: metrics.clone(),
@@ -351,6 +400,7 @@ impl Application {
             router,
             shutdown: ctx.shutdown,
             tasks: ctx.tasks,
+            _data_lock: data_lock,
         })
     }
 
@@ -385,22 +435,54 @@ impl Application {
     }
 }
 
-/// Drops every database and deletes every queue of the settings' namespace.
+/// Drops every database and deletes every queue of the settings' namespace (the embedded
+/// mode's files in the data directory included).
 pub async fn purge(settings: &Settings) -> anyhow::Result<()> {
+    let _lock = lock_data_dir(settings)?;
+    let backend = settings.backend();
     for service in Service::ALL {
         let name = settings.database_name(service);
-        crate::db::drop_database(&settings.database_url, &name)
+        crate::db::drop_database(&backend, &name)
             .await
-            .with_context(|| format!("dropping database {name}"))?;
+            .with_context(|| format!("dropping {}", backend.describe(&name)))?;
     }
-    let queues = Queues::new(&settings.namespace);
-    // Declare nothing: a declaration with other arguments than the queue's would fail.
-    let bus = Bus::amqp(&settings.amqp_url, Vec::new(), None)
-        .await
-        .context("connecting to RabbitMQ")?;
-    bus.delete_queues(&queues.all())
-        .await
-        .context("deleting queues")?;
+    match &settings.amqp_url {
+        Some(url) => {
+            let queues = Queues::new(&settings.namespace);
+            // Declare nothing: a declaration with other arguments than the queue's would fail.
+            let bus = Bus::amqp(url, Vec::new(), None)
+                .await
+                .context("connecting to RabbitMQ")?;
+            bus.delete_queues(&queues.all())
+                .await
+                .context("deleting queues")?;
+        }
+        None => {
+            if let Some(journal) = settings.bus_journal() {
+                for suffix in ["", "-wal", "-shm"] {
+                    let mut path = journal.clone().into_os_string();
+                    path.push(suffix);
+                    match std::fs::remove_file(&path) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => {
+                            return Err(anyhow::Error::new(e).context(format!(
+                                "deleting {}",
+                                std::path::Path::new(&path).display()
+                            )));
+                        }
+                    }
+                }
+            }
+        }
+    }
+    if settings.uses_data_dir() {
+        let _ = std::fs::remove_file(
+            settings
+                .data_dir
+                .join(format!("{}.lock", settings.namespace)),
+        );
+    }
     Ok(())
 }
 

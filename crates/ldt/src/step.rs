@@ -14,7 +14,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use sqlx::{PgConnection, PgPool, Row};
+use crate::db::{Conn, Pool};
+use sqlx::Row;
 use uuid::Uuid;
 
 use crate::bus::Incoming;
@@ -88,18 +89,24 @@ pub struct LedgerRow {
 }
 
 impl LedgerRow {
-    pub fn from_row(row: &sqlx::postgres::PgRow) -> Result<LedgerRow, sqlx::Error> {
+    pub fn from_row(row: &crate::db::DbRow) -> Result<LedgerRow, sqlx::Error> {
         Ok(LedgerRow {
             order_id: row.try_get("order_id")?,
             username: row.try_get("username")?,
             quantity: row.try_get("quantity")?,
             outcome: row.try_get("outcome")?,
-            compensated: row.try_get("compensated")?,
+            compensated: crate::db::get_bool(row, "compensated")?,
             created_ms: row.try_get("created_ms")?,
             updated_ms: row.try_get("updated_ms")?,
         })
     }
 }
+
+/// A ledger row, locked until the transaction ends (SQLite: its single writer does that).
+const LOCK_LEDGER_ROW: crate::db::Sql = crate::db::Sql {
+    postgres: "SELECT * FROM ledger WHERE order_id = $1 FOR UPDATE",
+    sqlite: "SELECT * FROM ledger WHERE order_id = $1",
+};
 
 /// Outcome labels stored in the ledger (the legacy vocabulary).
 pub const SUCCESS: &str = "SUCCESS";
@@ -116,14 +123,14 @@ pub trait StepEffect: Send + Sync + 'static {
     /// Applies the action; `Ok(false)` when the business rule refuses it (nothing changed).
     fn apply(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut Conn,
         action: &Action,
     ) -> impl std::future::Future<Output = Result<bool, sqlx::Error>> + Send;
 
     /// Undoes a successful action.
     fn undo(
         &self,
-        conn: &mut PgConnection,
+        conn: &mut Conn,
         row: &LedgerRow,
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
 }
@@ -131,7 +138,7 @@ pub trait StepEffect: Send + Sync + 'static {
 /// The message handler of a step service.
 pub struct StepService<E: StepEffect> {
     pub effect: E,
-    pub pool: PgPool,
+    pub pool: Pool,
     pub queues: Queues,
     pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
@@ -143,7 +150,7 @@ impl<E: StepEffect> StepService<E> {
     pub fn new(
         effect: E,
         ctx: &crate::startup::Context,
-        pool: PgPool,
+        pool: Pool,
         signal: OutboxSignal,
     ) -> Arc<Self> {
         Arc::new(StepService {
@@ -188,7 +195,7 @@ impl<E: StepEffect> StepService<E> {
     /// Applies one command inside `tx` (its reply goes into the outbox there too).
     async fn apply_in(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Conn,
         order_id: Uuid,
         cmd: &Command,
     ) -> Result<(), HandleError> {
@@ -216,7 +223,7 @@ impl<E: StepEffect> StepService<E> {
 
     async fn act_in(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Conn,
         order_id: Uuid,
         action: &Action,
     ) -> Result<(), HandleError> {
@@ -273,11 +280,7 @@ impl<E: StepEffect> StepService<E> {
         Ok(())
     }
 
-    async fn compensate_in(
-        &self,
-        tx: &mut PgConnection,
-        order_id: Uuid,
-    ) -> Result<(), HandleError> {
+    async fn compensate_in(&self, tx: &mut Conn, order_id: Uuid) -> Result<(), HandleError> {
         let id = order_id.to_string();
         let now = now_ms();
         let tombstone = sqlx::query(
@@ -293,7 +296,7 @@ impl<E: StepEffect> StepService<E> {
         if tombstone {
             tracing::info!(%order_id, step = E::STEP.as_str(), "compensation before its action: a late action will be refused");
         } else {
-            let row = sqlx::query("SELECT * FROM ledger WHERE order_id = $1 FOR UPDATE")
+            let row = sqlx::query(LOCK_LEDGER_ROW.on(tx))
                 .bind(&id)
                 .fetch_one(&mut *tx)
                 .await?;

@@ -21,7 +21,7 @@ impl Driver {
     async fn new(app: &TestApp) -> Driver {
         let queues = Queues::new(&app.settings.namespace);
         let bus = Bus::amqp(
-            &app.settings.amqp_url,
+            app.settings.amqp_url.as_deref().unwrap(),
             queues.all(),
             app.settings.queue_expires_ms,
         )

@@ -4,10 +4,11 @@
 
 use std::sync::Arc;
 
+use crate::db::Pool;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -21,11 +22,20 @@ use crate::messaging::{
 };
 use crate::startup::{Context, Started};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/dead_letter");
+/// One dead letter, locked until the transaction ends (SQLite: its single writer does that).
+const LOCK_DEAD_LETTER: crate::db::Sql = crate::db::Sql {
+    postgres: "SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE",
+    sqlite: "SELECT * FROM dead_letters WHERE id = $1",
+};
+
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/dead_letter"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/dead_letter"),
+};
 
 #[derive(Clone)]
 pub struct DeadLetters {
-    pool: PgPool,
+    pool: Pool,
     queues: Queues,
     signal: OutboxSignal,
     crash: Crash,
@@ -34,7 +44,7 @@ pub struct DeadLetters {
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::DeadLetter, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::DeadLetter, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::DeadLetter, pool.clone());
     let state = DeadLetters {
         pool: pool.clone(),
@@ -112,7 +122,7 @@ pub struct DeadLetter {
     pub replayed_at_ms: Option<i64>,
 }
 
-fn dead_letter_from_row(row: &sqlx::postgres::PgRow) -> Result<DeadLetter, sqlx::Error> {
+fn dead_letter_from_row(row: &crate::db::DbRow) -> Result<DeadLetter, sqlx::Error> {
     let payload: Vec<u8> = row.try_get("payload")?;
     Ok(DeadLetter {
         id: row.try_get("id")?,
@@ -165,7 +175,7 @@ async fn replay_dead_letter(
 ) -> Result<Json<DeadLetter>, ApiError> {
     crate::http::require_admin(state.admin_token.as_deref(), &headers)?;
     let mut tx = state.pool.begin().await?;
-    let row = sqlx::query("SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE")
+    let row = sqlx::query(LOCK_DEAD_LETTER.on(&tx))
         .bind(&id)
         .fetch_optional(&mut *tx)
         .await?

@@ -1,10 +1,10 @@
 //! The delivery service: records the delivery of the tokens to the user (the saga's last
 //! step) and cancels it on revert. Its ledger *is* the delivery record.
 
+use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::{Query, State};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -13,7 +13,10 @@ use crate::http::{ApiError, page_limit};
 use crate::startup::{Context, Started};
 use crate::step::{self, Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/delivery");
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/delivery"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/delivery"),
+};
 
 /// Delivering has no effect beyond its ledger row; cancelling flips `compensated`.
 pub struct Deliveries;
@@ -22,17 +25,17 @@ impl StepEffect for Deliveries {
     const STEP: Step = Step::Delivery;
     const INSUFFICIENT: &'static str = "UNDELIVERABLE";
 
-    async fn apply(&self, _: &mut PgConnection, _: &Action) -> Result<bool, sqlx::Error> {
+    async fn apply(&self, _: &mut Conn, _: &Action) -> Result<bool, sqlx::Error> {
         Ok(true)
     }
 
-    async fn undo(&self, _: &mut PgConnection, _: &LedgerRow) -> Result<(), sqlx::Error> {
+    async fn undo(&self, _: &mut Conn, _: &LedgerRow) -> Result<(), sqlx::Error> {
         Ok(())
     }
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::Delivery, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::Delivery, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Delivery, pool.clone());
     let handler = StepService::new(Deliveries, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Delivery, handler);
@@ -86,7 +89,7 @@ pub struct DeliveryQuery {
     params(DeliveryQuery),
     responses((status = 200, body = [Delivery]), (status = 422, body = crate::http::ErrorBody)))]
 async fn list_deliveries(
-    State(pool): State<PgPool>,
+    State(pool): State<Pool>,
     Query(q): Query<DeliveryQuery>,
 ) -> Result<Json<Vec<Delivery>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;

@@ -1,10 +1,11 @@
 //! The inventory service: the stock of tokens. The saga's inventory step reserves tokens and
 //! its undo releases them; an admin can restock.
 
+use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::State;
 use serde::{Deserialize, Serialize};
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -13,7 +14,10 @@ use crate::http::{ApiError, ApiJson};
 use crate::startup::{Context, Started};
 use crate::step::{Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/inventory");
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/inventory"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/inventory"),
+};
 
 /// Reserves and releases stock.
 pub struct Stock;
@@ -22,7 +26,7 @@ impl StepEffect for Stock {
     const STEP: Step = Step::Inventory;
     const INSUFFICIENT: &'static str = "INSUFFICIENT_INVENTORY";
 
-    async fn apply(&self, conn: &mut PgConnection, action: &Action) -> Result<bool, sqlx::Error> {
+    async fn apply(&self, conn: &mut Conn, action: &Action) -> Result<bool, sqlx::Error> {
         let reserved = sqlx::query(
             "UPDATE stock SET available = available - $1 WHERE id = 1 AND available >= $1",
         )
@@ -33,7 +37,7 @@ impl StepEffect for Stock {
         Ok(reserved == 1)
     }
 
-    async fn undo(&self, conn: &mut PgConnection, row: &LedgerRow) -> Result<(), sqlx::Error> {
+    async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE stock SET available = available + $1 WHERE id = 1")
             .bind(row.quantity)
             .execute(conn)
@@ -43,7 +47,7 @@ impl StepEffect for Stock {
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::Inventory, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::Inventory, &MIGRATORS).await?;
     // Seeded once: a restart (or a second replica) finds the row and leaves it alone.
     sqlx::query(
         "INSERT INTO stock (id, initial, available) VALUES (1, $1, $1) ON CONFLICT (id) DO NOTHING",
@@ -66,7 +70,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
 
 #[derive(Clone)]
 pub struct InventoryState {
-    pool: PgPool,
+    pool: Pool,
     admin_token: Option<String>,
 }
 
@@ -79,7 +83,7 @@ pub struct Inventory {
     pub restocked: i64,
 }
 
-async fn read(pool: &PgPool) -> Result<Inventory, ApiError> {
+async fn read(pool: &Pool) -> Result<Inventory, ApiError> {
     let row = sqlx::query("SELECT available, initial, restocked FROM stock WHERE id = 1")
         .fetch_one(pool)
         .await?;

@@ -13,10 +13,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -34,7 +35,23 @@ use crate::http::ApiError;
 use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/orchestrator");
+/// One saga, locked until the transaction ends (SQLite: its single writer does that).
+const LOCK_SAGA: crate::db::Sql = crate::db::Sql {
+    postgres: "SELECT * FROM sagas WHERE order_id = $1 FOR UPDATE",
+    sqlite: "SELECT * FROM sagas WHERE order_id = $1",
+};
+
+/// Sagas past their deadline, skipping those another replica is handling.
+const CLAIM_DUE: crate::db::Sql = crate::db::Sql {
+    postgres: "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100 \
+               FOR UPDATE SKIP LOCKED",
+    sqlite: "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100",
+};
+
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/orchestrator"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/orchestrator"),
+};
 
 /// Longest wait between two tries of an unanswered compensation.
 const MAX_COMPENSATION_BACKOFF: Duration = Duration::from_secs(30);
@@ -43,7 +60,7 @@ const STUCK_AFTER_ATTEMPTS: i32 = 5;
 
 #[derive(Clone)]
 pub struct Orchestrator {
-    pool: PgPool,
+    pool: Pool,
     queues: Queues,
     signal: OutboxSignal,
     step_timeout: Duration,
@@ -52,7 +69,7 @@ pub struct Orchestrator {
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::Orchestrator, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::Orchestrator, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Orchestrator, pool.clone());
     let orchestrator = Orchestrator {
         pool: pool.clone(),
@@ -109,7 +126,7 @@ impl Phase {
     }
 }
 
-fn saga_from_row(row: &sqlx::postgres::PgRow) -> Result<Saga, HandleError> {
+fn saga_from_row(row: &crate::db::DbRow) -> Result<Saga, HandleError> {
     let bad = |what: &str| HandleError::Transient(anyhow::anyhow!("corrupt saga row: {what}"));
     let order_id: String = row.try_get("order_id")?;
     let phase: String = row.try_get("phase")?;
@@ -366,7 +383,7 @@ impl Orchestrator {
     /// Writes the transition: saga row, log lines, outbox; all in the caller's transaction.
     async fn persist(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Conn,
         saga: &Saga,
         fx: Effects,
         now: i64,
@@ -400,7 +417,7 @@ impl Orchestrator {
 
     async fn write_log_and_outbox(
         &self,
-        tx: &mut PgConnection,
+        tx: &mut Conn,
         order_id: Uuid,
         fx: Effects,
         now: i64,
@@ -420,7 +437,7 @@ impl Orchestrator {
     }
 
     async fn lock(&self, tx: &mut Tx, order_id: Uuid) -> Result<Option<Saga>, HandleError> {
-        let row = sqlx::query("SELECT * FROM sagas WHERE order_id = $1 FOR UPDATE")
+        let row = sqlx::query(LOCK_SAGA.on(tx))
             .bind(order_id.to_string())
             .fetch_optional(&mut **tx)
             .await?;
@@ -598,12 +615,10 @@ impl Orchestrator {
     async fn fire_due(&self) -> Result<usize, HandleError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
-        let rows = sqlx::query(
-            "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100 FOR UPDATE SKIP LOCKED",
-        )
-        .bind(now)
-        .fetch_all(&mut *tx)
-        .await?;
+        let rows = sqlx::query(CLAIM_DUE.on(&tx))
+            .bind(now)
+            .fetch_all(&mut *tx)
+            .await?;
         let n = rows.len();
         for row in &rows {
             let mut saga = saga_from_row(row)?;
@@ -706,7 +721,7 @@ pub struct SagaView {
     params(("order_id" = String, Path, description = "Order id")),
     responses((status = 200, body = SagaView), (status = 404, body = crate::http::ErrorBody)))]
 async fn get_saga(
-    State(pool): State<PgPool>,
+    State(pool): State<Pool>,
     Path(order_id): Path<String>,
 ) -> Result<Json<SagaView>, ApiError> {
     let row = sqlx::query(

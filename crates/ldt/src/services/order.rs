@@ -4,12 +4,13 @@
 
 use std::sync::Arc;
 
+use crate::db::Pool;
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use sqlx::{PgPool, Row};
+use sqlx::Row;
 use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -23,14 +24,17 @@ use crate::http::{ApiError, ApiJson, page_limit};
 use crate::messaging::{self, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/order");
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/order"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/order"),
+};
 
 /// Longest accepted username, in characters.
 pub const MAX_USERNAME: usize = 64;
 
 #[derive(Clone)]
 pub struct OrderState {
-    pool: PgPool,
+    pool: Pool,
     queues: Queues,
     signal: OutboxSignal,
     crash: Crash,
@@ -97,7 +101,7 @@ impl Admission {
     }
 
     /// Re-counts the PENDING orders every 100 ms until shutdown.
-    async fn refresh(self, pool: PgPool, shutdown: tokio_util::sync::CancellationToken) {
+    async fn refresh(self, pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
         loop {
             tokio::select! {
                 _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
@@ -123,7 +127,7 @@ impl Admission {
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::Order, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::Order, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Order, pool.clone());
     let state = OrderState {
         pool: pool.clone(),
@@ -410,7 +414,7 @@ impl OrderState {
     }
 }
 
-fn order_from_row(row: &sqlx::postgres::PgRow) -> Result<Order, ApiError> {
+fn order_from_row(row: &crate::db::DbRow) -> Result<Order, ApiError> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     let faults: String = row.try_get("faults")?;
@@ -581,8 +585,8 @@ async fn list_orders(
         ),
     };
     let rows = sqlx::query(
-        "SELECT * FROM orders WHERE seq > $1 AND ($2::TEXT IS NULL OR username = $2) \
-         AND ($3::TEXT IS NULL OR status = $3) ORDER BY seq LIMIT $4",
+        "SELECT * FROM orders WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
+         AND (CAST($3 AS TEXT) IS NULL OR status = $3) ORDER BY seq LIMIT $4",
     )
     .bind(q.after.unwrap_or(0))
     .bind(q.username)

@@ -1,10 +1,11 @@
 //! The payment service: users and their credits. A user first seen gets the initial credits;
 //! the saga's payment step debits price × amount and its undo refunds it.
 
+use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::{Path, State};
 use serde::Serialize;
-use sqlx::{PgConnection, PgPool, Row};
+use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -14,7 +15,10 @@ use crate::http::ApiError;
 use crate::startup::{Context, Started};
 use crate::step::{Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/payment");
+static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/payment"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/payment"),
+};
 
 /// Debits and refunds credits.
 pub struct Credits {
@@ -25,7 +29,7 @@ impl StepEffect for Credits {
     const STEP: Step = Step::Payment;
     const INSUFFICIENT: &'static str = "INSUFFICIENT_FUND";
 
-    async fn apply(&self, conn: &mut PgConnection, action: &Action) -> Result<bool, sqlx::Error> {
+    async fn apply(&self, conn: &mut Conn, action: &Action) -> Result<bool, sqlx::Error> {
         let username = action.username.as_deref().unwrap_or_default();
         sqlx::query(
             "INSERT INTO users (username, credits, created_ms) VALUES ($1, $2, $3) \
@@ -49,7 +53,7 @@ impl StepEffect for Credits {
         Ok(debited == 1)
     }
 
-    async fn undo(&self, conn: &mut PgConnection, row: &LedgerRow) -> Result<(), sqlx::Error> {
+    async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE users SET credits = credits + $2 WHERE username = $1")
             .bind(row.username.as_deref().unwrap_or_default())
             .bind(row.quantity)
@@ -60,7 +64,7 @@ impl StepEffect for Credits {
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
-    let pool = ctx.open_db(Service::Payment, &MIGRATOR).await?;
+    let pool = ctx.open_db(Service::Payment, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Payment, pool.clone());
     let handler = StepService::new(
         Credits {
@@ -88,7 +92,7 @@ pub struct User {
     params(("username" = String, Path, description = "The user")),
     responses((status = 200, body = User), (status = 404, body = crate::http::ErrorBody)))]
 async fn get_user(
-    State(pool): State<PgPool>,
+    State(pool): State<Pool>,
     Path(username): Path<String>,
 ) -> Result<Json<User>, ApiError> {
     let row = sqlx::query("SELECT username, credits FROM users WHERE username = $1")

@@ -21,11 +21,26 @@ pub struct TestApp {
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
+/// The real RabbitMQ and PostgreSQL these tests run against.
+pub fn amqp_url() -> String {
+    std::env::var("LDT_AMQP_URL").unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+pub fn database_url() -> String {
+    std::env::var("LDT_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+}
+
 pub fn test_settings(extra: &[&str]) -> Settings {
     let namespace = format!("t_{}", uuid::Uuid::new_v4().simple());
+    let (amqp, db) = (amqp_url(), database_url());
     let mut args = vec![
         "ldt",
         "up",
+        "--amqp-url",
+        &amqp,
+        "--database-url",
+        &db,
         "--http-addr",
         "127.0.0.1:0",
         "--namespace",

@@ -1,0 +1,351 @@
+//! The transport conformance suite: the contract the services rely on, checked against
+//! every transport — RabbitMQ (the real broker), the in-process bus with its journal (the
+//! embedded mode) and the in-process bus in memory (`--ephemeral`).
+//!
+//! At-least-once delivery, explicit ack and nack with requeue, per-queue FIFO, prefetch,
+//! dead-lettering of poison messages, back-pressure from a bounded queue, and (for the
+//! durable transports) messages that outlive the process that published them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use ldt::bus::{Bus, Incoming, Outgoing, QueueOptions, Subscription};
+use ldt::contract::Queues;
+use ldt::messaging::{self, Consumer, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER};
+use ldt::metrics::Metrics;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Kind {
+    Amqp,
+    Journaled,
+    Memory,
+}
+
+/// One transport in a fresh namespace (its own queues, its own journal file).
+struct Fixture {
+    kind: Kind,
+    queues: Queues,
+    dir: PathBuf,
+}
+
+impl Fixture {
+    fn new(kind: Kind) -> Fixture {
+        let ns = format!("t_{}", uuid::Uuid::new_v4().simple());
+        let dir = std::env::temp_dir().join(format!("ldt-transport-{ns}"));
+        Fixture {
+            kind,
+            queues: Queues::new(&ns),
+            dir,
+        }
+    }
+
+    fn names(&self) -> Vec<String> {
+        self.queues.all()
+    }
+
+    fn queue(&self) -> String {
+        self.names()[0].clone()
+    }
+
+    /// Opens the transport; `capacity` bounds each queue's ready messages.
+    async fn open(&self, capacity: Option<usize>) -> Bus {
+        match self.kind {
+            Kind::Amqp => Bus::amqp_with(
+                &common::amqp_url(),
+                self.names(),
+                QueueOptions {
+                    expires_ms: Some(600_000),
+                    queue_type: None,
+                    max_length: capacity.map(|c| c as u32),
+                },
+            )
+            .await
+            .unwrap(),
+            Kind::Journaled => Bus::embedded(
+                Some(&self.dir.join("bus.db")),
+                self.names(),
+                capacity.unwrap_or(ldt::embedded_bus::DEFAULT_CAPACITY),
+            )
+            .await
+            .unwrap(),
+            Kind::Memory => Bus::embedded(
+                None,
+                self.names(),
+                capacity.unwrap_or(ldt::embedded_bus::DEFAULT_CAPACITY),
+            )
+            .await
+            .unwrap(),
+        }
+    }
+
+    fn message(&self, queue: &str, i: usize) -> Outgoing {
+        Outgoing {
+            queue: queue.to_owned(),
+            message_id: format!("m{i}"),
+            payload: format!("payload {i}").into_bytes(),
+            headers: vec![("x-test".into(), format!("h{i}"))],
+        }
+    }
+}
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+        if self.kind == Kind::Amqp {
+            let names = self.names();
+            let _ = std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    if let Ok(bus) = Bus::amqp(&common::amqp_url(), Vec::new(), None).await {
+                        let _ = bus.delete_queues(&names).await;
+                    }
+                });
+            })
+            .join();
+        }
+    }
+}
+
+async fn next(sub: &mut Subscription) -> Incoming {
+    tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a delivery within 10 s")
+        .expect("the subscription is open")
+        .expect("a delivery, not an error")
+}
+
+fn text(m: &Incoming) -> String {
+    String::from_utf8(m.payload.clone()).unwrap()
+}
+
+async fn round_trip_keeps_id_headers_and_payload(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    bus.publish(&[f.message(&q, 7)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 7");
+    assert_eq!(m.message_id.as_deref(), Some("m7"));
+    assert_eq!(m.headers.get("x-test").map(String::as_str), Some("h7"));
+    assert!(!m.redelivered);
+    m.ack().await.unwrap();
+}
+
+async fn each_queue_is_first_in_first_out(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    for chunk in (0..200).collect::<Vec<_>>().chunks(20) {
+        let batch: Vec<Outgoing> = chunk.iter().map(|i| f.message(&q, *i)).collect();
+        bus.publish(&batch).await.unwrap();
+    }
+    let mut sub = bus.subscribe(&q, 50).await.unwrap();
+    for i in 0..200 {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
+async fn a_nacked_message_is_delivered_again_and_an_acked_one_is_not(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    bus.publish(&[f.message(&q, 1)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut sub).await;
+    m.nack_requeue(Duration::ZERO).await.unwrap();
+    let again = next(&mut sub).await;
+    assert_eq!(text(&again), "payload 1");
+    assert!(again.redelivered);
+    again.ack().await.unwrap();
+    // The next delivery is the next message, not the acked one once more.
+    bus.publish(&[f.message(&q, 2)]).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 2");
+    m.ack().await.unwrap();
+}
+
+async fn unacked_messages_go_back_when_a_subscription_ends(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let batch: Vec<Outgoing> = (0..3).map(|i| f.message(&q, i)).collect();
+    bus.publish(&batch).await.unwrap();
+    let mut first = bus.subscribe(&q, 10).await.unwrap();
+    let held: Vec<Incoming> = vec![
+        next(&mut first).await,
+        next(&mut first).await,
+        next(&mut first).await,
+    ];
+    first.close().await;
+    drop(held);
+    let mut second = bus.subscribe(&q, 10).await.unwrap();
+    for i in 0..3 {
+        let m = next(&mut second).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        assert!(m.redelivered);
+        m.ack().await.unwrap();
+    }
+}
+
+async fn prefetch_bounds_the_unacked_deliveries(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let batch: Vec<Outgoing> = (0..10).map(|i| f.message(&q, i)).collect();
+    bus.publish(&batch).await.unwrap();
+    let mut sub = bus.subscribe(&q, 3).await.unwrap();
+    let held = vec![
+        next(&mut sub).await,
+        next(&mut sub).await,
+        next(&mut sub).await,
+    ];
+    // Three unacked: a fourth must not come (the wait can only fail on a broken bus).
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "a fourth delivery arrived with prefetch 3"
+    );
+    held[0].ack().await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 3");
+}
+
+/// Parks messages whose payload says so, records the others.
+struct Picky {
+    handled: Mutex<Vec<String>>,
+}
+
+impl Handler for Picky {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let body = String::from_utf8_lossy(&msg.payload).into_owned();
+        if body.starts_with("poison") {
+            return Err(HandleError::Poison(format!("cannot read {body:?}")));
+        }
+        self.handled.lock().unwrap().push(body);
+        Ok(())
+    }
+}
+
+async fn poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let dlq = f.queues.dead_letters();
+    let handler = Arc::new(Picky {
+        handled: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(messaging::consume(
+        Consumer {
+            bus: bus.clone(),
+            queues: f.queues.clone(),
+            queue: q.clone(),
+            service: "test",
+            prefetch: 8,
+            metrics: Metrics::default(),
+        },
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let mut poison = f.message(&q, 1);
+    poison.payload = b"poison pill".to_vec();
+    bus.publish(&[poison, f.message(&q, 2)]).await.unwrap();
+    let mut dead = bus.subscribe(&dlq, 10).await.unwrap();
+    let parked = next(&mut dead).await;
+    assert_eq!(text(&parked), "poison pill");
+    assert_eq!(parked.message_id.as_deref(), Some("m1"));
+    assert_eq!(parked.headers.get(ORIGIN_QUEUE_HEADER), Some(&q));
+    assert!(parked.headers[REASON_HEADER].contains("cannot read"));
+    assert_eq!(parked.headers.get("x-test").map(String::as_str), Some("h1"));
+    parked.ack().await.unwrap();
+    let started = std::time::Instant::now();
+    while handler.handled.lock().unwrap().is_empty() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the good message was not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(
+        *handler.handled.lock().unwrap(),
+        vec!["payload 2".to_owned()]
+    );
+    shutdown.cancel();
+    consumer.await.unwrap();
+}
+
+async fn a_full_queue_refuses_publishes_until_it_drains(f: Fixture) {
+    let bus = f.open(Some(5)).await;
+    let q = f.queue();
+    for i in 0..5 {
+        bus.publish(&[f.message(&q, i)]).await.unwrap();
+    }
+    let refused = bus.publish(&[f.message(&q, 5)]).await.unwrap_err();
+    assert!(refused.is_refused(), "{refused}");
+    let mut sub = bus.subscribe(&q, 1).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 0");
+    m.ack().await.unwrap();
+    bus.publish(&[f.message(&q, 6)]).await.unwrap();
+    for i in [1, 2, 3, 4, 6] {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
+async fn published_messages_outlive_the_publisher(f: Fixture) {
+    let q = f.queue();
+    {
+        let bus = f.open(None).await;
+        let batch: Vec<Outgoing> = (0..3).map(|i| f.message(&q, i)).collect();
+        bus.publish(&batch).await.unwrap();
+        // Take one and stop without acking it: it must come back too.
+        let mut sub = bus.subscribe(&q, 1).await.unwrap();
+        let unacked = next(&mut sub).await;
+        sub.close().await;
+        drop(unacked);
+    }
+    let bus = f.open(None).await;
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    for i in 0..3 {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
+/// Runs each named scenario against each transport kind.
+macro_rules! conformance {
+    ($($scenario:ident: [$($kind:ident),*];)*) => {
+        $(
+            mod $scenario {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    #[allow(non_snake_case)]
+                    async fn $kind() {
+                        super::$scenario(super::Fixture::new(super::Kind::$kind)).await;
+                    }
+                )*
+            }
+        )*
+    };
+}
+
+conformance! {
+    round_trip_keeps_id_headers_and_payload: [Amqp, Journaled, Memory];
+    each_queue_is_first_in_first_out: [Amqp, Journaled, Memory];
+    a_nacked_message_is_delivered_again_and_an_acked_one_is_not: [Amqp, Journaled, Memory];
+    unacked_messages_go_back_when_a_subscription_ends: [Amqp, Journaled, Memory];
+    prefetch_bounds_the_unacked_deliveries: [Amqp, Journaled, Memory];
+    poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows: [Amqp, Journaled, Memory];
+    a_full_queue_refuses_publishes_until_it_drains: [Amqp, Journaled, Memory];
+    // In memory, nothing outlives the process: that is what `--ephemeral` means.
+    published_messages_outlive_the_publisher: [Amqp, Journaled];
+}
