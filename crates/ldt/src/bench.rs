@@ -338,7 +338,7 @@ async fn load(
             tasks.spawn(async move { send_one(&client, &url, &body, due, &shared).await });
             i += 1;
             while tasks.try_join_next().is_some() {}
-            if !quiet && i % 100 == 0 {
+            if !quiet && i.is_multiple_of(100) {
                 progress("sending", i, orders, started);
             }
         }

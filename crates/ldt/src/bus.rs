@@ -304,7 +304,10 @@ impl AmqpBus {
                 FieldTable::default(),
             )
             .await?;
-        Ok(Subscription::Amqp { channel, consumer })
+        Ok(Subscription::Amqp {
+            channel,
+            consumer: Box::new(consumer),
+        })
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
@@ -340,7 +343,7 @@ impl AmqpBus {
 pub enum Subscription {
     Amqp {
         channel: Channel,
-        consumer: lapin::Consumer,
+        consumer: Box<lapin::Consumer>,
     },
     Embedded(EmbeddedSubscription),
 }

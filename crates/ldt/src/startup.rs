@@ -271,6 +271,7 @@ pub struct Application {
     router: axum::Router,
     shutdown: CancellationToken,
     tasks: TaskTracker,
+    bus: Bus,
     /// Held while running: two processes on one data directory would corrupt each other.
     _data_lock: Option<std::fs::File>,
 }
@@ -388,7 +389,10 @@ impl Application {
             tracing::info!(service = service.as_str(), "service started");
         }
         let (router, openapi) = api.split_for_parts();
-        let health = Health { bus, pools };
+        let health = Health {
+            bus: bus.clone(),
+            pools,
+        };
         let router = router
             .route_layer(axum::middleware::from_fn(trace_http))
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
@@ -400,8 +404,14 @@ impl Application {
             router,
             shutdown: ctx.shutdown,
             tasks: ctx.tasks,
+            bus,
             _data_lock: data_lock,
         })
+    }
+
+    /// The bus the services talk over (tests drive the services through it).
+    pub fn bus(&self) -> Bus {
+        self.bus.clone()
     }
 
     pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {

@@ -3,12 +3,11 @@
 
 mod common;
 
-use common::{ALL, spawn_app};
+use common::{ALL, Stack, spawn_on};
 use serde_json::json;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn bad_orders_are_rejected_with_a_reason_and_store_nothing() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn bad_orders_are_rejected_with_a_reason_and_store_nothing(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     let long = "x".repeat(65);
     let cases: Vec<(&str, String, u16, &str)> = vec![
         (
@@ -147,9 +146,8 @@ async fn bad_orders_are_rejected_with_a_reason_and_store_nothing() {
     assert_eq!(status, 422);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn health_openapi_and_swagger_are_served() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn health_openapi_and_swagger_are_served(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     assert_eq!(app.get("/healthz").await.0, 200);
     let (status, ready) = app.get("/readyz").await;
     assert_eq!((status, ready["status"].as_str()), (200, Some("ready")));
@@ -181,9 +179,8 @@ async fn health_openapi_and_swagger_are_served() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn restock_adds_to_the_stock() {
-    let app = spawn_app(&ALL, &["--initial-stock", "3"]).await;
+async fn restock_adds_to_the_stock(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &["--initial-stock", "3"]).await;
     let resp = app
         .client
         .post(app.url("/api/v1/inventory/restock"))
@@ -196,10 +193,14 @@ async fn restock_adds_to_the_stock() {
     assert_eq!(inv, json!({"available": 10, "initial": 3, "restocked": 7}));
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_full_marketplace_sheds_new_orders_with_retry_after() {
+async fn a_full_marketplace_sheds_new_orders_with_retry_after(stack: Stack) {
     // Three orders stalled at payment fill a marketplace that admits three in flight.
-    let app = spawn_app(&ALL, &["--max-pending", "3", "--step-timeout-ms", "3000"]).await;
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &["--max-pending", "3", "--step-timeout-ms", "3000"],
+    )
+    .await;
     let post = |key: &'static str, user: &'static str| {
         let req = app
             .client
@@ -231,9 +232,9 @@ async fn a_full_marketplace_sheds_new_orders_with_retry_after() {
     assert_eq!(all.as_array().unwrap().len(), 3);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags() {
-    let app = spawn_app(
+async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack: Stack) {
+    let app = spawn_on(
+        stack,
         &ALL,
         &["--admin-token", "s3cret", "--fault-injection", "false"],
     )
@@ -278,3 +279,11 @@ async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags() {
         "SUCCESS"
     );
 }
+
+on_every_stack!(
+    bad_orders_are_rejected_with_a_reason_and_store_nothing,
+    health_openapi_and_swagger_are_served,
+    restock_adds_to_the_stock,
+    a_full_marketplace_sheds_new_orders_with_retry_after,
+    production_settings_guard_admin_endpoints_and_refuse_fault_flags,
+);

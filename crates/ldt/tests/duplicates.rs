@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, order_body, spawn_app, user};
+use common::{Stack, TestApp, order_body, spawn_on, user};
 use ldt::bus::{Bus, Outgoing, Subscription};
 use ldt::contract::{
     Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
@@ -22,13 +22,7 @@ struct Driver {
 impl Driver {
     async fn new(app: &TestApp) -> Driver {
         let queues = Queues::new(&app.settings.namespace);
-        let bus = Bus::amqp(
-            app.settings.amqp_url.as_deref().unwrap(),
-            queues.all(),
-            app.settings.queue_expires_ms,
-        )
-        .await
-        .unwrap();
+        let bus = app.bus.clone();
         Driver { bus, queues }
     }
 
@@ -60,9 +54,8 @@ async fn next(sub: &mut Subscription) -> Envelope {
     Envelope::from_json(&msg.payload).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn orchestrator_inputs_delivered_twice_drive_the_saga_once() {
-    let app = spawn_app(&[Service::Orchestrator], &["--prefetch", "1"]).await;
+async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Orchestrator], &["--prefetch", "1"]).await;
     let driver = Driver::new(&app).await;
     let (mut payment, mut inventory, mut delivery, mut order) = (
         driver.listen(Service::Payment).await,
@@ -165,9 +158,8 @@ async fn orchestrator_inputs_delivered_twice_drive_the_saga_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compensation_answers_delivered_twice_advance_once() {
-    let app = spawn_app(&[Service::Orchestrator], &["--prefetch", "1"]).await;
+async fn compensation_answers_delivered_twice_advance_once(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Orchestrator], &["--prefetch", "1"]).await;
     let driver = Driver::new(&app).await;
     let (mut payment, mut inventory, mut order) = (
         driver.listen(Service::Payment).await,
@@ -239,9 +231,8 @@ async fn compensation_answers_delivered_twice_advance_once() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn order_finished_delivered_twice_sets_the_status_once() {
-    let app = spawn_app(&[Service::Order], &["--prefetch", "1"]).await;
+async fn order_finished_delivered_twice_sets_the_status_once(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Order], &["--prefetch", "1"]).await;
     let driver = Driver::new(&app).await;
     let mut placed = driver.listen(Service::Orchestrator).await;
     let id = app.order(order_body(&user("fin"), 1, 1)).await;
@@ -285,3 +276,9 @@ async fn order_finished_delivered_twice_sets_the_status_once() {
     assert_eq!(after["status"], "SUCCESS");
     assert_eq!(after["finished_at_ms"], first["finished_at_ms"]);
 }
+
+on_every_stack!(
+    orchestrator_inputs_delivered_twice_drive_the_saga_once,
+    compensation_answers_delivered_twice_advance_once,
+    order_finished_delivered_twice_sets_the_status_once,
+);

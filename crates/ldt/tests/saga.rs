@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ALL, TestApp, order_body, spawn_app, user};
+use common::{ALL, Stack, TestApp, order_body, spawn_on, user};
 use serde_json::json;
 
 const FINAL: Duration = Duration::from_secs(10);
@@ -64,9 +64,13 @@ async fn check_case(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn every_legacy_case_ends_with_its_status_and_balanced_books() {
-    let app = spawn_app(&ALL, &["--step-timeout-ms", "400", "--stall-ms", "700"]).await;
+async fn every_legacy_case_ends_with_its_status_and_balanced_books(stack: Stack) {
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &["--step-timeout-ms", "400", "--stall-ms", "700"],
+    )
+    .await;
     check_case(&app, order_body(&user("ok"), 10, 2), "SUCCESS", 20, 2).await;
     check_case(
         &app,
@@ -106,9 +110,8 @@ async fn every_legacy_case_ends_with_its_status_and_balanced_books() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_failure_after_payment_refunds_the_money() {
-    let app = spawn_app(&ALL, &["--initial-stock", "5"]).await;
+async fn a_failure_after_payment_refunds_the_money(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &["--initial-stock", "5"]).await;
     // 60 credits are debited, then the inventory has only 5 tokens: the debit is refunded.
     check_case(
         &app,
@@ -146,9 +149,8 @@ async fn a_failure_after_payment_refunds_the_money() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn compensations_run_in_reverse_order() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn compensations_run_in_reverse_order(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     let mut body = order_body(&user("rev"), 1, 1);
     body["kill_deliver"] = json!(true);
     let id = app.order(body).await;
@@ -169,9 +171,8 @@ async fn compensations_run_in_reverse_order() {
     assert_eq!(saga["phase"], "done");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_orders_never_overdraw_a_user() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn concurrent_orders_never_overdraw_a_user(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     let name = user("rush");
     let ids =
         futures_util::future::join_all((0..30).map(|_| app.order(order_body(&name, 100, 1)))).await;
@@ -189,9 +190,8 @@ async fn concurrent_orders_never_overdraw_a_user() {
     assert_eq!(app.active_deliveries(&name).await.len(), 5);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn concurrent_orders_never_oversell_the_stock() {
-    let app = spawn_app(&ALL, &["--initial-stock", "10"]).await;
+async fn concurrent_orders_never_oversell_the_stock(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &["--initial-stock", "10"]).await;
     let users: Vec<String> = (0..25).map(|i| user(&format!("buyer{i}"))).collect();
     let ids =
         futures_util::future::join_all(users.iter().map(|u| app.order(order_body(u, 1, 1)))).await;
@@ -213,9 +213,8 @@ async fn concurrent_orders_never_oversell_the_stock() {
     assert_eq!(spent, 10);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_stalled_step_does_not_hold_up_other_orders() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn a_stalled_step_does_not_hold_up_other_orders(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     let mut slow = order_body(&user("slow"), 1, 1);
     slow["timeout_payment"] = json!(true);
     let slow_id = app.order(slow).await;
@@ -230,9 +229,8 @@ async fn a_stalled_step_does_not_hold_up_other_orders() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn v1_orders_api_with_location_paging_and_idempotency() {
-    let app = spawn_app(&ALL, &[]).await;
+async fn v1_orders_api_with_location_paging_and_idempotency(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
     let name = user("v1");
     let resp = app
         .client
@@ -300,3 +298,13 @@ async fn v1_orders_api_with_location_paging_and_idempotency() {
         .await;
     assert_eq!(status, 404);
 }
+
+on_every_stack!(
+    every_legacy_case_ends_with_its_status_and_balanced_books,
+    a_failure_after_payment_refunds_the_money,
+    compensations_run_in_reverse_order,
+    concurrent_orders_never_overdraw_a_user,
+    concurrent_orders_never_oversell_the_stock,
+    a_stalled_step_does_not_hold_up_other_orders,
+    v1_orders_api_with_location_paging_and_idempotency,
+);

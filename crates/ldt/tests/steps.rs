@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestApp, spawn_app};
+use common::{Stack, TestApp, spawn_on};
 use ldt::bus::{Bus, Outgoing, Subscription};
 use ldt::contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
 use uuid::Uuid;
@@ -20,13 +20,7 @@ struct Driver {
 impl Driver {
     async fn new(app: &TestApp) -> Driver {
         let queues = Queues::new(&app.settings.namespace);
-        let bus = Bus::amqp(
-            app.settings.amqp_url.as_deref().unwrap(),
-            queues.all(),
-            app.settings.queue_expires_ms,
-        )
-        .await
-        .unwrap();
+        let bus = app.bus.clone();
         let answers = bus
             .subscribe(&queues.of(Service::Orchestrator), 100)
             .await
@@ -77,9 +71,8 @@ fn debit(order: Uuid, user: &str, total: i64) -> Envelope {
     )
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused() {
-    let app = spawn_app(&[Service::Payment, Service::DeadLetter], &[]).await;
+async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
     let mut driver = Driver::new(&app).await;
 
     // The debit completes after the orchestrator recorded TIMEOUT (it sends the refund then):
@@ -134,9 +127,9 @@ async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refus
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn duplicates_have_one_effect_and_get_the_first_answer() {
-    let app = spawn_app(
+async fn duplicates_have_one_effect_and_get_the_first_answer(stack: Stack) {
+    let app = spawn_on(
+        stack,
         &[Service::Payment, Service::Inventory, Service::Delivery],
         &[],
     )
@@ -201,9 +194,8 @@ async fn duplicates_have_one_effect_and_get_the_first_answer() {
     assert!(app.active_deliveries("dup").await.is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working() {
-    let app = spawn_app(&[Service::Payment, Service::DeadLetter], &[]).await;
+async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
     let mut driver = Driver::new(&app).await;
     let order = Uuid::now_v7();
     let wrong_version =
@@ -268,3 +260,9 @@ async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working
         .unwrap();
     assert_eq!(resp.status(), 404);
 }
+
+on_every_stack!(
+    a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
+    duplicates_have_one_effect_and_get_the_first_answer,
+    poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
+);

@@ -200,7 +200,7 @@ async fn prefetch_bounds_the_unacked_deliveries(f: Fixture) {
     let batch: Vec<Outgoing> = (0..10).map(|i| f.message(&q, i)).collect();
     bus.publish(&batch).await.unwrap();
     let mut sub = bus.subscribe(&q, 3).await.unwrap();
-    let held = vec![
+    let held = [
         next(&mut sub).await,
         next(&mut sub).await,
         next(&mut sub).await,

@@ -28,7 +28,7 @@ const LOCK_DEAD_LETTER: crate::db::Sql = crate::db::Sql {
     sqlite: "SELECT * FROM dead_letters WHERE id = $1",
 };
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/dead_letter"),
     sqlite: sqlx::migrate!("./migrations-sqlite/dead_letter"),
 };

@@ -13,7 +13,7 @@ use crate::http::{ApiError, page_limit};
 use crate::startup::{Context, Started};
 use crate::step::{self, Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/delivery"),
     sqlite: sqlx::migrate!("./migrations-sqlite/delivery"),
 };

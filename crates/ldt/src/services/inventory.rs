@@ -14,7 +14,7 @@ use crate::http::{ApiError, ApiJson};
 use crate::startup::{Context, Started};
 use crate::step::{Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/inventory"),
     sqlite: sqlx::migrate!("./migrations-sqlite/inventory"),
 };

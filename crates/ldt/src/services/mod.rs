@@ -7,3 +7,17 @@ pub mod inventory;
 pub mod orchestrator;
 pub mod order;
 pub mod payment;
+
+use crate::contract::Service;
+
+/// A service's migrations, for both backends.
+pub fn migrators(service: Service) -> &'static crate::db::Migrators {
+    match service {
+        Service::Order => &order::MIGRATORS,
+        Service::Orchestrator => &orchestrator::MIGRATORS,
+        Service::Payment => &payment::MIGRATORS,
+        Service::Inventory => &inventory::MIGRATORS,
+        Service::Delivery => &delivery::MIGRATORS,
+        Service::DeadLetter => &dead_letter::MIGRATORS,
+    }
+}

@@ -48,7 +48,7 @@ const CLAIM_DUE: crate::db::Sql = crate::db::Sql {
     sqlite: "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100",
 };
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/orchestrator"),
     sqlite: sqlx::migrate!("./migrations-sqlite/orchestrator"),
 };

@@ -24,7 +24,7 @@ use crate::http::{ApiError, ApiJson, page_limit};
 use crate::messaging::{self, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/order"),
     sqlite: sqlx::migrate!("./migrations-sqlite/order"),
 };

@@ -15,7 +15,7 @@ use crate::http::ApiError;
 use crate::startup::{Context, Started};
 use crate::step::{Action, LedgerRow, StepEffect, StepService};
 
-static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/payment"),
     sqlite: sqlx::migrate!("./migrations-sqlite/payment"),
 };

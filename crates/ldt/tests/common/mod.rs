@@ -1,6 +1,8 @@
 //! Test harness: `spawn_app()` starts the chosen services in this process on port 0, in a
 //! fresh namespace (their own databases and queues on the real PostgreSQL and RabbitMQ), and
-//! purges the namespace when the test is done.
+//! purges the namespace when the test is done. `spawn_on(Stack::Embedded, …)` starts them on
+//! the embedded stack instead (SQLite files and the in-process bus, in a fresh directory):
+//! the suites that run on both are the store conformance suite.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::time::{Duration, Instant};
@@ -16,6 +18,8 @@ use tokio::task::JoinHandle;
 pub struct TestApp {
     pub base: String,
     pub settings: Settings,
+    /// The services' own bus, to talk to them the way other services do.
+    pub bus: ldt::bus::Bus,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -31,16 +35,32 @@ pub fn database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
 }
 
+/// What the services run on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stack {
+    /// The real RabbitMQ and PostgreSQL.
+    Servers,
+    /// SQLite files and the in-process bus (`ldt up` with nothing configured).
+    Embedded,
+}
+
 pub fn test_settings(extra: &[&str]) -> Settings {
+    settings_on(Stack::Servers, extra)
+}
+
+pub fn settings_on(stack: Stack, extra: &[&str]) -> Settings {
     let namespace = format!("t_{}", uuid::Uuid::new_v4().simple());
     let (amqp, db) = (amqp_url(), database_url());
-    let mut args = vec![
-        "ldt",
-        "up",
-        "--amqp-url",
-        &amqp,
-        "--database-url",
-        &db,
+    let dir = std::env::temp_dir()
+        .join(format!("ldt-test-{namespace}"))
+        .display()
+        .to_string();
+    let mut args = vec!["ldt", "up"];
+    match stack {
+        Stack::Servers => args.extend(["--amqp-url", &amqp, "--database-url", &db]),
+        Stack::Embedded => args.extend(["--data-dir", &dir]),
+    }
+    args.extend([
         "--http-addr",
         "127.0.0.1:0",
         "--namespace",
@@ -49,7 +69,7 @@ pub fn test_settings(extra: &[&str]) -> Settings {
         "10",
         "--queue-expires-ms",
         "600000",
-    ];
+    ]);
     args.extend_from_slice(extra);
     match Cli::try_parse_from(args)
         .expect("test settings parse")
@@ -64,12 +84,17 @@ pub async fn spawn_app(services: &[Service], extra: &[&str]) -> TestApp {
     spawn_with(services, test_settings(extra)).await
 }
 
+pub async fn spawn_on(stack: Stack, services: &[Service], extra: &[&str]) -> TestApp {
+    spawn_with(services, settings_on(stack, extra)).await
+}
+
 pub async fn spawn_with(services: &[Service], settings: Settings) -> TestApp {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let app = Application::build(services, settings.clone(), listener)
         .await
         .expect("marketplace starts against the local RabbitMQ and PostgreSQL");
     let addr = app.local_addr().unwrap();
+    let bus = app.bus();
     let (stop, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(app.run_until(async move {
         let _ = stopped.await;
@@ -77,6 +102,7 @@ pub async fn spawn_with(services: &[Service], settings: Settings) -> TestApp {
     TestApp {
         base: format!("http://{addr}"),
         settings,
+        bus,
         client: reqwest::Client::new(),
         stop: Some(stop),
         server: Some(server),
@@ -232,10 +258,33 @@ impl Drop for TestApp {
                         settings.namespace
                     );
                 }
+                if settings.uses_data_dir() {
+                    let _ = std::fs::remove_dir_all(&settings.data_dir);
+                }
             });
         })
         .join();
     }
+}
+
+/// Runs each named scenario (an `async fn(Stack)`) on the real servers and on the embedded
+/// stack, as `<scenario>::servers` and `<scenario>::embedded`.
+#[macro_export]
+macro_rules! on_every_stack {
+    ($($scenario:ident),* $(,)?) => {
+        $(
+            mod $scenario {
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn servers() {
+                    super::$scenario(super::common::Stack::Servers).await;
+                }
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    super::$scenario(super::common::Stack::Embedded).await;
+                }
+            }
+        )*
+    };
 }
 
 /// Services every full-marketplace test runs.
