@@ -2,7 +2,8 @@
 #
 # One image for every role of the marketplace:
 #   docker build -t ldt .
-#   docker run ldt                  # `ldt up`: every service in one process
+#   docker run -p 8080:8080 ldt     # `ldt up`: every service in one process, embedded
+#                                   # (SQLite + in-process bus in the /var/lib/ldt volume)
 #   docker run ldt serve payment    # one service
 # Settings come from LDT_* variables (see README.md); LDT_HTTP_ADDR is 0.0.0.0:8080 here.
 
@@ -35,14 +36,17 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && groupadd --system --gid 10001 ldt \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-       --shell /usr/sbin/nologin ldt
+       --shell /usr/sbin/nologin ldt \
+    && install -d -o 10001 -g 10001 -m 0750 /var/lib/ldt
 
 COPY --from=build /out/ldt /usr/local/bin/ldt
 
-# Numeric user, so Kubernetes' runAsNonRoot can check it. The binary writes nothing to disk:
-# the root filesystem can be read-only.
+# Numeric user, so Kubernetes' runAsNonRoot can check it. On RabbitMQ and PostgreSQL the
+# binary writes nothing to disk (the root filesystem can be read-only); the embedded mode
+# keeps its files in LDT_DATA_DIR, a volume.
 USER 10001:10001
-ENV LDT_HTTP_ADDR=0.0.0.0:8080
+ENV LDT_HTTP_ADDR=0.0.0.0:8080 LDT_DATA_DIR=/var/lib/ldt
+VOLUME ["/var/lib/ldt"]
 EXPOSE 8080
 
 # The slim image has no curl: bash's /dev/tcp sends a plain HTTP/1.0 GET /healthz to the port

@@ -3,9 +3,11 @@
 #
 #   bench/run.sh                  # one process per service (release build), all durability on
 #   BENCH_MODE=up bench/run.sh    # every service in one process
+#   BENCH_MODE=embedded bench/run.sh  # `ldt up` on SQLite files and the in-process bus
 #   BENCH_DURATION=60 BENCH_RATES="300 1000 2000" bench/run.sh
 #
-# Starts the marketplace itself in a fresh namespace on the local RabbitMQ and PostgreSQL,
+# Starts the marketplace itself in a fresh namespace on the local RabbitMQ and PostgreSQL
+# (or, embedded, in a fresh data directory),
 # warms up, runs `ldt bench` at each rate (open loop), samples every process's RSS, checks
 # the invariants after each run, and purges the namespace at the end.
 set -euo pipefail
@@ -19,11 +21,18 @@ ns="bench_$(date +%s)"
 work=$(mktemp -d -t ldt-bench.XXXXXX)
 credits=1000000000
 
-scripts/ensure-services.sh
+[ "$mode" = embedded ] || scripts/ensure-services.sh
 cargo build --release --locked --bin ldt
 bin=target/release/ldt
 
 export LDT_NAMESPACE=$ns LDT_INITIAL_CREDITS=$credits LDT_INITIAL_STOCK=0 RUST_LOG=warn
+if [ "$mode" = embedded ]; then
+  unset LDT_AMQP_URL LDT_DATABASE_URL
+  export LDT_DATA_DIR="$work/data"
+else
+  export LDT_AMQP_URL=${LDT_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
+  export LDT_DATABASE_URL=${LDT_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}
+fi
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
@@ -33,7 +42,7 @@ cleanup() {
 trap cleanup EXIT
 
 declare -A port=([order]=18100 [orchestrator]=18101 [payment]=18102 [inventory]=18103 [delivery]=18104 [dead-letter]=18105)
-if [ "$mode" = up ]; then
+if [ "$mode" = up ] || [ "$mode" = embedded ]; then
   LDT_HTTP_ADDR=127.0.0.1:18100 "$bin" up >"$work/up.log" 2>&1 &
   pids+=($!); echo "up $!" >"$work/pids"
   urls=()
@@ -46,7 +55,7 @@ else
   urls=(--service-url payment=http://127.0.0.1:18102 --service-url inventory=http://127.0.0.1:18103
         --service-url delivery=http://127.0.0.1:18104 --service-url dead-letter=http://127.0.0.1:18105)
 fi
-for p in 18100 $( [ "$mode" = up ] || echo 18101 18102 18103 18104 18105 ); do
+for p in 18100 $( [ "$mode" = split ] && echo 18101 18102 18103 18104 18105 ); do
   for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$p/readyz" >/dev/null && break; sleep 0.2; done
 done
 

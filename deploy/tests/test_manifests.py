@@ -625,6 +625,10 @@ def test_dockerfile():
     assert "8080" in last("EXPOSE").value
     env = dict(zip(last("ENV").value[::2], last("ENV").value[1::2]))
     assert env["LDT_HTTP_ADDR"] == "0.0.0.0:8080"
+    # `docker run ldt` is the embedded mode: its data goes to a volume the user owns.
+    assert env["LDT_DATA_DIR"] == "/var/lib/ldt"
+    assert "/var/lib/ldt" in " ".join(last("VOLUME").value)
+    assert "install -d -o 10001 -g 10001" in runs
     hc = last("HEALTHCHECK")
     assert hc.value[0] == "CMD" and "/healthz" in " ".join(hc.value)
     assert any(c.cmd == "COPY" and "/usr/local/bin/ldt" in c.value for c in final)

@@ -4,7 +4,8 @@
 //! poison-message case only, drops a raw message on the broker the way a buggy producer
 //! would). With `E2E_BASE_URL` set it tests that running marketplace; otherwise it starts the
 //! `ldt` binary itself — `ldt up`, or one `ldt serve <service>` process per service — in a
-//! fresh namespace on the local RabbitMQ and PostgreSQL, and purges that namespace after.
+//! fresh namespace on the local RabbitMQ and PostgreSQL, or embedded (SQLite files in a
+//! fresh directory and the in-process bus), and purges that namespace after.
 //!
 //! Settings: `E2E_BASE_URL` (an external marketplace; its namespace in `E2E_NAMESPACE`,
 //! default `ldt`), `LDT_BIN` (the binary; default: `ldt` next to the test executable's
@@ -25,13 +26,35 @@ use tokio::process::{Child, Command};
 /// How the marketplace under test runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
-    /// `ldt up`: every service in one process.
+    /// `ldt up` on RabbitMQ and PostgreSQL: every service in one process.
     Up,
     /// `ldt serve <service>`: one process per service.
     Split,
     /// Two `ldt serve <service>` processes of every service, competing for the same queues
     /// (requests go to the first of each pair; both consume).
     Replicas,
+    /// `ldt up` with nothing configured: SQLite files and the in-process bus.
+    Embedded,
+    /// `ldt up` on RabbitMQ with SQLite files.
+    BrokerWithSqlite,
+    /// `ldt up` on PostgreSQL with the in-process bus.
+    PostgresWithEmbeddedBus,
+}
+
+impl Mode {
+    /// Whether the marketplace talks over RabbitMQ (so a raw message can be dropped on it).
+    pub fn has_broker(self) -> bool {
+        !matches!(self, Mode::Embedded | Mode::PostgresWithEmbeddedBus)
+    }
+
+    fn has_postgres(self) -> bool {
+        !matches!(self, Mode::Embedded | Mode::BrokerWithSqlite)
+    }
+
+    /// Whether its processes keep files in a data directory.
+    fn has_data_dir(self) -> bool {
+        !self.has_broker() || !self.has_postgres()
+    }
 }
 
 pub const SERVICES: [&str; 6] = [
@@ -69,7 +92,27 @@ pub struct Marketplace {
     /// Base URL per service (all the same in `up` mode or against an external marketplace).
     bases: BTreeMap<&'static str, String>,
     children: Vec<Child>,
+    /// The processes' environment (`None`: removed).
+    env: Vec<(String, Option<String>)>,
     owned: bool,
+}
+
+/// Waits for `ldt ready: <url>/docs` on the process's stdout and returns the base URL; keeps
+/// draining stdout after that so the process never blocks on a full pipe.
+async fn ready(stdout: tokio::process::ChildStdout) -> String {
+    let mut lines = BufReader::new(stdout).lines();
+    let base = tokio::time::timeout(Duration::from_secs(60), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.strip_prefix("ldt ready: ") {
+                return rest.trim_end_matches("/docs").to_owned();
+            }
+        }
+        panic!("ldt exited before it was ready (see its log above)");
+    })
+    .await
+    .expect("ldt ready within 60 s");
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    base
 }
 
 /// The `ldt` binary under test.
@@ -110,6 +153,7 @@ impl Marketplace {
                 client,
                 bases: SERVICES.iter().map(|s| (*s, base.clone())).collect(),
                 children: Vec::new(),
+                env: Vec::new(),
                 owned: false,
             };
         }
@@ -120,67 +164,70 @@ impl Marketplace {
             "the ldt binary is not at {} (build it with `cargo build --bin ldt`, or set LDT_BIN)",
             bin.display()
         );
+        // PostgreSQL allows 100 connections in all; tests run two marketplaces at a time.
+        let pool = match mode {
+            Mode::Split => "4",
+            Mode::Replicas => "2",
+            _ => "8",
+        };
+        let mut vars: Vec<(String, Option<String>)> = vec![
+            ("LDT_NAMESPACE".into(), Some(namespace.clone())),
+            ("LDT_HTTP_ADDR".into(), Some("127.0.0.1:0".into())),
+            ("LDT_QUEUE_EXPIRES_MS".into(), Some("600000".into())),
+            ("LDT_DB_POOL_SIZE".into(), Some(pool.into())),
+            ("RUST_LOG".into(), Some(env_or("E2E_LOG", "warn"))),
+            // Unset means embedded: never inherit the caller's choice by accident.
+            (
+                "LDT_AMQP_URL".into(),
+                mode.has_broker().then(|| amqp_url.clone()),
+            ),
+            (
+                "LDT_DATABASE_URL".into(),
+                mode.has_postgres()
+                    .then(|| env_or("LDT_DATABASE_URL", "postgres://postgres@127.0.0.1:5432")),
+            ),
+            (
+                "LDT_DATA_DIR".into(),
+                mode.has_data_dir().then(|| {
+                    std::env::temp_dir()
+                        .join(format!("ldt-{namespace}"))
+                        .display()
+                        .to_string()
+                }),
+            ),
+            ("LDT_EPHEMERAL".into(), None),
+        ];
+        vars.extend(
+            env.iter()
+                .map(|(k, v)| (k.to_string(), Some(v.to_string()))),
+        );
+        let mut market = Marketplace {
+            mode,
+            namespace,
+            amqp_url,
+            client,
+            bases: BTreeMap::new(),
+            children: Vec::new(),
+            env: vars,
+            owned: true,
+        };
         let groups: Vec<Vec<&'static str>> = match mode {
-            Mode::Up => vec![vec![]],
             Mode::Split => SERVICES.iter().map(|s| vec![*s]).collect(),
             Mode::Replicas => SERVICES
                 .iter()
                 .chain(SERVICES.iter())
                 .map(|s| vec![*s])
                 .collect(),
-        };
-        // PostgreSQL allows 100 connections in all; tests run two marketplaces at a time.
-        let pool = match mode {
-            Mode::Up => "8",
-            Mode::Split => "4",
-            Mode::Replicas => "2",
-        };
-        let mut market = Marketplace {
-            mode,
-            namespace: namespace.clone(),
-            amqp_url,
-            client,
-            bases: BTreeMap::new(),
-            children: Vec::new(),
-            owned: true,
+            _ => vec![vec![]],
         };
         let mut pending = Vec::new();
         for group in groups {
-            let mut cmd = Command::new(&bin);
-            if group.is_empty() {
-                cmd.arg("up");
-            } else {
-                cmd.arg("serve").args(&group);
-            }
-            cmd.env("LDT_NAMESPACE", &namespace)
-                .env("LDT_HTTP_ADDR", "127.0.0.1:0")
-                .env("LDT_QUEUE_EXPIRES_MS", "600000")
-                .env("LDT_DB_POOL_SIZE", pool)
-                .env("RUST_LOG", env_or("E2E_LOG", "warn"))
-                .envs(env.iter().copied())
-                .stdin(Stdio::null())
-                .stdout(Stdio::piped())
-                .stderr(Stdio::inherit())
-                .kill_on_drop(true);
-            let mut child = cmd.spawn().expect("ldt starts");
-            let stdout = child.stdout.take().unwrap();
+            let (child, stdout) = market.spawn(&group);
             market.children.push(child);
             pending.push((group, stdout));
         }
         for (group, stdout) in pending {
-            let mut lines = BufReader::new(stdout).lines();
-            let base = tokio::time::timeout(Duration::from_secs(60), async {
-                while let Some(line) = lines.next_line().await.unwrap() {
-                    if let Some(rest) = line.strip_prefix("ldt ready: ") {
-                        return rest.trim_end_matches("/docs").to_owned();
-                    }
-                }
-                panic!("ldt exited before it was ready (see its log above)");
-            })
-            .await
-            .expect("ldt ready within 60 s");
-            // Keep draining stdout so the process never blocks on a full pipe.
-            tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+            let base = ready(stdout).await;
             if group.is_empty() {
                 for s in SERVICES {
                     market.bases.insert(s, base.clone());
@@ -190,6 +237,54 @@ impl Marketplace {
             }
         }
         market
+    }
+
+    /// Starts `ldt up` (no services named) or `ldt serve <group>` with the marketplace's
+    /// environment.
+    fn spawn(&self, group: &[&str]) -> (Child, tokio::process::ChildStdout) {
+        let mut cmd = Command::new(ldt_bin());
+        if group.is_empty() {
+            cmd.arg("up");
+        } else {
+            cmd.arg("serve").args(group);
+        }
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("ldt starts");
+        let stdout = child.stdout.take().unwrap();
+        (child, stdout)
+    }
+
+    /// Stops the single `ldt up` process with `signal` (`TERM` or `KILL`), waits for it to
+    /// exit, and starts it again on the same data; returns how the old process exited.
+    pub async fn restart(&mut self, signal: &str) -> std::process::ExitStatus {
+        assert_eq!(self.children.len(), 1, "restart is for `ldt up`");
+        let mut old = self.children.remove(0);
+        let pid = old.id().expect("the process is running").to_string();
+        let sent = std::process::Command::new("kill")
+            .args(["-s", signal, &pid])
+            .status()
+            .expect("kill runs");
+        assert!(sent.success(), "kill -s {signal} {pid}");
+        let status = tokio::time::timeout(Duration::from_secs(40), old.wait())
+            .await
+            .expect("ldt exits within 40 s of the signal")
+            .unwrap();
+        let (child, stdout) = self.spawn(&[]);
+        self.children.push(child);
+        let base = ready(stdout).await;
+        for s in SERVICES {
+            self.bases.insert(s, base.clone());
+        }
+        status
     }
 
     /// The base URL of one service's API.
@@ -324,16 +419,31 @@ impl Drop for Marketplace {
         for child in &mut self.children {
             let _ = child.start_kill();
         }
+        // Wait for the processes to be gone: they hold the data directory's lock.
+        for child in &mut self.children {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !matches!(child.try_wait(), Ok(Some(_))) && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
         // Purge the namespace with the binary itself: this package knows no SQL.
-        let purged = std::process::Command::new(ldt_bin())
-            .args(["purge", "--yes", "--namespace", &self.namespace])
-            .stdout(Stdio::null())
-            .status();
+        let mut purge = std::process::Command::new(ldt_bin());
+        purge.args(["purge", "--yes"]).stdout(Stdio::null());
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => purge.env(k, v),
+                None => purge.env_remove(k),
+            };
+        }
+        let purged = purge.status();
         if !matches!(purged, Ok(s) if s.success()) {
             eprintln!(
                 "e2e: purging namespace {} failed: {purged:?}",
                 self.namespace
             );
+        }
+        if let Some((_, Some(dir))) = self.env.iter().find(|(k, _)| k == "LDT_DATA_DIR") {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }
@@ -346,9 +456,17 @@ pub fn user(prefix: &str) -> String {
     )
 }
 
-/// Defines the suite's tests for one mode.
+/// Defines the suite's tests for one mode; `suite!(mode, broker)` adds the poison-message
+/// test, which drops a raw message on RabbitMQ.
 #[macro_export]
 macro_rules! suite {
+    ($mode:expr, broker) => {
+        $crate::suite!($mode);
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn poison_messages_are_parked_and_the_service_keeps_working() {
+            $crate::scenarios::poison(&$crate::Marketplace::start($mode).await).await;
+        }
+    };
     ($mode:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn legacy_contract_statuses_and_books() {
@@ -365,10 +483,6 @@ macro_rules! suite {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn a_stalled_step_holds_up_nobody_and_its_late_effect_is_undone() {
             $crate::scenarios::stalled_step(&$crate::Marketplace::start($mode).await).await;
-        }
-        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn poison_messages_are_parked_and_the_service_keeps_working() {
-            $crate::scenarios::poison(&$crate::Marketplace::start($mode).await).await;
         }
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn bad_input_is_rejected_and_changes_nothing() {

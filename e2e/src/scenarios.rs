@@ -1,4 +1,4 @@
-//! The end-to-end scenarios, each run against `ldt up` and against one process per service.
+//! The end-to-end scenarios, each run against every mode of the marketplace.
 //! Every check is what a user of the API would look at: the order's status, the user's
 //! credits, the stock, the deliveries, the dead letters.
 
@@ -152,7 +152,7 @@ pub async fn concurrency(m: &Marketplace) {
     assert!(m.stock().await >= 0);
 }
 
-async fn futures_join(m: &Marketplace, bodies: Vec<Value>) -> Vec<String> {
+pub async fn futures_join(m: &Marketplace, bodies: Vec<Value>) -> Vec<String> {
     let mut tasks = tokio::task::JoinSet::new();
     for (i, body) in bodies.into_iter().enumerate() {
         let client = m.client.clone();

@@ -14,12 +14,16 @@ use crate::contract::Service;
 #[command(
     name = "ldt",
     version,
-    about = "Late-Day Tokens Marketplace: an order saga over RabbitMQ and PostgreSQL",
+    about = "Late-Day Tokens Marketplace: an order saga across services, over RabbitMQ and \
+             PostgreSQL or embedded",
     long_about = "Late-Day Tokens Marketplace: orders run as a saga (payment → inventory → \
                   delivery, compensated in reverse on failure) across services that each own \
-                  a database and talk over RabbitMQ.\n\n\
-                  `ldt up` runs every service in one process; `ldt serve <service>...` runs \
-                  only the named ones, so each can be its own process or container."
+                  a database and talk over a message bus.\n\n\
+                  `ldt up` runs every service in one process. With no --amqp-url and no \
+                  --database-url it needs nothing installed: each service keeps a SQLite file \
+                  in --data-dir (default ./ldt-data) and the services talk over an in-process \
+                  bus journaled there too. `ldt serve <service>...` runs only the named ones, \
+                  so each can be its own process or container; they talk over RabbitMQ."
 )]
 pub struct Cli {
     #[command(subcommand)]
