@@ -263,6 +263,19 @@ impl Marketplace {
         (child, stdout)
     }
 
+    /// The `ldt` binary with this marketplace's environment (same namespace, data directory,
+    /// broker and database), to run another command against it.
+    pub fn ldt(&self) -> std::process::Command {
+        let mut cmd = std::process::Command::new(ldt_bin());
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd
+    }
+
     /// Stops the single `ldt up` process with `signal` (`TERM` or `KILL`), waits for it to
     /// exit, and starts it again on the same data; returns how the old process exited.
     pub async fn restart(&mut self, signal: &str) -> std::process::ExitStatus {
