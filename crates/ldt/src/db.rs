@@ -305,6 +305,31 @@ pub fn span(pool: &Pool, summary: &'static str) -> tracing::Span {
     )
 }
 
+/// `<head> VALUES ($1, …, $cols), (…), …` for `rows` rows: a multi-row insert whose SQL
+/// depends only on its shape (so prepared statements are reused). Portable to both backends.
+pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
+    let mut sql = String::with_capacity(head.len() + 8 + rows * cols * 5);
+    sql.push_str(head);
+    sql.push_str(" VALUES ");
+    let mut n = 0;
+    for r in 0..rows {
+        if r > 0 {
+            sql.push_str(", ");
+        }
+        sql.push('(');
+        for c in 0..cols {
+            if c > 0 {
+                sql.push_str(", ");
+            }
+            n += 1;
+            sql.push('$');
+            sql.push_str(&n.to_string());
+        }
+        sql.push(')');
+    }
+    sql
+}
+
 /// A boolean column: PostgreSQL's `BOOLEAN`, or SQLite's 0/1 integer.
 pub fn get_bool(row: &DbRow, column: &str) -> Result<bool, sqlx::Error> {
     use sqlx::Row;
@@ -324,5 +349,20 @@ pub fn is_out_of_range(e: &sqlx::Error) -> bool {
                 || matches!(d.kind(), sqlx::error::ErrorKind::CheckViolation)
         }
         _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn multi_row_insert_numbers_every_placeholder() {
+        assert_eq!(
+            super::multi_row_insert("INSERT INTO t (a, b)", 2, 3),
+            "INSERT INTO t (a, b) VALUES ($1, $2), ($3, $4), ($5, $6)"
+        );
+        assert_eq!(
+            super::multi_row_insert("INSERT INTO t (a)", 1, 1),
+            "INSERT INTO t (a) VALUES ($1)"
+        );
     }
 }

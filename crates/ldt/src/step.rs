@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::bus::Incoming;
 use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
 use crate::db::now_ms;
-use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
 use tracing::Instrument;
 
 /// The action a command asks for.
@@ -196,13 +196,22 @@ impl<E: StepEffect> StepService<E> {
     async fn apply_in(
         &self,
         tx: &mut Conn,
+        outbox: &mut OutboxBatch,
         order_id: Uuid,
         cmd: &Command,
     ) -> Result<(), HandleError> {
         let span = crate::db::span(&self.pool, "ledger");
         match cmd {
-            Command::Act(action) => self.act_in(tx, order_id, action).instrument(span).await,
-            Command::Compensate => self.compensate_in(tx, order_id).instrument(span).await,
+            Command::Act(action) => {
+                self.act_in(tx, outbox, order_id, action)
+                    .instrument(span)
+                    .await
+            }
+            Command::Compensate => {
+                self.compensate_in(tx, outbox, order_id)
+                    .instrument(span)
+                    .await
+            }
         }
     }
 
@@ -215,7 +224,9 @@ impl<E: StepEffect> StepService<E> {
             tokio::time::sleep(self.stall).await;
         }
         let mut tx = self.pool.begin().await?;
-        self.apply_in(&mut tx, order_id, cmd).await?;
+        let mut outbox = OutboxBatch::default();
+        self.apply_in(&mut tx, &mut outbox, order_id, cmd).await?;
+        outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
@@ -224,6 +235,7 @@ impl<E: StepEffect> StepService<E> {
     async fn act_in(
         &self,
         tx: &mut Conn,
+        outbox: &mut OutboxBatch,
         order_id: Uuid,
         action: &Action,
     ) -> Result<(), HandleError> {
@@ -276,11 +288,16 @@ impl<E: StepEffect> StepService<E> {
                 outcome,
             },
         );
-        messaging::enqueue(&mut *tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        outbox.push(&self.queues, &reply);
         Ok(())
     }
 
-    async fn compensate_in(&self, tx: &mut Conn, order_id: Uuid) -> Result<(), HandleError> {
+    async fn compensate_in(
+        &self,
+        tx: &mut Conn,
+        outbox: &mut OutboxBatch,
+        order_id: Uuid,
+    ) -> Result<(), HandleError> {
         let id = order_id.to_string();
         let now = now_ms();
         let tombstone = sqlx::query(
@@ -314,7 +331,7 @@ impl<E: StepEffect> StepService<E> {
             }
         }
         let reply = Envelope::new(order_id, now, Message::Compensated { step: E::STEP });
-        messaging::enqueue(&mut *tx, &self.queues, std::slice::from_ref(&reply)).await?;
+        outbox.push(&self.queues, &reply);
         Ok(())
     }
 
@@ -327,11 +344,13 @@ impl<E: StepEffect> StepService<E> {
     ) -> Result<(), HandleError> {
         work.sort_by_key(|(_, order_id, _)| *order_id);
         let mut tx = self.pool.begin().await?;
+        let mut outbox = OutboxBatch::default();
         for (i, order_id, cmd) in work.iter() {
-            self.apply_in(&mut tx, *order_id, cmd)
+            self.apply_in(&mut tx, &mut outbox, *order_id, cmd)
                 .instrument(batch[*i].span.clone())
                 .await?;
         }
+        outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())

@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
-use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
 use crate::startup::{Context, Started};
 
 /// One saga, locked until the transaction ends (SQLite: its single writer does that).
@@ -168,6 +168,50 @@ enum Deadline {
     Keep,
     Clear,
     At(i64),
+}
+
+/// The saga-log lines and outbox rows of the transitions in one transaction, written with
+/// a few multi-row inserts just before it commits.
+#[derive(Default)]
+struct Pending {
+    log: Vec<(String, Step, &'static str, String, i64)>,
+    outbox: OutboxBatch,
+}
+
+impl Pending {
+    /// Takes a transition's log lines and messages (the messages with the current span's
+    /// trace context).
+    fn add(&mut self, queues: &Queues, order_id: Uuid, fx: Effects, now: i64) {
+        let id = order_id.to_string();
+        for (step, kind, event) in fx.log {
+            self.log.push((id.clone(), step, kind, event, now));
+        }
+        for env in &fx.out {
+            self.outbox.push(queues, env);
+        }
+    }
+
+    async fn write(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
+        for chunk in self.log.chunks(messaging::ROWS_PER_INSERT) {
+            let sql = crate::db::multi_row_insert(
+                "INSERT INTO saga_log (order_id, step, kind, event, at_ms)",
+                5,
+                chunk.len(),
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (order_id, step, kind, event, at) in chunk {
+                query = query
+                    .bind(order_id)
+                    .bind(step.as_str())
+                    .bind(*kind)
+                    .bind(event)
+                    .bind(*at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        self.log.clear();
+        self.outbox.write(tx).await
+    }
 }
 
 /// What a transition wants written.
@@ -384,11 +428,12 @@ impl Orchestrator {
     async fn persist(
         &self,
         tx: &mut Conn,
+        pending: &mut Pending,
         saga: &Saga,
         fx: Effects,
         now: i64,
     ) -> Result<(), HandleError> {
-        let pending: Vec<&str> = saga.pending.iter().map(|s| s.as_str()).collect();
+        let compensations: Vec<&str> = saga.pending.iter().map(|s| s.as_str()).collect();
         let deadline = match fx.deadline {
             Deadline::Keep => None,
             Deadline::Clear => Some(None),
@@ -406,33 +451,13 @@ impl Orchestrator {
             .bind(saga.phase.as_str())
             .bind(saga.step.as_str())
             .bind(saga.status.map(|s| s.as_str()))
-            .bind(pending.join(","))
+            .bind(compensations.join(","))
             .bind(saga.attempts)
             .bind(now)
             .bind(deadline.flatten())
             .execute(&mut *tx)
             .await?;
-        self.write_log_and_outbox(tx, saga.order_id, fx, now).await
-    }
-
-    async fn write_log_and_outbox(
-        &self,
-        tx: &mut Conn,
-        order_id: Uuid,
-        fx: Effects,
-        now: i64,
-    ) -> Result<(), HandleError> {
-        for (step, kind, event) in &fx.log {
-            sqlx::query("INSERT INTO saga_log (order_id, step, kind, event, at_ms) VALUES ($1, $2, $3, $4, $5)")
-                .bind(order_id.to_string())
-                .bind(step.as_str())
-                .bind(kind)
-                .bind(event)
-                .bind(now)
-                .execute(&mut *tx)
-                .await?;
-        }
-        messaging::enqueue(tx, &self.queues, &fx.out).await?;
+        pending.add(&self.queues, saga.order_id, fx, now);
         Ok(())
     }
 
@@ -447,6 +472,7 @@ impl Orchestrator {
     async fn order_placed_in(
         &self,
         tx: &mut Tx,
+        pending: &mut Pending,
         env: &Envelope,
         username: &str,
         price: i64,
@@ -483,7 +509,8 @@ impl Orchestrator {
                 out: Vec::new(),
                 deadline: Deadline::Keep,
             };
-            return self.write_log_and_outbox(tx, env.order_id, fx, now).await;
+            pending.add(&self.queues, env.order_id, fx, now);
+            return Ok(());
         }
         let saga = Saga {
             order_id: env.order_id,
@@ -505,10 +532,16 @@ impl Orchestrator {
             out: vec![cmd],
             deadline: Deadline::At(deadline),
         };
-        self.write_log_and_outbox(tx, env.order_id, fx, now).await
+        pending.add(&self.queues, env.order_id, fx, now);
+        Ok(())
     }
 
-    async fn answer_in(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
+    async fn answer_in(
+        &self,
+        tx: &mut Tx,
+        pending: &mut Pending,
+        env: &Envelope,
+    ) -> Result<(), HandleError> {
         let now = now_ms();
         let Some(mut saga) = self.lock(tx, env.order_id).await? else {
             return Err(HandleError::Poison(format!(
@@ -530,17 +563,27 @@ impl Orchestrator {
                 )));
             }
         }
-        self.persist(tx, &saga, fx, now).await
+        self.persist(tx, pending, &saga, fx, now).await
     }
 
     /// Applies one message inside `tx`, in a database span.
-    async fn apply_in(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
-        self.apply_in_span(tx, env)
+    async fn apply_in(
+        &self,
+        tx: &mut Tx,
+        pending: &mut Pending,
+        env: &Envelope,
+    ) -> Result<(), HandleError> {
+        self.apply_in_span(tx, pending, env)
             .instrument(crate::db::span(&self.pool, "sagas"))
             .await
     }
 
-    async fn apply_in_span(&self, tx: &mut Tx, env: &Envelope) -> Result<(), HandleError> {
+    async fn apply_in_span(
+        &self,
+        tx: &mut Tx,
+        pending: &mut Pending,
+        env: &Envelope,
+    ) -> Result<(), HandleError> {
         match &env.body {
             Message::OrderPlaced {
                 username,
@@ -548,11 +591,11 @@ impl Orchestrator {
                 amount,
                 faults,
             } => {
-                self.order_placed_in(tx, env, username, *price, *amount, *faults)
+                self.order_placed_in(tx, pending, env, username, *price, *amount, *faults)
                     .await
             }
             Message::StepResult { .. } | Message::Compensated { .. } => {
-                self.answer_in(tx, env).await
+                self.answer_in(tx, pending, env).await
             }
             other => Err(HandleError::Poison(format!(
                 "the orchestrator does not handle `{}` messages",
@@ -564,7 +607,9 @@ impl Orchestrator {
     /// One message in a transaction of its own.
     async fn apply_alone(&self, env: &Envelope) -> Result<(), HandleError> {
         let mut tx = self.pool.begin().await?;
-        self.apply_in(&mut tx, env).await?;
+        let mut pending = Pending::default();
+        self.apply_in(&mut tx, &mut pending, env).await?;
+        pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
@@ -579,11 +624,13 @@ impl Orchestrator {
     ) -> Result<(), HandleError> {
         work.sort_by_key(|(_, env)| env.order_id);
         let mut tx = self.pool.begin().await?;
+        let mut pending = Pending::default();
         for (i, env) in work.iter() {
-            self.apply_in(&mut tx, env)
+            self.apply_in(&mut tx, &mut pending, env)
                 .instrument(batch[*i].span.clone())
                 .await?;
         }
+        pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
         Ok(())
@@ -620,6 +667,7 @@ impl Orchestrator {
             .fetch_all(&mut *tx)
             .await?;
         let n = rows.len();
+        let mut pending = Pending::default();
         for row in &rows {
             let mut saga = saga_from_row(row)?;
             // The deadline's work belongs to the order's trace.
@@ -636,11 +684,12 @@ impl Orchestrator {
             crate::telemetry::adopt(&span, saga.traceparent.as_deref());
             let mut fx = Effects::new();
             span.in_scope(|| self.on_deadline(&mut saga, now, &mut fx));
-            self.persist(&mut tx, &saga, fx, now)
+            self.persist(&mut tx, &mut pending, &saga, fx, now)
                 .instrument(span)
                 .await?;
         }
         if n > 0 {
+            pending.write(&mut tx).await?;
             self.crash.commit(tx).await?;
             self.signal.committed();
         } else {
