@@ -214,6 +214,14 @@ impl Pending {
     }
 }
 
+/// What an `OrderPlaced` asks for.
+struct OrderTerms<'a> {
+    username: &'a str,
+    price: i64,
+    amount: i64,
+    faults: FaultPlan,
+}
+
 /// What a transition wants written.
 struct Effects {
     out: Vec<Envelope>,
@@ -474,11 +482,14 @@ impl Orchestrator {
         tx: &mut Tx,
         pending: &mut Pending,
         env: &Envelope,
-        username: &str,
-        price: i64,
-        amount: i64,
-        faults: FaultPlan,
+        order: OrderTerms<'_>,
     ) -> Result<(), HandleError> {
+        let OrderTerms {
+            username,
+            price,
+            amount,
+            faults,
+        } = order;
         if price < 0 || amount <= 0 || price.checked_mul(amount).is_none() || username.is_empty() {
             return Err(HandleError::Poison(format!(
                 "OrderPlaced with invalid terms (price {price}, amount {amount})"
@@ -591,8 +602,13 @@ impl Orchestrator {
                 amount,
                 faults,
             } => {
-                self.order_placed_in(tx, pending, env, username, *price, *amount, *faults)
-                    .await
+                let terms = OrderTerms {
+                    username,
+                    price: *price,
+                    amount: *amount,
+                    faults: *faults,
+                };
+                self.order_placed_in(tx, pending, env, terms).await
             }
             Message::StepResult { .. } | Message::Compensated { .. } => {
                 self.answer_in(tx, pending, env).await
