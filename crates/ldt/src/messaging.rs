@@ -233,7 +233,10 @@ impl Relay {
             if !relaxed.is_empty() {
                 sqlx::query(relaxed).execute(&mut *tx).await?;
             }
+            // Planned afresh each time: the outbox swings between empty and full, and a plan
+            // cached while it was empty scans it all.
             let mut rows = sqlx::query(TAKE_BATCH.on(&tx))
+                .persistent(false)
                 .bind(RELAY_BATCH)
                 .fetch_all(&mut *tx)
                 .await?;

@@ -678,7 +678,10 @@ impl Orchestrator {
     async fn fire_due(&self) -> Result<usize, HandleError> {
         let now = now_ms();
         let mut tx = self.pool.begin().await?;
+        // Planned afresh each time (not a cached generic plan): a plan made while `sagas` was
+        // empty is a sequential scan, which a 20 ms poller would repeat over a growing table.
         let rows = sqlx::query(CLAIM_DUE.on(&tx))
+            .persistent(false)
             .bind(now)
             .fetch_all(&mut *tx)
             .await?;
