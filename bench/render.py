@@ -27,7 +27,10 @@ for rate in rates:
     rows.append((rate, r, rss))
 lines = []
 lines.append(f"## {datetime.date.today()} — mode `{mode}`, commit `{commit}`\n")
-lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {rustc}; PostgreSQL {pg}; RabbitMQ {rabbit}. Release build, persistent messages, publisher confirms, fsync on.\n")
+if mode == "embedded":
+    lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {rustc}. Release build, `ldt up` embedded: a SQLite file per service and the in-process bus's journal (WAL, synchronous=NORMAL: survives a killed process, not a power cut).\n")
+else:
+    lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {rustc}; PostgreSQL {pg}; RabbitMQ {rabbit}. Release build, persistent messages, publisher confirms, fsync on.\n")
 lines.append("| offered/s | sent | accepted | shed | lost | final/s | saga p50 | p90 | p99 | p99.9 | max | HTTP p50 | p99 | invariants | peak RSS MiB |")
 lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for rate, r, rss in rows:
