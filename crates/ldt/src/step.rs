@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::bus::Incoming;
 use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
 use crate::db::now_ms;
-use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, Outbox, OutboxBatch};
 use tracing::Instrument;
 
 /// The action a command asks for.
@@ -140,24 +140,19 @@ pub struct StepService<E: StepEffect> {
     pub effect: E,
     pub pool: Pool,
     pub queues: Queues,
-    pub signal: OutboxSignal,
+    pub outbox: Outbox,
     /// How long an action injected with a `timeout` fault stalls before it acts.
     pub stall: Duration,
     pub crash: crate::crash::Crash,
 }
 
 impl<E: StepEffect> StepService<E> {
-    pub fn new(
-        effect: E,
-        ctx: &crate::startup::Context,
-        pool: Pool,
-        signal: OutboxSignal,
-    ) -> Arc<Self> {
+    pub fn new(effect: E, ctx: &crate::startup::Context, pool: Pool, outbox: Outbox) -> Arc<Self> {
         Arc::new(StepService {
             effect,
             pool,
             queues: ctx.queues.clone(),
-            signal,
+            outbox,
             stall: ctx.settings.stall(),
             crash: ctx.crash(E::STEP.service()),
         })
@@ -226,9 +221,9 @@ impl<E: StepEffect> StepService<E> {
         let mut tx = self.pool.begin().await?;
         let mut outbox = OutboxBatch::default();
         self.apply_in(&mut tx, &mut outbox, order_id, cmd).await?;
-        outbox.write(&mut tx).await?;
+        let written = outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.signal.committed();
+        self.outbox.committed(written);
         Ok(())
     }
 
@@ -350,9 +345,9 @@ impl<E: StepEffect> StepService<E> {
                 .instrument(batch[*i].span.clone())
                 .await?;
         }
-        outbox.write(&mut tx).await?;
+        let written = outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.signal.committed();
+        self.outbox.committed(written);
         Ok(())
     }
 }
