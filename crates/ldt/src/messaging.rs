@@ -1,15 +1,14 @@
 //! Reliable messaging on top of [`Bus`]: the transactional outbox and its relay, and the
 //! consumer loop that feeds deliveries to a service's handler.
 //!
-//! A service never publishes from inside a transaction. It writes the messages it emits into
-//! its own `outbox` table in the same transaction as its state change ([`OutboxBatch`]);
-//! once that commits, [`Outbox::committed`] publishes those rows (publisher confirms) and
-//! deletes them. The [`Relay`] sweeps up rows that this missed: a crash between commit and
-//! publish loses nothing (the row is still there, the relay publishes it); a crash between
-//! publish and delete causes a duplicate, which every receiver ignores because every handler
-//! is idempotent per (order, step). The relay takes rows with a delete whose transaction
-//! commits only after the broker confirmed, `FOR UPDATE SKIP LOCKED` so several replicas
-//! never publish one row concurrently.
+//! A service never publishes from a handler. It writes the messages it emits into its own
+//! `outbox` table in the same transaction as its state change ([`enqueue`]); the [`Relay`]
+//! takes committed rows out (a delete whose transaction commits only after the publisher
+//! confirms) and publishes them. A crash between commit and publish loses nothing (the row is
+//! still there); a crash between publish and the delete's commit causes a duplicate, which
+//! every receiver ignores because every handler is idempotent per (order, step).
+//! `FOR UPDATE SKIP LOCKED` lets several replicas drain one outbox without publishing a row
+//! twice concurrently.
 //!
 //! The consumer loop acks a delivery only after the handler committed; a message that cannot
 //! be decoded or handled is parked on the dead-letter queue, never dropped.
@@ -19,6 +18,7 @@ use std::time::Duration;
 
 use crate::db::{Conn, Pool};
 use sqlx::Row;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -51,11 +51,9 @@ const RELAXED_COMMIT: Sql = Sql {
 /// keeps others out. One statement instead of a select and a delete.
 const TAKE_BATCH: Sql = Sql {
     postgres: "DELETE FROM outbox WHERE id IN \
-               (SELECT id FROM outbox WHERE created_ms <= $2 ORDER BY id LIMIT $1 \
-                FOR UPDATE SKIP LOCKED) \
+               (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
                RETURNING id, queue, message_id, payload, traceparent",
-    sqlite: "DELETE FROM outbox WHERE id IN \
-             (SELECT id FROM outbox WHERE created_ms <= $2 ORDER BY id LIMIT $1) \
+    sqlite: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1) \
              RETURNING id, queue, message_id, payload, traceparent",
 };
 
@@ -68,7 +66,7 @@ pub async fn enqueue(
     conn: &mut Conn,
     queues: &Queues,
     envelopes: &[Envelope],
-) -> Result<Written, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let mut outbox = OutboxBatch::default();
     for env in envelopes {
         outbox.push(queues, env);
@@ -83,10 +81,9 @@ pub async fn enqueue_raw(
     message_id: &str,
     payload: &[u8],
     traceparent: Option<&str>,
-) -> Result<Written, sqlx::Error> {
+) -> Result<(), sqlx::Error> {
     let mut outbox = OutboxBatch::default();
     outbox.rows.push(OutboxRow {
-        id: 0,
         queue: queue.to_owned(),
         message_id: message_id.to_owned(),
         payload: payload.to_vec(),
@@ -103,9 +100,7 @@ pub struct OutboxBatch {
     rows: Vec<OutboxRow>,
 }
 
-/// An outbox row; `id` is known once written.
-pub struct OutboxRow {
-    id: i64,
+struct OutboxRow {
     queue: String,
     message_id: String,
     payload: Vec<u8>,
@@ -115,15 +110,10 @@ pub struct OutboxRow {
 /// Rows per multi-row `INSERT` (a handful of distinct statements for the statement cache).
 pub const ROWS_PER_INSERT: usize = 32;
 
-/// Rows a transaction wrote into the outbox: publish them once it has committed.
-#[must_use = "publish the rows with Outbox::committed once the transaction commits"]
-pub struct Written(Vec<OutboxRow>);
-
 impl OutboxBatch {
     /// Adds an envelope, with the trace context of the current span (the message's).
     pub fn push(&mut self, queues: &Queues, env: &Envelope) {
         self.rows.push(OutboxRow {
-            id: 0,
             queue: queues.of(env.body.destination()),
             message_id: env.id.to_string(),
             payload: env.to_json(),
@@ -135,17 +125,17 @@ impl OutboxBatch {
         self.rows.is_empty()
     }
 
-    /// Writes the rows (in the order they were pushed) and hands them back with their ids.
-    pub async fn write(mut self, conn: &mut Conn) -> Result<Written, sqlx::Error> {
+    /// Writes the rows (in the order they were pushed) and empties the batch.
+    pub async fn write(&mut self, conn: &mut Conn) -> Result<(), sqlx::Error> {
         let now = crate::db::now_ms();
-        for chunk in self.rows.chunks_mut(ROWS_PER_INSERT) {
+        for chunk in self.rows.chunks(ROWS_PER_INSERT) {
             let sql = crate::db::multi_row_insert(
                 "INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms)",
                 5,
                 chunk.len(),
-            ) + " RETURNING id, message_id";
+            );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for row in chunk.iter() {
+            for row in chunk {
                 query = query
                     .bind(&row.queue)
                     .bind(&row.message_id)
@@ -153,168 +143,52 @@ impl OutboxBatch {
                     .bind(&row.traceparent)
                     .bind(now);
             }
-            // RETURNING promises no order: match the ids by message id.
-            for returned in query.fetch_all(&mut *conn).await? {
-                let id: i64 = returned.try_get("id")?;
-                let message_id: String = returned.try_get("message_id")?;
-                if let Some(row) = chunk
-                    .iter_mut()
-                    .find(|r| r.id == 0 && r.message_id == message_id)
-                {
-                    row.id = id;
-                }
-            }
+            query.execute(&mut *conn).await?;
         }
-        Ok(Written(std::mem::take(&mut self.rows)))
-    }
-}
-
-/// A service's outbox after the commit: the rows a transaction wrote are published at once
-/// and then deleted, so a message leaves as soon as its state change is durable; the
-/// [`Relay`] only sweeps up what that missed (a crash in between, a broker outage).
-#[derive(Clone)]
-pub struct Outbox {
-    pool: Pool,
-    publisher: Arc<Publisher>,
-    tasks: TaskTracker,
-}
-
-impl Outbox {
-    pub fn new(pool: Pool, publisher: Arc<Publisher>, tasks: TaskTracker) -> Outbox {
-        Outbox {
-            pool,
-            publisher,
-            tasks,
-        }
-    }
-
-    /// Publishes what a committed transaction wrote, in the background (shutdown waits for
-    /// it). A failure leaves the rows to the relay.
-    pub fn committed(&self, written: Written) {
-        if written.0.is_empty() {
-            return;
-        }
-        let this = self.clone();
-        self.tasks.spawn(async move {
-            if let Err(e) = this.publish_and_delete(written.0).await {
-                tracing::warn!(service = this.publisher.service, error = %e, "publishing after commit failed; the relay will retry");
-            }
-        });
-    }
-
-    async fn publish_and_delete(&self, rows: Vec<OutboxRow>) -> anyhow::Result<()> {
-        self.publisher.publish(&rows).await?;
-        for chunk in rows.chunks(ROWS_PER_INSERT) {
-            let ids: Vec<i64> = chunk.iter().map(|r| r.id).filter(|id| *id != 0).collect();
-            if ids.is_empty() {
-                continue;
-            }
-            let placeholders: Vec<String> = (1..=ids.len()).map(|n| format!("${n}")).collect();
-            let sql = format!(
-                "DELETE FROM outbox WHERE id IN ({})",
-                placeholders.join(", ")
-            );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for id in ids {
-                query = query.bind(id);
-            }
-            query.execute(&self.pool).await?;
-        }
+        self.rows.clear();
         Ok(())
     }
 }
 
-/// Publishes outbox rows: one producer span per message in the message's own trace, chaos
-/// duplicates when asked, the crash point after the broker confirmed.
-pub struct Publisher {
+/// Wakes a service's relay after a commit that wrote outbox rows.
+#[derive(Clone, Default)]
+pub struct OutboxSignal(Arc<Notify>);
+
+impl OutboxSignal {
+    pub fn committed(&self) {
+        self.0.notify_one();
+    }
+}
+
+/// Publishes a service's outbox.
+pub struct Relay {
+    pub pool: Pool,
     pub bus: Bus,
+    pub signal: OutboxSignal,
     pub service: &'static str,
     pub crash: crate::crash::Crash,
     /// Publish every Nth message twice (0: never): chaos testing of the receivers.
     pub duplicate_every: u64,
     pub published: std::sync::atomic::AtomicU64,
-}
-
-impl Publisher {
-    async fn publish(&self, rows: &[OutboxRow]) -> Result<(), crate::bus::BusError> {
-        let mut batch = Vec::with_capacity(rows.len());
-        // The spans end when the batch is confirmed.
-        let mut spans = Vec::with_capacity(rows.len());
-        for row in rows {
-            let span = tracing::info_span!(
-                "publish",
-                otel.name = %format!("publish {}", row.queue),
-                otel.kind = "producer",
-                messaging.system = self.bus.system(),
-                messaging.operation.type = "publish",
-                messaging.operation.name = "publish",
-                messaging.destination.name = %row.queue,
-                messaging.message.id = %row.message_id,
-                ldt.service = self.service,
-                trace_id = tracing::field::Empty,
-                span_id = tracing::field::Empty,
-            );
-            let mut headers = Vec::new();
-            if row.traceparent.is_some() {
-                adopt(&span, row.traceparent.as_deref());
-                if let Some(tp) = span.in_scope(current_traceparent) {
-                    headers.push((TRACEPARENT_HEADER.to_owned(), tp));
-                }
-            }
-            spans.push(span);
-            let out = Outgoing {
-                queue: row.queue.clone(),
-                message_id: row.message_id.clone(),
-                payload: row.payload.clone(),
-                headers,
-            };
-            if self.duplicate_every > 0 {
-                let n = self
-                    .published
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                if n % self.duplicate_every == self.duplicate_every - 1 {
-                    tracing::info!(service = self.service, message_id = %out.message_id, "chaos: published a duplicate");
-                    batch.push(out.clone());
-                }
-            }
-            batch.push(out);
-        }
-        self.bus.publish(&batch).await?;
-        drop(spans);
-        self.crash.at(crate::crash::Point::AfterPublish);
-        Ok(())
-    }
-}
-
-/// Sweeps the outbox for rows nobody published: left by a crash between commit and publish,
-/// or by a publish that failed. It leaves alone rows younger than [`RELAY_GRACE`], which the
-/// committing transaction is publishing itself.
-pub struct Relay {
-    pub pool: Pool,
-    pub publisher: Arc<Publisher>,
     pub metrics: Metrics,
 }
-
-/// How old an outbox row must be before the relay takes it.
-const RELAY_GRACE: Duration = Duration::from_millis(1000);
-
-/// How often the relay looks.
-const RELAY_EVERY: Duration = Duration::from_millis(250);
 
 impl Relay {
     pub async fn run(self, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
         let mut counted = std::time::Instant::now();
         loop {
+            // The periodic tick picks up rows a crashed predecessor (or another replica that
+            // died) left behind; the signal makes the common case immediate.
             tokio::select! {
-                _ = tokio::time::sleep(RELAY_EVERY) => {}
+                _ = self.signal.0.notified() => {}
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
                 _ = shutdown.cancelled() => {
-                    // Whatever is left goes out before the process does.
-                    let _ = self.drain(Duration::ZERO).await;
+                    let _ = self.drain().await;
                     return;
                 }
             }
-            match self.drain(RELAY_GRACE).await {
+            match self.drain().await {
                 Ok(()) => {
                     failures = 0;
                     // Counting is a query of its own: not after every drain.
@@ -326,11 +200,12 @@ impl Relay {
                 Err(e) => {
                     failures = failures.saturating_add(1);
                     let backoff = Duration::from_millis(100u64 << failures.min(4));
-                    tracing::warn!(service = self.publisher.service, error = %e, ?backoff, "outbox relay failed; retrying");
+                    tracing::warn!(service = self.service, error = %e, ?backoff, "outbox relay failed; retrying");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.cancelled() => return,
                     }
+                    self.signal.committed();
                 }
             }
         }
@@ -344,48 +219,82 @@ impl Relay {
             self.metrics.set(
                 "ldt_outbox_backlog",
                 "Outbox rows not yet published.",
-                &[("service", self.publisher.service)],
+                &[("service", self.service)],
                 n,
             );
         }
     }
 
-    /// Publishes batches of rows older than `grace` until there are none (not locked by
-    /// another replica).
-    async fn drain(&self, grace: Duration) -> anyhow::Result<()> {
+    /// Publishes batches until the outbox is empty (of rows not locked by another replica).
+    async fn drain(&self) -> anyhow::Result<()> {
         loop {
             let mut tx = self.pool.begin().await?;
             let relaxed = RELAXED_COMMIT.on(&tx);
             if !relaxed.is_empty() {
                 sqlx::query(relaxed).execute(&mut *tx).await?;
             }
-            let before = crate::db::now_ms()
-                .saturating_sub(i64::try_from(grace.as_millis()).unwrap_or(i64::MAX));
             // Planned afresh each time: the outbox swings between empty and full, and a plan
             // cached while it was empty scans it all.
-            let mut found = sqlx::query(TAKE_BATCH.on(&tx))
+            let mut rows = sqlx::query(TAKE_BATCH.on(&tx))
                 .persistent(false)
                 .bind(RELAY_BATCH)
-                .bind(before)
                 .fetch_all(&mut *tx)
                 .await?;
-            if found.is_empty() {
+            if rows.is_empty() {
                 tx.commit().await?;
                 return Ok(());
             }
             // RETURNING has no order: publish in the order the rows were written.
-            found.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
-            let mut rows = Vec::with_capacity(found.len());
-            for row in &found {
-                rows.push(OutboxRow {
-                    id: row.try_get("id")?,
-                    queue: row.try_get("queue")?,
-                    message_id: row.try_get("message_id")?,
+            rows.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
+            let mut batch = Vec::with_capacity(rows.len());
+            // One producer span per message, in the message's own trace; they end when the
+            // batch is confirmed.
+            let mut spans = Vec::with_capacity(rows.len());
+            for row in &rows {
+                let queue: String = row.try_get("queue")?;
+                let message_id: String = row.try_get("message_id")?;
+                let span = tracing::info_span!(
+                    "publish",
+                    otel.name = %format!("publish {queue}"),
+                    otel.kind = "producer",
+                    messaging.system = self.bus.system(),
+                    messaging.operation.type = "publish",
+                    messaging.operation.name = "publish",
+                    messaging.destination.name = %queue,
+                    messaging.message.id = %message_id,
+                    ldt.service = self.service,
+                    trace_id = tracing::field::Empty,
+                    span_id = tracing::field::Empty,
+                );
+                let stored: Option<String> = row.try_get("traceparent")?;
+                let mut headers = Vec::new();
+                if stored.is_some() {
+                    adopt(&span, stored.as_deref());
+                    if let Some(tp) = span.in_scope(current_traceparent) {
+                        headers.push((TRACEPARENT_HEADER.to_owned(), tp));
+                    }
+                }
+                spans.push(span);
+                let out = Outgoing {
+                    queue,
+                    message_id,
                     payload: row.try_get("payload")?,
-                    traceparent: row.try_get("traceparent")?,
-                });
+                    headers,
+                };
+                if self.duplicate_every > 0 {
+                    let n = self
+                        .published
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n % self.duplicate_every == self.duplicate_every - 1 {
+                        tracing::info!(service = self.service, message_id = %out.message_id, "chaos: published a duplicate");
+                        batch.push(out.clone());
+                    }
+                }
+                batch.push(out);
             }
-            self.publisher.publish(&rows).await?;
+            self.bus.publish(&batch).await?;
+            drop(spans);
+            self.crash.at(crate::crash::Point::AfterPublish);
             tx.commit().await?;
             if (rows.len() as i64) < RELAY_BATCH {
                 return Ok(());

@@ -25,7 +25,7 @@ use crate::bus::Bus;
 use crate::configuration::Settings;
 use crate::contract::{Queues, Service};
 use crate::crash::Crash;
-use crate::messaging::{self, Handler, Outbox, Publisher, Relay};
+use crate::messaging::{self, Handler, OutboxSignal, Relay};
 use crate::metrics::Metrics;
 use crate::services;
 
@@ -88,23 +88,21 @@ impl Context {
         .await
     }
 
-    /// Starts the service's outbox relay and returns its outbox, which publishes what a
-    /// transaction wrote once it commits.
-    pub fn spawn_relay(&self, service: Service, pool: Pool) -> Outbox {
-        let publisher = Arc::new(Publisher {
+    /// Starts the service's outbox relay; the returned signal wakes it after a commit.
+    pub fn spawn_relay(&self, service: Service, pool: Pool) -> OutboxSignal {
+        let signal = OutboxSignal::default();
+        let relay = Relay {
+            pool,
             bus: self.bus.clone(),
+            signal: signal.clone(),
             service: service.as_str(),
             crash: self.crash(service),
             duplicate_every: self.settings.chaos_duplicate_every,
             published: Default::default(),
-        });
-        let relay = Relay {
-            pool: pool.clone(),
-            publisher: publisher.clone(),
             metrics: self.metrics.clone(),
         };
         self.tasks.spawn(relay.run(self.shutdown.clone()));
-        Outbox::new(pool, publisher, self.tasks.clone())
+        signal
     }
 
     /// The crash point armed for `service`, if any.

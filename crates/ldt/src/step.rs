@@ -21,7 +21,7 @@ use uuid::Uuid;
 use crate::bus::Incoming;
 use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
 use crate::db::now_ms;
-use crate::messaging::{self, Delivery, HandleError, Handler, Outbox, OutboxBatch};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
 use tracing::Instrument;
 
 /// The action a command asks for.
@@ -140,19 +140,24 @@ pub struct StepService<E: StepEffect> {
     pub effect: E,
     pub pool: Pool,
     pub queues: Queues,
-    pub outbox: Outbox,
+    pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
     pub stall: Duration,
     pub crash: crate::crash::Crash,
 }
 
 impl<E: StepEffect> StepService<E> {
-    pub fn new(effect: E, ctx: &crate::startup::Context, pool: Pool, outbox: Outbox) -> Arc<Self> {
+    pub fn new(
+        effect: E,
+        ctx: &crate::startup::Context,
+        pool: Pool,
+        signal: OutboxSignal,
+    ) -> Arc<Self> {
         Arc::new(StepService {
             effect,
             pool,
             queues: ctx.queues.clone(),
-            outbox,
+            signal,
             stall: ctx.settings.stall(),
             crash: ctx.crash(E::STEP.service()),
         })
@@ -221,9 +226,9 @@ impl<E: StepEffect> StepService<E> {
         let mut tx = self.pool.begin().await?;
         let mut outbox = OutboxBatch::default();
         self.apply_in(&mut tx, &mut outbox, order_id, cmd).await?;
-        let written = outbox.write(&mut tx).await?;
+        outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.outbox.committed(written);
+        self.signal.committed();
         Ok(())
     }
 
@@ -345,9 +350,9 @@ impl<E: StepEffect> StepService<E> {
                 .instrument(batch[*i].span.clone())
                 .await?;
         }
-        let written = outbox.write(&mut tx).await?;
+        outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.outbox.committed(written);
+        self.signal.committed();
         Ok(())
     }
 }

@@ -17,7 +17,9 @@ use crate::contract::{Queues, Service, TRACEPARENT_HEADER};
 use crate::crash::{Crash, Point};
 use crate::db::now_ms;
 use crate::http::{ApiError, page_limit};
-use crate::messaging::{self, HandleError, Handler, ORIGIN_QUEUE_HEADER, Outbox, REASON_HEADER};
+use crate::messaging::{
+    self, HandleError, Handler, ORIGIN_QUEUE_HEADER, OutboxSignal, REASON_HEADER,
+};
 use crate::startup::{Context, Started};
 
 /// One dead letter, locked until the transaction ends (SQLite: its single writer does that).
@@ -35,7 +37,7 @@ pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
 pub struct DeadLetters {
     pool: Pool,
     queues: Queues,
-    outbox: Outbox,
+    signal: OutboxSignal,
     crash: Crash,
     admin_token: Option<String>,
     metrics: crate::metrics::Metrics,
@@ -43,11 +45,11 @@ pub struct DeadLetters {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::DeadLetter, &MIGRATORS).await?;
-    let outbox = ctx.spawn_relay(Service::DeadLetter, pool.clone());
+    let signal = ctx.spawn_relay(Service::DeadLetter, pool.clone());
     let state = DeadLetters {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
-        outbox,
+        signal,
         crash: ctx.crash(Service::DeadLetter),
         admin_token: ctx.settings.admin_token.clone(),
         metrics: ctx.metrics.clone(),
@@ -190,15 +192,14 @@ async fn replay_dead_letter(
     let traceparent = serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
         .ok()
         .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
-    let written =
-        messaging::enqueue_raw(&mut tx, &origin, &id, &payload, traceparent.as_deref()).await?;
+    messaging::enqueue_raw(&mut tx, &origin, &id, &payload, traceparent.as_deref()).await?;
     let row = sqlx::query("UPDATE dead_letters SET replayed_ms = $2 WHERE id = $1 RETURNING *")
         .bind(&id)
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await?;
     state.crash.commit(tx).await?;
-    state.outbox.committed(written);
+    state.signal.committed();
     tracing::info!(dead_letter = %id, %origin, "dead letter replayed");
     Ok(Json(dead_letter_from_row(&row)?))
 }

@@ -36,8 +36,8 @@ impl StepEffect for Deliveries {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Delivery, &MIGRATORS).await?;
-    let outbox = ctx.spawn_relay(Service::Delivery, pool.clone());
-    let handler = StepService::new(Deliveries, ctx, pool.clone(), outbox);
+    let signal = ctx.spawn_relay(Service::Delivery, pool.clone());
+    let handler = StepService::new(Deliveries, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Delivery, handler);
     let router = OpenApiRouter::new()
         .routes(routes!(list_deliveries))

@@ -55,8 +55,8 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     .bind(ctx.settings.initial_stock)
     .execute(&pool)
     .await?;
-    let outbox = ctx.spawn_relay(Service::Inventory, pool.clone());
-    let handler = StepService::new(Stock, ctx, pool.clone(), outbox);
+    let signal = ctx.spawn_relay(Service::Inventory, pool.clone());
+    let handler = StepService::new(Stock, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Inventory, handler);
     let router = OpenApiRouter::new()
         .routes(routes!(get_inventory))

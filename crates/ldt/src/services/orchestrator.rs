@@ -32,7 +32,7 @@ use tracing::Instrument;
 use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
-use crate::messaging::{self, Delivery, HandleError, Handler, Outbox, OutboxBatch, Written};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
 use crate::startup::{Context, Started};
 
 /// One saga, locked until the transaction ends (SQLite: its single writer does that).
@@ -62,7 +62,7 @@ const STUCK_AFTER_ATTEMPTS: i32 = 5;
 pub struct Orchestrator {
     pool: Pool,
     queues: Queues,
-    outbox: Outbox,
+    signal: OutboxSignal,
     step_timeout: Duration,
     crash: Crash,
     metrics: crate::metrics::Metrics,
@@ -70,11 +70,11 @@ pub struct Orchestrator {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Orchestrator, &MIGRATORS).await?;
-    let outbox = ctx.spawn_relay(Service::Orchestrator, pool.clone());
+    let signal = ctx.spawn_relay(Service::Orchestrator, pool.clone());
     let orchestrator = Orchestrator {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
-        outbox,
+        signal,
         step_timeout: ctx.settings.step_timeout(),
         crash: ctx.crash(Service::Orchestrator),
         metrics: ctx.metrics.clone(),
@@ -191,7 +191,7 @@ impl Pending {
         }
     }
 
-    async fn write(self, tx: &mut Conn) -> Result<Written, sqlx::Error> {
+    async fn write(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
         for chunk in self.log.chunks(messaging::ROWS_PER_INSERT) {
             let sql = crate::db::multi_row_insert(
                 "INSERT INTO saga_log (order_id, step, kind, event, at_ms)",
@@ -209,6 +209,7 @@ impl Pending {
             }
             query.execute(&mut *tx).await?;
         }
+        self.log.clear();
         self.outbox.write(tx).await
     }
 }
@@ -624,9 +625,9 @@ impl Orchestrator {
         let mut tx = self.pool.begin().await?;
         let mut pending = Pending::default();
         self.apply_in(&mut tx, &mut pending, env).await?;
-        let written = pending.write(&mut tx).await?;
+        pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.outbox.committed(written);
+        self.signal.committed();
         Ok(())
     }
 
@@ -645,9 +646,9 @@ impl Orchestrator {
                 .instrument(batch[*i].span.clone())
                 .await?;
         }
-        let written = pending.write(&mut tx).await?;
+        pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.outbox.committed(written);
+        self.signal.committed();
         Ok(())
     }
 
@@ -707,9 +708,9 @@ impl Orchestrator {
                 .await?;
         }
         if n > 0 {
-            let written = pending.write(&mut tx).await?;
+            pending.write(&mut tx).await?;
             self.crash.commit(tx).await?;
-            self.outbox.committed(written);
+            self.signal.committed();
         } else {
             tx.commit().await?;
         }

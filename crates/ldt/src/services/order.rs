@@ -21,7 +21,7 @@ use crate::contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, 
 use crate::crash::{Crash, Point};
 use crate::db::now_ms;
 use crate::http::{ApiError, ApiJson, page_limit};
-use crate::messaging::{self, HandleError, Handler, Outbox};
+use crate::messaging::{self, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
 pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
@@ -36,7 +36,7 @@ pub const MAX_USERNAME: usize = 64;
 pub struct OrderState {
     pool: Pool,
     queues: Queues,
-    outbox: Outbox,
+    signal: OutboxSignal,
     crash: Crash,
     fault_injection: bool,
     admission: Admission,
@@ -128,11 +128,11 @@ impl Admission {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Order, &MIGRATORS).await?;
-    let outbox = ctx.spawn_relay(Service::Order, pool.clone());
+    let signal = ctx.spawn_relay(Service::Order, pool.clone());
     let state = OrderState {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
-        outbox,
+        signal,
         crash: ctx.crash(Service::Order),
         fault_injection: ctx.settings.fault_injection,
         admission: Admission::new(ctx.settings.max_pending),
@@ -359,10 +359,9 @@ impl OrderState {
                 faults: new.faults,
             },
         );
-        let written =
-            messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
+        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
         self.crash.commit(tx).await?;
-        self.outbox.committed(written);
+        self.signal.committed();
         self.admission.committed();
         Ok(Created::New(Order {
             id,

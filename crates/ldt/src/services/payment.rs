@@ -65,14 +65,14 @@ impl StepEffect for Credits {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Payment, &MIGRATORS).await?;
-    let outbox = ctx.spawn_relay(Service::Payment, pool.clone());
+    let signal = ctx.spawn_relay(Service::Payment, pool.clone());
     let handler = StepService::new(
         Credits {
             initial: ctx.settings.initial_credits,
         },
         ctx,
         pool.clone(),
-        outbox,
+        signal,
     );
     ctx.spawn_consumer(Service::Payment, handler);
     let router = OpenApiRouter::new()
