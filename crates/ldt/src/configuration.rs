@@ -120,6 +120,13 @@ pub struct Settings {
     #[arg(long, env = "LDT_MAX_PENDING", default_value_t = 2000, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_pending: i64,
 
+    /// Adaptive admission (off by default): the order service admits about this much work
+    /// (completion rate × this), at least 256 orders and at most --max-pending, and refuses
+    /// the rest with 503 — accepted orders stay fast under overload, at the price of
+    /// shedding near the knee. 0: the limit is --max-pending.
+    #[arg(long, env = "LDT_TARGET_LATENCY_MS", default_value_t = 0)]
+    pub target_latency_ms: u64,
+
     /// Connections in each service's database pool.
     #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
     pub db_pool_size: u32,
@@ -176,6 +183,10 @@ impl Settings {
             self.stall_ms
                 .unwrap_or_else(|| self.step_timeout_ms.saturating_mul(2)),
         )
+    }
+
+    pub fn target_latency(&self) -> Duration {
+        Duration::from_millis(self.target_latency_ms)
     }
 
     pub fn startup_timeout(&self) -> Duration {
@@ -239,6 +250,7 @@ impl Settings {
             stall_ms: None,
             prefetch: 64,
             max_pending: 2000,
+            target_latency_ms: 0,
             db_pool_size: 8,
             startup_timeout_s: 30,
             queue_expires_ms: None,

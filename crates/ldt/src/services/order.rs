@@ -44,12 +44,22 @@ pub struct OrderState {
 }
 
 /// Admission control: an estimate of the orders in flight, from the database (so it holds
-/// across replicas) plus the orders this process committed since that count was taken.
+/// across replicas) plus the orders this process committed since that count was taken,
+/// against a limit. The limit follows the measured completion rate — about `target` worth
+/// of work in flight (Little's law), never below [`MIN_IN_FLIGHT`] nor above `max_pending` —
+/// so under overload the excess is shed at the door and accepted orders stay fast, instead
+/// of queueing behind a fixed, too-deep backlog.
 #[derive(Clone)]
 struct Admission {
     max_pending: i64,
+    /// How long the accepted backlog may take to clear; zero: the limit is `max_pending`.
+    target: std::time::Duration,
     state: Arc<AdmissionState>,
 }
+
+/// The adaptive limit's floor: room for a burst from idle and for orders that wait out a
+/// step's deadline.
+const MIN_IN_FLIGHT: i64 = 256;
 
 #[derive(Default)]
 struct AdmissionState {
@@ -59,14 +69,40 @@ struct AdmissionState {
     /// was taken. An order committed in between is counted twice for a moment (too cautious),
     /// never missed.
     snapshot: std::sync::Mutex<(i64, i64)>,
+    /// The current limit.
+    limit: std::sync::atomic::AtomicI64,
 }
 
 impl Admission {
-    fn new(max_pending: i64) -> Admission {
+    fn new(max_pending: i64, target: std::time::Duration) -> Admission {
+        let state = AdmissionState::default();
+        let first = if target.is_zero() {
+            max_pending
+        } else {
+            MIN_IN_FLIGHT.min(max_pending)
+        };
+        state
+            .limit
+            .store(first, std::sync::atomic::Ordering::Relaxed);
         Admission {
             max_pending,
-            state: Arc::default(),
+            target,
+            state: Arc::new(state),
         }
+    }
+
+    /// The limit for a completion rate of `per_second` orders.
+    fn limit_for(&self, per_second: f64) -> i64 {
+        if self.target.is_zero() {
+            return self.max_pending;
+        }
+        let wanted = (per_second * self.target.as_secs_f64()).ceil();
+        let wanted = if wanted.is_finite() && wanted < i64::MAX as f64 {
+            wanted as i64
+        } else {
+            i64::MAX
+        };
+        wanted.max(MIN_IN_FLIGHT).min(self.max_pending)
     }
 
     fn estimate(&self) -> i64 {
@@ -84,10 +120,10 @@ impl Admission {
 
     fn admit(&self) -> Result<(), ApiError> {
         let now = self.estimate();
-        if now >= self.max_pending {
+        let limit = self.state.limit.load(std::sync::atomic::Ordering::Relaxed);
+        if now >= limit {
             return Err(ApiError::Overloaded(format!(
-                "overloaded: {now} orders in flight (limit {}); retry after 1 s",
-                self.max_pending
+                "overloaded: {now} orders in flight (limit {limit}); retry after 1 s"
             )));
         }
         Ok(())
@@ -100,11 +136,16 @@ impl Admission {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
-    /// Re-counts the PENDING orders every 100 ms until shutdown.
+    /// Re-counts the PENDING orders every 100 ms until shutdown, and from the counts the
+    /// completion rate that sets the limit.
     async fn refresh(self, pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
+        const TICK: std::time::Duration = std::time::Duration::from_millis(100);
+        // Completions per second, smoothed over about a second.
+        let mut rate = 0.0f64;
+        let mut last: Option<(i64, i64, std::time::Instant)> = None;
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(std::time::Duration::from_millis(100)) => {}
+                _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.cancelled() => return,
             }
             let before = self
@@ -115,13 +156,28 @@ impl Admission {
                 sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
                     .fetch_one(&pool)
                     .await;
-            if let Ok(n) = count {
-                *self
-                    .state
-                    .snapshot
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner()) = (n, before);
+            let Ok(n) = count else { continue };
+            *self
+                .state
+                .snapshot
+                .lock()
+                .unwrap_or_else(|e| e.into_inner()) = (n, before);
+            let at = std::time::Instant::now();
+            if let Some((pending, committed, then)) = last {
+                // Finished = what was pending + what came in − what is pending now. (Orders
+                // other replicas took are not in `committed`: an underestimate, on the safe
+                // side.)
+                let finished = pending
+                    .saturating_add(before.saturating_sub(committed))
+                    .saturating_sub(n)
+                    .max(0);
+                let secs = at.duration_since(then).as_secs_f64().max(0.001);
+                rate = 0.9 * rate + 0.1 * (finished as f64 / secs);
+                self.state
+                    .limit
+                    .store(self.limit_for(rate), std::sync::atomic::Ordering::Relaxed);
             }
+            last = Some((n, before, at));
         }
     }
 }
@@ -135,7 +191,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         crash: ctx.crash(Service::Order),
         fault_injection: ctx.settings.fault_injection,
-        admission: Admission::new(ctx.settings.max_pending),
+        admission: Admission::new(ctx.settings.max_pending, ctx.settings.target_latency()),
         metrics: ctx.metrics.clone(),
     };
     ctx.tasks.spawn(
@@ -670,6 +726,19 @@ impl Handler for OrderState {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_admission_limit_follows_the_completion_rate_within_its_bounds() {
+        let a = super::Admission::new(2000, std::time::Duration::from_secs(1));
+        assert_eq!(a.limit_for(0.0), super::MIN_IN_FLIGHT);
+        assert_eq!(a.limit_for(300.0), 300);
+        assert_eq!(a.limit_for(1e9), 2000);
+        assert_eq!(a.limit_for(f64::NAN), 2000);
+        let fixed = super::Admission::new(2000, std::time::Duration::ZERO);
+        assert_eq!(fixed.limit_for(300.0), 2000);
+        let tiny = super::Admission::new(3, std::time::Duration::from_secs(1));
+        assert_eq!(tiny.limit_for(0.0), 3);
+    }
+
     use super::*;
 
     fn validate(username: &str, price: i64, amount: i64) -> Result<NewOrder, ApiError> {
