@@ -57,21 +57,14 @@ impl Places {
 impl Drop for Places {
     fn drop(&mut self) {
         let names: Vec<String> = Service::ALL.iter().map(|s| self.name(*s)).collect();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                let pg = Backend::Postgres {
-                    server_url: common::database_url(),
-                };
-                for name in names {
-                    let _ = db::drop_database(&pg, &name).await;
-                }
-            });
-        })
-        .join();
+        common::clean_up(async move {
+            let pg = Backend::Postgres {
+                server_url: common::database_url(),
+            };
+            for name in names {
+                let _ = db::drop_database(&pg, &name).await;
+            }
+        });
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }

@@ -98,18 +98,11 @@ impl Drop for Fixture {
         let _ = std::fs::remove_dir_all(&self.dir);
         if self.kind == Kind::Amqp {
             let names = self.names();
-            let _ = std::thread::spawn(move || {
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                rt.block_on(async {
-                    if let Ok(bus) = Bus::amqp(&common::amqp_url(), Vec::new(), None).await {
-                        let _ = bus.delete_queues(&names).await;
-                    }
-                });
-            })
-            .join();
+            common::clean_up(async move {
+                if let Ok(bus) = Bus::amqp(&common::amqp_url(), Vec::new(), None).await {
+                    let _ = bus.delete_queues(&names).await;
+                }
+            });
         }
     }
 }

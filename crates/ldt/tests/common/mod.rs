@@ -243,28 +243,33 @@ impl Drop for TestApp {
             let _ = stop.send(());
         }
         let settings = self.settings.clone();
-        // Drop runs inside the test's runtime: purge on a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            rt.block_on(async {
-                // Give the stopped services a moment to release their connections.
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if let Err(e) = ldt::startup::purge(&settings).await {
-                    eprintln!(
-                        "purging test namespace {} failed: {e:#}",
-                        settings.namespace
-                    );
-                }
-                if settings.uses_data_dir() {
-                    let _ = std::fs::remove_dir_all(&settings.data_dir);
-                }
-            });
-        })
-        .join();
+        clean_up(async move {
+            // Give the stopped services a moment to release their connections.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if let Err(e) = ldt::startup::purge(&settings).await {
+                eprintln!(
+                    "purging test namespace {} failed: {e:#}",
+                    settings.namespace
+                );
+            }
+            if settings.uses_data_dir() {
+                let _ = std::fs::remove_dir_all(&settings.data_dir);
+            }
+        });
     }
+}
+
+/// Runs async clean-up from a `Drop`, which runs inside the test's runtime: on a thread with
+/// a runtime of its own, waiting for it to finish.
+pub fn clean_up(work: impl std::future::Future<Output = ()> + Send + 'static) {
+    let _ = std::thread::spawn(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap()
+            .block_on(work);
+    })
+    .join();
 }
 
 /// Runs each named scenario (an `async fn(Stack)`) on the real servers and on the embedded
