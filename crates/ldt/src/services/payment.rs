@@ -31,6 +31,14 @@ impl StepEffect for Credits {
 
     async fn apply(&self, conn: &mut Conn, action: &Action) -> Result<bool, sqlx::Error> {
         let username = action.username.as_deref().unwrap_or_default();
+        // The conditional update is the overdraft check: under concurrent debits the row lock
+        // serialises them and the condition is re-checked against the committed balance.
+        // A returning user with the credits costs this one statement.
+        if debit(conn, username, action.quantity).await? {
+            return Ok(true);
+        }
+        // A user first seen gets the initial credits; then try again (also when a concurrent
+        // debit created the user first: that row is visible to the next statement).
         sqlx::query(
             "INSERT INTO users (username, credits, created_ms) VALUES ($1, $2, $3) \
              ON CONFLICT (username) DO NOTHING",
@@ -40,17 +48,7 @@ impl StepEffect for Credits {
         .bind(now_ms())
         .execute(&mut *conn)
         .await?;
-        // The conditional update is the overdraft check: under concurrent debits the row lock
-        // serialises them and the condition is re-checked against the committed balance.
-        let debited = sqlx::query(
-            "UPDATE users SET credits = credits - $2 WHERE username = $1 AND credits >= $2",
-        )
-        .bind(username)
-        .bind(action.quantity)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected();
-        Ok(debited == 1)
+        debit(conn, username, action.quantity).await
     }
 
     async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {
@@ -61,6 +59,19 @@ impl StepEffect for Credits {
             .await?;
         Ok(())
     }
+}
+
+/// Debits `total` if the user exists and has it.
+async fn debit(conn: &mut Conn, username: &str, total: i64) -> Result<bool, sqlx::Error> {
+    let debited = sqlx::query(
+        "UPDATE users SET credits = credits - $2 WHERE username = $1 AND credits >= $2",
+    )
+    .bind(username)
+    .bind(total)
+    .execute(conn)
+    .await?
+    .rows_affected();
+    Ok(debited == 1)
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
