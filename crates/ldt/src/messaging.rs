@@ -48,7 +48,8 @@ const RELAXED_COMMIT: Sql = Sql {
 /// Takes the oldest unpublished rows out of the outbox, in a transaction that commits only
 /// once they are published (a failed publish rolls the delete back). With PostgreSQL, rows
 /// another replica's relay holds are skipped; SQLite has one writer, the transaction alone
-/// keeps others out. One statement instead of a select and a delete.
+/// keeps others out. One statement instead of a select and a delete. (SQLite's relay does
+/// without the transaction: see `Relay::drain_single_writer`.)
 const TAKE_BATCH: Sql = Sql {
     postgres: "DELETE FROM outbox WHERE id IN \
                (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
@@ -227,6 +228,9 @@ impl Relay {
 
     /// Publishes batches until the outbox is empty (of rows not locked by another replica).
     async fn drain(&self) -> anyhow::Result<()> {
+        if crate::db::is_sqlite(&self.pool) {
+            return self.drain_single_writer().await;
+        }
         loop {
             let mut tx = self.pool.begin().await?;
             let relaxed = RELAXED_COMMIT.on(&tx);
@@ -246,60 +250,94 @@ impl Relay {
             }
             // RETURNING has no order: publish in the order the rows were written.
             rows.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
-            let mut batch = Vec::with_capacity(rows.len());
-            // One producer span per message, in the message's own trace; they end when the
-            // batch is confirmed.
-            let mut spans = Vec::with_capacity(rows.len());
-            for row in &rows {
-                let queue: String = row.try_get("queue")?;
-                let message_id: String = row.try_get("message_id")?;
-                let span = tracing::info_span!(
-                    "publish",
-                    otel.name = %format!("publish {queue}"),
-                    otel.kind = "producer",
-                    messaging.system = self.bus.system(),
-                    messaging.operation.type = "publish",
-                    messaging.operation.name = "publish",
-                    messaging.destination.name = %queue,
-                    messaging.message.id = %message_id,
-                    ldt.service = self.service,
-                    trace_id = tracing::field::Empty,
-                    span_id = tracing::field::Empty,
-                );
-                let stored: Option<String> = row.try_get("traceparent")?;
-                let mut headers = Vec::new();
-                if stored.is_some() {
-                    adopt(&span, stored.as_deref());
-                    if let Some(tp) = span.in_scope(current_traceparent) {
-                        headers.push((TRACEPARENT_HEADER.to_owned(), tp));
-                    }
-                }
-                spans.push(span);
-                let out = Outgoing {
-                    queue,
-                    message_id,
-                    payload: row.try_get("payload")?,
-                    headers,
-                };
-                if self.duplicate_every > 0 {
-                    let n = self
-                        .published
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if n % self.duplicate_every == self.duplicate_every - 1 {
-                        tracing::info!(service = self.service, message_id = %out.message_id, "chaos: published a duplicate");
-                        batch.push(out.clone());
-                    }
-                }
-                batch.push(out);
-            }
-            self.bus.publish(&batch).await?;
-            drop(spans);
-            self.crash.at(crate::crash::Point::AfterPublish);
+            self.publish_rows(&rows).await?;
             tx.commit().await?;
             if (rows.len() as i64) < RELAY_BATCH {
                 return Ok(());
             }
         }
+    }
+
+    /// The relay of a SQLite outbox, which has one writer (this process's one connection):
+    /// no transaction is held open while the bus confirms, so the service's handlers keep
+    /// the connection meanwhile. Every row up to the last one read is committed and no
+    /// other relay deletes, so deleting up to that id deletes exactly what was published.
+    async fn drain_single_writer(&self) -> anyhow::Result<()> {
+        loop {
+            let rows = sqlx::query(
+                "SELECT id, queue, message_id, payload, traceparent FROM outbox \
+                 ORDER BY id LIMIT $1",
+            )
+            .bind(RELAY_BATCH)
+            .fetch_all(&self.pool)
+            .await?;
+            let Some(last) = rows.last() else {
+                return Ok(());
+            };
+            let last: i64 = last.try_get("id")?;
+            self.publish_rows(&rows).await?;
+            sqlx::query("DELETE FROM outbox WHERE id <= $1")
+                .bind(last)
+                .execute(&self.pool)
+                .await?;
+            if (rows.len() as i64) < RELAY_BATCH {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Publishes outbox rows (in the order given) and waits for the bus to confirm them.
+    async fn publish_rows(&self, rows: &[crate::db::DbRow]) -> anyhow::Result<()> {
+        let mut batch = Vec::with_capacity(rows.len());
+        // One producer span per message, in the message's own trace; they end when the
+        // batch is confirmed.
+        let mut spans = Vec::with_capacity(rows.len());
+        for row in rows {
+            let queue: String = row.try_get("queue")?;
+            let message_id: String = row.try_get("message_id")?;
+            let span = tracing::info_span!(
+                "publish",
+                otel.name = %format!("publish {queue}"),
+                otel.kind = "producer",
+                messaging.system = self.bus.system(),
+                messaging.operation.type = "publish",
+                messaging.operation.name = "publish",
+                messaging.destination.name = %queue,
+                messaging.message.id = %message_id,
+                ldt.service = self.service,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            let stored: Option<String> = row.try_get("traceparent")?;
+            let mut headers = Vec::new();
+            if stored.is_some() {
+                adopt(&span, stored.as_deref());
+                if let Some(tp) = span.in_scope(current_traceparent) {
+                    headers.push((TRACEPARENT_HEADER.to_owned(), tp));
+                }
+            }
+            spans.push(span);
+            let out = Outgoing {
+                queue,
+                message_id,
+                payload: row.try_get("payload")?,
+                headers,
+            };
+            if self.duplicate_every > 0 {
+                let n = self
+                    .published
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n % self.duplicate_every == self.duplicate_every - 1 {
+                    tracing::info!(service = self.service, message_id = %out.message_id, "chaos: published a duplicate");
+                    batch.push(out.clone());
+                }
+            }
+            batch.push(out);
+        }
+        self.bus.publish(&batch).await?;
+        drop(spans);
+        self.crash.at(crate::crash::Point::AfterPublish);
+        Ok(())
     }
 }
 
