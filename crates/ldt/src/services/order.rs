@@ -65,10 +65,12 @@ const MIN_IN_FLIGHT: i64 = 256;
 struct AdmissionState {
     /// Orders this process has committed, ever.
     committed: std::sync::atomic::AtomicI64,
-    /// The last count of PENDING orders, and `committed` as it was just before that count
-    /// was taken. An order committed in between is counted twice for a moment (too cautious),
-    /// never missed.
+    /// The last count of PENDING orders, and `committed` as it was when it was taken.
     snapshot: std::sync::Mutex<(i64, i64)>,
+    /// Commits hold it shared; a recount holds it exclusively, so the count and `committed`
+    /// are taken at the same point (for this process's orders; other replicas' are counted
+    /// when they have committed).
+    gate: tokio::sync::RwLock<()>,
     /// The current limit.
     limit: std::sync::atomic::AtomicI64,
 }
@@ -148,14 +150,24 @@ impl Admission {
                 _ = tokio::time::sleep(TICK) => {}
                 _ = shutdown.cancelled() => return,
             }
-            let before = self
-                .state
-                .committed
-                .load(std::sync::atomic::Ordering::Acquire);
-            let count: Result<i64, _> =
-                sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
-                    .fetch_one(&pool)
-                    .await;
+            // The connection first, then the gate: a commit waiting at the gate holds a
+            // connection, and the count must not wait for one while holding the gate.
+            let Ok(mut conn) = pool.acquire().await else {
+                continue;
+            };
+            let (before, count) = {
+                let _gate = self.state.gate.write().await;
+                let before = self
+                    .state
+                    .committed
+                    .load(std::sync::atomic::Ordering::Acquire);
+                let count: Result<i64, _> =
+                    sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
+                        .fetch_one(&mut *conn)
+                        .await;
+                (before, count)
+            };
+            drop(conn);
             let Ok(n) = count else { continue };
             *self
                 .state
@@ -416,9 +428,14 @@ impl OrderState {
             },
         );
         messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
-        self.crash.commit(tx).await?;
+        {
+            // No recount while the order commits: it is either in the count or counted
+            // as committed after it, never both, never neither.
+            let _gate = self.admission.state.gate.read().await;
+            self.crash.commit(tx).await?;
+            self.admission.committed();
+        }
         self.signal.committed();
-        self.admission.committed();
         Ok(Created::New(Order {
             id,
             username: new.username,
