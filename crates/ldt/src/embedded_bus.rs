@@ -270,13 +270,8 @@ impl EmbeddedSubscription {
         }
     }
 
-    /// Ends the subscription; what it still holds goes back to the queue.
-    pub fn close(self) {
-        let held: Vec<Stored> = self.consumer.held().drain().map(|(_, m)| m).collect();
-        if !held.is_empty() {
-            self.consumer.requeue(held);
-        }
-    }
+    /// Ends the subscription; what it still holds goes back to the queue (in `Drop`).
+    pub fn close(self) {}
 }
 
 impl Drop for EmbeddedSubscription {

@@ -27,7 +27,6 @@ use tracing::Instrument;
 
 use crate::bus::{Bus, Incoming, Outgoing};
 use crate::contract::{Envelope, Message, Queues, TRACEPARENT_HEADER};
-use crate::db::Sql;
 use crate::metrics::Metrics;
 use crate::telemetry::{adopt, current_traceparent};
 
@@ -38,25 +37,13 @@ pub const REASON_HEADER: &str = "x-ldt-reason";
 
 const RELAY_BATCH: i64 = 256;
 
-/// Losing the relay's delete in a crash only re-publishes rows the receivers ignore: it
-/// need not wait for its WAL flush. (SQLite's commits do not wait for a flush anyway.)
-const RELAXED_COMMIT: Sql = Sql {
-    postgres: "SET LOCAL synchronous_commit = off",
-    sqlite: "",
-};
-
-/// Takes the oldest unpublished rows out of the outbox, in a transaction that commits only
-/// once they are published (a failed publish rolls the delete back). With PostgreSQL, rows
-/// another replica's relay holds are skipped; SQLite has one writer, the transaction alone
-/// keeps others out. One statement instead of a select and a delete. (SQLite's relay does
-/// without the transaction: see `Relay::drain_single_writer`.)
-const TAKE_BATCH: Sql = Sql {
-    postgres: "DELETE FROM outbox WHERE id IN \
-               (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
-               RETURNING id, queue, message_id, payload, traceparent",
-    sqlite: "DELETE FROM outbox WHERE id IN (SELECT id FROM outbox ORDER BY id LIMIT $1) \
-             RETURNING id, queue, message_id, payload, traceparent",
-};
+/// Takes the oldest unpublished rows out of a PostgreSQL outbox, in a transaction that
+/// commits only once they are published (a failed publish rolls the delete back); rows
+/// another replica's relay holds are skipped. One statement instead of a select and a
+/// delete. (SQLite's relay does without the transaction: see `Relay::drain_single_writer`.)
+const TAKE_BATCH: &str = "DELETE FROM outbox WHERE id IN \
+     (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+     RETURNING id, queue, message_id, payload, traceparent";
 
 /// How often the relay counts its backlog for the `ldt_outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
@@ -120,10 +107,6 @@ impl OutboxBatch {
             payload: env.to_json(),
             traceparent: current_traceparent(),
         });
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
     }
 
     /// Writes the rows (in the order they were pushed) and empties the batch.
@@ -233,13 +216,14 @@ impl Relay {
         }
         loop {
             let mut tx = self.pool.begin().await?;
-            let relaxed = RELAXED_COMMIT.on(&tx);
-            if !relaxed.is_empty() {
-                sqlx::query(relaxed).execute(&mut *tx).await?;
-            }
+            // Losing this delete in a crash only re-publishes rows the receivers ignore: it
+            // need not wait for its WAL flush.
+            sqlx::query("SET LOCAL synchronous_commit = off")
+                .execute(&mut *tx)
+                .await?;
             // Planned afresh each time: the outbox swings between empty and full, and a plan
             // cached while it was empty scans it all.
-            let mut rows = sqlx::query(TAKE_BATCH.on(&tx))
+            let mut rows = sqlx::query(TAKE_BATCH)
                 .persistent(false)
                 .bind(RELAY_BATCH)
                 .fetch_all(&mut *tx)
