@@ -112,8 +112,14 @@ pub struct Settings {
     pub stall_ms: Option<u64>,
 
     /// Messages each consumer may hold unacknowledged (AMQP prefetch).
-    #[arg(long, env = "LDT_PREFETCH", default_value_t = 64, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "LDT_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..))]
     pub prefetch: u16,
+
+    /// Batches of deliveries each consumer handles at once (each in one transaction).
+    /// Deliveries arriving meanwhile gather into the next batch, so a busy service commits
+    /// fewer, larger transactions.
+    #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    pub batches_in_flight: u16,
 
     /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
     /// `Retry-After`: bounds the backlog, so accepted orders stay fast under overload.
@@ -248,7 +254,8 @@ impl Settings {
             initial_stock: 500,
             step_timeout_ms: 1000,
             stall_ms: None,
-            prefetch: 64,
+            prefetch: 200,
+            batches_in_flight: 2,
             max_pending: 2000,
             target_latency_ms: 0,
             db_pool_size: 8,

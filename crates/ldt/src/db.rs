@@ -189,6 +189,9 @@ pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<(), DbErr
     Ok(())
 }
 
+/// Prepared statements kept per PostgreSQL connection (sqlx's default is 100).
+const STATEMENT_CACHE: usize = 500;
+
 /// Opens a pool on the service's own database, creating and migrating it first.
 pub async fn open(
     backend: &Backend,
@@ -206,6 +209,8 @@ pub async fn open(
             let url = server_options(server_url)?
                 .database(db_name)
                 .application_name("ldt")
+                // Multi-row statements come in a shape per row count: keep them all prepared.
+                .statement_cache_capacity(STATEMENT_CACHE)
                 .to_url_lossy();
             let options = AnyConnectOptions::from_str(url.as_str())
                 .map_err(|e| DbError::BadUrl(e.to_string()))?;

@@ -95,8 +95,8 @@ struct OutboxRow {
     traceparent: Option<String>,
 }
 
-/// Rows per multi-row `INSERT` (a handful of distinct statements for the statement cache).
-pub const ROWS_PER_INSERT: usize = 32;
+/// Rows per multi-row statement (one shape per row count, all kept prepared: see `db::open`).
+pub const ROWS_PER_INSERT: usize = 64;
 
 impl OutboxBatch {
     /// Adds an envelope, with the trace context of the current span (the message's).
@@ -354,6 +354,12 @@ pub trait Handler: Send + Sync + 'static {
         msg: &Incoming,
     ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send;
 
+    /// Whether a delivery is to be handled on its own, outside the batches and their
+    /// in-flight limit: one that will wait long (an injected stall) must not hold up others.
+    fn runs_alone(&self, _msg: &Incoming) -> bool {
+        false
+    }
+
     /// Handles the deliveries that arrived together; one result per delivery, in order. By
     /// default each on its own, concurrently, inside its own span. Handlers on the hot path
     /// override it to apply a batch in one transaction.
@@ -379,7 +385,7 @@ pub struct Delivery {
 }
 
 /// Most deliveries taken into one batch.
-const MAX_BATCH: usize = 64;
+const MAX_BATCH: usize = 100;
 
 /// What a consumer loop needs besides its handler.
 #[derive(Clone)]
@@ -390,11 +396,16 @@ pub struct Consumer {
     /// The service consuming (for spans and metrics).
     pub service: &'static str,
     pub prefetch: u16,
+    /// Batches handled at once. While they run, new deliveries gather into the next batch:
+    /// a busy consumer commits a few large transactions instead of many small ones that
+    /// contend for the same rows and each wait for their own WAL flush.
+    pub batches_in_flight: usize,
     pub metrics: Metrics,
 }
 
-/// Consumes `queue` until shutdown, handling deliveries concurrently (at most `prefetch` at
-/// once), re-subscribing with backoff when the broker goes away.
+/// Consumes `queue` until shutdown, handling deliveries in batches (at most
+/// `batches_in_flight` at once, plus any the handler wants on their own), re-subscribing with
+/// backoff when the broker goes away.
 pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: CancellationToken) {
     let Consumer {
         ref bus,
@@ -403,6 +414,9 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
         ..
     } = consumer;
     let tracker = TaskTracker::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        consumer.batches_in_flight.max(1),
+    ));
     let mut failures: u32 = 0;
     while !shutdown.is_cancelled() {
         let mut sub = match bus.subscribe(queue, prefetch).await {
@@ -430,11 +444,23 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
             };
             match next {
                 Some(Ok(msg)) => {
+                    if handler.runs_alone(&msg) {
+                        spawn_batch(&tracker, &handler, &consumer, vec![msg], None);
+                        continue;
+                    }
+                    // Wait for a free slot first: what arrives meanwhile joins this batch.
+                    let permit = tokio::select! {
+                        permit = in_flight.clone().acquire_owned() => permit.ok(),
+                        _ = shutdown.cancelled() => break,
+                    };
                     // Take whatever else has already arrived: one batch, one transaction.
                     let mut batch = vec![msg];
                     let mut broken = false;
                     while batch.len() < MAX_BATCH.min(usize::from(prefetch)) {
                         match futures_util::FutureExt::now_or_never(sub.next()) {
+                            Some(Some(Ok(m))) if handler.runs_alone(&m) => {
+                                spawn_batch(&tracker, &handler, &consumer, vec![m], None);
+                            }
                             Some(Some(Ok(m))) => batch.push(m),
                             Some(Some(Err(_)) | None) => {
                                 broken = true;
@@ -443,11 +469,7 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
                             None => break,
                         }
                     }
-                    let handler = handler.clone();
-                    let consumer = consumer.clone();
-                    tracker.spawn(async move {
-                        process(&*handler, &consumer, batch).await;
-                    });
+                    spawn_batch(&tracker, &handler, &consumer, batch, permit);
                     if broken {
                         tracing::warn!(%queue, "subscription ended; re-subscribing");
                         break;
@@ -479,6 +501,22 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
     }
     tracker.close();
     tracker.wait().await;
+}
+
+/// Handles a batch in a task of its own, holding its in-flight slot until it is settled.
+fn spawn_batch<H: Handler>(
+    tracker: &TaskTracker,
+    handler: &Arc<H>,
+    consumer: &Consumer,
+    batch: Vec<Incoming>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let handler = handler.clone();
+    let consumer = consumer.clone();
+    tracker.spawn(async move {
+        process(&*handler, &consumer, batch).await;
+        drop(permit);
+    });
 }
 
 /// The saga step a message concerns, for span attributes.

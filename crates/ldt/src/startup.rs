@@ -119,6 +119,7 @@ impl Context {
                 queue: self.queues.of(service),
                 service: service.as_str(),
                 prefetch: self.settings.prefetch,
+                batches_in_flight: usize::from(self.settings.batches_in_flight),
                 metrics: self.metrics.clone(),
             },
             handler,

@@ -358,6 +358,11 @@ impl<E: StepEffect> StepService<E> {
 }
 
 impl<E: StepEffect> Handler for StepService<E> {
+    /// An action injected with a `timeout` fault stalls: it runs outside the batches.
+    fn runs_alone(&self, msg: &Incoming) -> bool {
+        matches!(Self::command(msg), Ok((_, Command::Act(a))) if a.fault == Some(Fault::Timeout))
+    }
+
     async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
         let (order_id, cmd) = Self::command(msg)?;
         self.apply_alone(order_id, &cmd).await

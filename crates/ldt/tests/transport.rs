@@ -241,6 +241,7 @@ async fn poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows(f: Fixture
             queue: q.clone(),
             service: "test",
             prefetch: 8,
+            batches_in_flight: 2,
             metrics: Metrics::default(),
         },
         handler.clone(),

@@ -10,6 +10,7 @@
 //! is a *late* answer: logged, and otherwise ignored, because the compensation already sent
 //! for that step undoes the late effect (or makes the step refuse it).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,19 +28,12 @@ use crate::bus::Incoming;
 use crate::contract::{
     Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
 };
-use tracing::Instrument;
 
 use crate::crash::Crash;
 use crate::db::{Tx, now_ms};
 use crate::http::ApiError;
 use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
 use crate::startup::{Context, Started};
-
-/// One saga, locked until the transaction ends (SQLite: its single writer does that).
-const LOCK_SAGA: crate::db::Sql = crate::db::Sql {
-    postgres: "SELECT * FROM sagas WHERE order_id = $1 FOR UPDATE",
-    sqlite: "SELECT * FROM sagas WHERE order_id = $1",
-};
 
 /// Sagas past their deadline, skipping those another replica is handling.
 const CLAIM_DUE: crate::db::Sql = crate::db::Sql {
@@ -170,12 +164,16 @@ enum Deadline {
     At(i64),
 }
 
-/// The saga-log lines and outbox rows of the transitions in one transaction, written with
-/// a few multi-row inserts just before it commits.
+/// What one transaction works on: the sagas it holds (read with one statement), the log
+/// lines and outbox rows its transitions produce — all written back with a few multi-row
+/// statements just before it commits, however many messages it handles.
 #[derive(Default)]
 struct Pending {
     log: Vec<(String, Step, &'static str, String, i64)>,
     outbox: OutboxBatch,
+    /// The sagas this transaction holds (locked by it, or inserted by it), by order id, each
+    /// with the deadline change to write back (`None`: the saga is unchanged).
+    sagas: HashMap<Uuid, (Saga, Option<Deadline>)>,
 }
 
 impl Pending {
@@ -191,7 +189,61 @@ impl Pending {
         }
     }
 
+    /// Records a transition of `saga`: its new state, log lines and messages.
+    fn change(&mut self, queues: &Queues, mut saga: Saga, fx: Effects, now: i64) {
+        let order_id = saga.order_id;
+        saga.updated_ms = now;
+        // Several transitions of one saga in a transaction: the last deadline set wins.
+        let earlier = self.sagas.get(&order_id).and_then(|(_, d)| *d);
+        let deadline = match (earlier, fx.deadline) {
+            (Some(d), Deadline::Keep) => d,
+            (_, d) => d,
+        };
+        self.sagas.insert(order_id, (saga, Some(deadline)));
+        self.add(queues, order_id, fx, now);
+    }
+
     async fn write(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
+        let changed: Vec<(&Saga, Deadline)> = self
+            .sagas
+            .values()
+            .filter_map(|(saga, d)| d.map(|d| (saga, d)))
+            .collect();
+        for chunk in changed.chunks(messaging::ROWS_PER_INSERT) {
+            let mut sql = crate::db::multi_row_insert(
+                "WITH v (order_id, phase, step, status, pending_comp, attempts, updated_ms, \
+                 set_deadline, deadline_ms) AS (",
+                9,
+                chunk.len(),
+            );
+            sql.push_str(
+                ") UPDATE sagas SET phase = v.phase, step = v.step, status = v.status, \
+                 pending_comp = v.pending_comp, attempts = v.attempts, updated_ms = v.updated_ms, \
+                 deadline_ms = CASE WHEN v.set_deadline THEN v.deadline_ms ELSE sagas.deadline_ms END \
+                 FROM v WHERE sagas.order_id = v.order_id",
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (saga, deadline) in chunk {
+                let compensations: Vec<&str> = saga.pending.iter().map(|s| s.as_str()).collect();
+                let (set, at) = match deadline {
+                    Deadline::Keep => (false, None),
+                    Deadline::Clear => (true, None),
+                    Deadline::At(ms) => (true, Some(*ms)),
+                };
+                query = query
+                    .bind(saga.order_id.to_string())
+                    .bind(saga.phase.as_str())
+                    .bind(saga.step.as_str())
+                    .bind(saga.status.map(|s| s.as_str()))
+                    .bind(compensations.join(","))
+                    .bind(saga.attempts)
+                    .bind(saga.updated_ms)
+                    .bind(set)
+                    .bind(at);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        self.sagas.clear();
         for chunk in self.log.chunks(messaging::ROWS_PER_INSERT) {
             let sql = crate::db::multi_row_insert(
                 "INSERT INTO saga_log (order_id, step, kind, event, at_ms)",
@@ -214,12 +266,39 @@ impl Pending {
     }
 }
 
-/// What an `OrderPlaced` asks for.
+/// What an `OrderPlaced` asks for, checked.
 struct OrderTerms<'a> {
     username: &'a str,
     price: i64,
     amount: i64,
     faults: FaultPlan,
+}
+
+impl<'a> OrderTerms<'a> {
+    /// The terms of an `OrderPlaced` (`None` for any other message); invalid terms are poison.
+    fn of(env: &'a Envelope) -> Result<Option<OrderTerms<'a>>, HandleError> {
+        let Message::OrderPlaced {
+            username,
+            price,
+            amount,
+            faults,
+        } = &env.body
+        else {
+            return Ok(None);
+        };
+        let (price, amount) = (*price, *amount);
+        if price < 0 || amount <= 0 || price.checked_mul(amount).is_none() || username.is_empty() {
+            return Err(HandleError::Poison(format!(
+                "OrderPlaced with invalid terms (price {price}, amount {amount})"
+            )));
+        }
+        Ok(Some(OrderTerms {
+            username,
+            price,
+            amount,
+            faults: *faults,
+        }))
+    }
 }
 
 /// What a transition wants written.
@@ -432,88 +511,127 @@ impl Orchestrator {
         }
     }
 
-    /// Writes the transition: saga row, log lines, outbox; all in the caller's transaction.
-    async fn persist(
-        &self,
-        tx: &mut Conn,
-        pending: &mut Pending,
-        saga: &Saga,
-        fx: Effects,
-        now: i64,
-    ) -> Result<(), HandleError> {
-        let compensations: Vec<&str> = saga.pending.iter().map(|s| s.as_str()).collect();
-        let deadline = match fx.deadline {
-            Deadline::Keep => None,
-            Deadline::Clear => Some(None),
-            Deadline::At(ms) => Some(Some(ms)),
-        };
-        let sql = if deadline.is_none() {
-            "UPDATE sagas SET phase = $2, step = $3, status = $4, pending_comp = $5, attempts = $6, \
-             updated_ms = $7 WHERE order_id = $1"
-        } else {
-            "UPDATE sagas SET phase = $2, step = $3, status = $4, pending_comp = $5, attempts = $6, \
-             updated_ms = $7, deadline_ms = $8 WHERE order_id = $1"
-        };
-        sqlx::query(sql)
-            .bind(saga.order_id.to_string())
-            .bind(saga.phase.as_str())
-            .bind(saga.step.as_str())
-            .bind(saga.status.map(|s| s.as_str()))
-            .bind(compensations.join(","))
-            .bind(saga.attempts)
-            .bind(now)
-            .bind(deadline.flatten())
-            .execute(&mut *tx)
-            .await?;
-        pending.add(&self.queues, saga.order_id, fx, now);
-        Ok(())
-    }
-
-    async fn lock(&self, tx: &mut Tx, order_id: Uuid) -> Result<Option<Saga>, HandleError> {
-        let row = sqlx::query(LOCK_SAGA.on(tx))
-            .bind(order_id.to_string())
-            .fetch_optional(&mut **tx)
-            .await?;
-        row.as_ref().map(saga_from_row).transpose()
-    }
-
-    async fn order_placed_in(
+    /// Applies messages in one transaction: inserts the sagas the `OrderPlaced`s start and
+    /// locks those the answers concern (one statement each, PostgreSQL locking in order-id
+    /// order so that concurrent batches cannot deadlock), then runs every transition in
+    /// memory, in the order given, each in its message's span. `work` is sorted by order id.
+    async fn apply_all(
         &self,
         tx: &mut Tx,
         pending: &mut Pending,
-        env: &Envelope,
-        order: OrderTerms<'_>,
+        work: &[(&Envelope, tracing::Span)],
     ) -> Result<(), HandleError> {
-        let OrderTerms {
-            username,
-            price,
-            amount,
-            faults,
-        } = order;
-        if price < 0 || amount <= 0 || price.checked_mul(amount).is_none() || username.is_empty() {
-            return Err(HandleError::Poison(format!(
-                "OrderPlaced with invalid terms (price {price}, amount {amount})"
-            )));
-        }
         let now = now_ms();
         let deadline = self.deadline_after(now, self.step_timeout);
-        let inserted = sqlx::query(
-            "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms, traceparent) \
-             VALUES ($1, $2, $3, $4, $5, 'running', 'payment', $6, $7, $7, $8) ON CONFLICT (order_id) DO NOTHING",
-        )
-        .bind(env.order_id.to_string())
-        .bind(username)
-        .bind(price)
-        .bind(amount)
-        .bind(serde_json::to_string(&faults).unwrap_or_default())
-        .bind(deadline)
-        .bind(now)
-        .bind(crate::telemetry::current_traceparent())
-        .execute(&mut **tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !inserted {
+        let mut placed = Vec::new();
+        let mut answered = Vec::new();
+        for (env, span) in work {
+            match OrderTerms::of(env)? {
+                Some(terms) => placed.push((env.order_id, terms, span)),
+                None => answered.push(env.order_id),
+            }
+        }
+        let inserted = self.insert_sagas(tx, &placed, deadline, now).await?;
+        // A saga this transaction inserted is held already.
+        answered.dedup();
+        answered.retain(|id| !inserted.contains(id));
+        self.lock(tx, pending, &answered).await?;
+        for (env, span) in work {
+            let _entered = span.enter();
+            match OrderTerms::of(env)? {
+                Some(terms) => self.order_placed(pending, env, terms, &inserted, now),
+                None => self.answer(pending, env, now)?,
+            }
+        }
+        Ok(())
+    }
+
+    /// Inserts the sagas of `OrderPlaced`s (each with its message's trace context); returns
+    /// the order ids of those that are new (the others are duplicates).
+    async fn insert_sagas(
+        &self,
+        tx: &mut Tx,
+        placed: &[(Uuid, OrderTerms<'_>, &tracing::Span)],
+        deadline: i64,
+        now: i64,
+    ) -> Result<HashSet<Uuid>, HandleError> {
+        let mut inserted = HashSet::new();
+        for chunk in placed.chunks(messaging::ROWS_PER_INSERT) {
+            let mut sql = crate::db::multi_row_insert(
+                "INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, \
+                 deadline_ms, created_ms, updated_ms, traceparent)",
+                11,
+                chunk.len(),
+            );
+            sql.push_str(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (order_id, terms, span) in chunk {
+                query = query
+                    .bind(order_id.to_string())
+                    .bind(terms.username)
+                    .bind(terms.price)
+                    .bind(terms.amount)
+                    .bind(serde_json::to_string(&terms.faults).unwrap_or_default())
+                    .bind(Phase::Running.as_str())
+                    .bind(Step::Payment.as_str())
+                    .bind(deadline)
+                    .bind(now)
+                    .bind(now)
+                    .bind(span.in_scope(crate::telemetry::current_traceparent));
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let id: String = row.try_get("order_id")?;
+                if let Ok(id) = Uuid::parse_str(&id) {
+                    inserted.insert(id);
+                }
+            }
+        }
+        Ok(inserted)
+    }
+
+    /// Reads (PostgreSQL: locks) the sagas `order_ids` name into `pending`.
+    async fn lock(
+        &self,
+        tx: &mut Tx,
+        pending: &mut Pending,
+        order_ids: &[Uuid],
+    ) -> Result<(), HandleError> {
+        let sqlite = crate::db::is_sqlite(&self.pool);
+        for chunk in order_ids.chunks(messaging::ROWS_PER_INSERT) {
+            let mut sql = String::from("SELECT * FROM sagas WHERE order_id IN (");
+            for i in 1..=chunk.len() {
+                if i > 1 {
+                    sql.push_str(", ");
+                }
+                sql.push('$');
+                sql.push_str(&i.to_string());
+            }
+            sql.push_str(") ORDER BY order_id");
+            if !sqlite {
+                sql.push_str(" FOR UPDATE");
+            }
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query.bind(id.to_string());
+            }
+            for row in query.fetch_all(&mut **tx).await? {
+                let saga = saga_from_row(&row)?;
+                pending.sagas.entry(saga.order_id).or_insert((saga, None));
+            }
+        }
+        Ok(())
+    }
+
+    fn order_placed(
+        &self,
+        pending: &mut Pending,
+        env: &Envelope,
+        terms: OrderTerms<'_>,
+        inserted: &HashSet<Uuid>,
+        now: i64,
+    ) {
+        // The first `OrderPlaced` of a new saga starts it; any other is a duplicate.
+        if !inserted.contains(&env.order_id) || pending.sagas.contains_key(&env.order_id) {
             tracing::info!(order_id = %env.order_id, "duplicate OrderPlaced ignored");
             let fx = Effects {
                 log: vec![(Step::Payment, "order_placed", "duplicate (ignored)".into())],
@@ -521,14 +639,14 @@ impl Orchestrator {
                 deadline: Deadline::Keep,
             };
             pending.add(&self.queues, env.order_id, fx, now);
-            return Ok(());
+            return;
         }
         let saga = Saga {
             order_id: env.order_id,
-            username: username.to_owned(),
-            price,
-            amount,
-            faults,
+            username: terms.username.to_owned(),
+            price: terms.price,
+            amount: terms.amount,
+            faults: terms.faults,
             phase: Phase::Running,
             step: Step::Payment,
             status: None,
@@ -541,26 +659,22 @@ impl Orchestrator {
         let fx = Effects {
             log: vec![(Step::Payment, cmd.body.kind(), "sent".into())],
             out: vec![cmd],
-            deadline: Deadline::At(deadline),
+            deadline: Deadline::Keep,
         };
+        // Written by the insert already: held, unchanged unless a later message changes it.
+        pending.sagas.insert(env.order_id, (saga, None));
         pending.add(&self.queues, env.order_id, fx, now);
-        Ok(())
     }
 
-    async fn answer_in(
-        &self,
-        tx: &mut Tx,
-        pending: &mut Pending,
-        env: &Envelope,
-    ) -> Result<(), HandleError> {
-        let now = now_ms();
-        let Some(mut saga) = self.lock(tx, env.order_id).await? else {
+    fn answer(&self, pending: &mut Pending, env: &Envelope, now: i64) -> Result<(), HandleError> {
+        let Some((saga, _)) = pending.sagas.get(&env.order_id) else {
             return Err(HandleError::Poison(format!(
                 "{} for unknown saga {}",
                 env.body.kind(),
                 env.order_id
             )));
         };
+        let mut saga = saga.clone();
         let mut fx = Effects::new();
         match &env.body {
             Message::StepResult { step, outcome } => {
@@ -569,83 +683,27 @@ impl Orchestrator {
             Message::Compensated { step } => self.on_compensated(&mut saga, *step, now, &mut fx),
             other => {
                 return Err(HandleError::Poison(format!(
-                    "`{}` is not an answer",
+                    "the orchestrator does not handle `{}` messages",
                     other.kind()
                 )));
             }
         }
-        self.persist(tx, pending, &saga, fx, now).await
-    }
-
-    /// Applies one message inside `tx`, in a database span.
-    async fn apply_in(
-        &self,
-        tx: &mut Tx,
-        pending: &mut Pending,
-        env: &Envelope,
-    ) -> Result<(), HandleError> {
-        self.apply_in_span(tx, pending, env)
-            .instrument(crate::db::span(&self.pool, "sagas"))
-            .await
-    }
-
-    async fn apply_in_span(
-        &self,
-        tx: &mut Tx,
-        pending: &mut Pending,
-        env: &Envelope,
-    ) -> Result<(), HandleError> {
-        match &env.body {
-            Message::OrderPlaced {
-                username,
-                price,
-                amount,
-                faults,
-            } => {
-                let terms = OrderTerms {
-                    username,
-                    price: *price,
-                    amount: *amount,
-                    faults: *faults,
-                };
-                self.order_placed_in(tx, pending, env, terms).await
-            }
-            Message::StepResult { .. } | Message::Compensated { .. } => {
-                self.answer_in(tx, pending, env).await
-            }
-            other => Err(HandleError::Poison(format!(
-                "the orchestrator does not handle `{}` messages",
-                other.kind()
-            ))),
-        }
-    }
-
-    /// One message in a transaction of its own.
-    async fn apply_alone(&self, env: &Envelope) -> Result<(), HandleError> {
-        let mut tx = self.pool.begin().await?;
-        let mut pending = Pending::default();
-        self.apply_in(&mut tx, &mut pending, env).await?;
-        pending.write(&mut tx).await?;
-        self.crash.commit(tx).await?;
-        self.signal.committed();
+        pending.change(&self.queues, saga, fx, now);
         Ok(())
     }
 
-    /// Applies `work` (delivery index, envelope) in one transaction, sagas locked in order-id
-    /// order so concurrent batches do not deadlock.
-    async fn apply_batch(
-        &self,
-        batch: &[Delivery],
-        work: &mut [(usize, Envelope)],
-    ) -> Result<(), HandleError> {
-        work.sort_by_key(|(_, env)| env.order_id);
+    /// Applies `work` (envelope, delivery span) in one transaction. Each message gets a
+    /// database span of its own in its trace, covering the statements it shares with the
+    /// rest of the batch.
+    async fn apply_batch(&self, work: &mut [(Envelope, tracing::Span)]) -> Result<(), HandleError> {
+        work.sort_by_key(|(env, _)| env.order_id);
+        let spans: Vec<(&Envelope, tracing::Span)> = work
+            .iter()
+            .map(|(env, span)| (env, span.in_scope(|| crate::db::span(&self.pool, "sagas"))))
+            .collect();
         let mut tx = self.pool.begin().await?;
         let mut pending = Pending::default();
-        for (i, env) in work.iter() {
-            self.apply_in(&mut tx, &mut pending, env)
-                .instrument(batch[*i].span.clone())
-                .await?;
-        }
+        self.apply_all(&mut tx, &mut pending, &spans).await?;
         pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
@@ -701,11 +759,10 @@ impl Orchestrator {
                 span_id = tracing::field::Empty,
             );
             crate::telemetry::adopt(&span, saga.traceparent.as_deref());
+            let _entered = span.enter();
             let mut fx = Effects::new();
-            span.in_scope(|| self.on_deadline(&mut saga, now, &mut fx));
-            self.persist(&mut tx, &mut pending, &saga, fx, now)
-                .instrument(span)
-                .await?;
+            self.on_deadline(&mut saga, now, &mut fx);
+            pending.change(&self.queues, saga, fx, now);
         }
         if n > 0 {
             pending.write(&mut tx).await?;
@@ -721,7 +778,8 @@ impl Orchestrator {
 impl Handler for Orchestrator {
     async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
         let env = messaging::decode(msg)?;
-        self.apply_alone(&env).await
+        self.apply_batch(&mut [(env, tracing::Span::current())])
+            .await
     }
 
     /// One transaction for the batch; if it fails (a poison message, a deadlock), each message
@@ -736,18 +794,22 @@ impl Handler for Orchestrator {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        if work.len() > 1 && self.apply_batch(batch, &mut work).await.is_ok() {
+        let mut together: Vec<(Envelope, tracing::Span)> = work
+            .iter()
+            .map(|(i, env)| (env.clone(), batch[*i].span.clone()))
+            .collect();
+        if work.len() > 1 && self.apply_batch(&mut together).await.is_ok() {
             for (i, _) in &work {
                 results[*i] = Some(Ok(()));
             }
         } else {
-            let outcomes = futures_util::future::join_all(
-                work.iter()
-                    .map(|(i, env)| self.apply_alone(env).instrument(batch[*i].span.clone())),
-            )
+            let outcomes = futures_util::future::join_all(work.into_iter().map(|(i, env)| {
+                let span = batch[i].span.clone();
+                async move { (i, self.apply_batch(&mut [(env, span)]).await) }
+            }))
             .await;
-            for ((i, _), r) in work.iter().zip(outcomes) {
-                results[*i] = Some(r);
+            for (i, r) in outcomes {
+                results[i] = Some(r);
             }
         }
         results
