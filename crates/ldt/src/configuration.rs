@@ -123,7 +123,7 @@ pub struct Settings {
 
     /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
     /// `Retry-After`: bounds the backlog, so accepted orders stay fast under overload.
-    #[arg(long, env = "LDT_MAX_PENDING", default_value_t = 2000, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, env = "LDT_MAX_PENDING", default_value_t = 500, value_parser = clap::value_parser!(i64).range(1..))]
     pub max_pending: i64,
 
     /// Adaptive admission (off by default): the order service admits about this much work
@@ -256,7 +256,7 @@ impl Settings {
             stall_ms: None,
             prefetch: 200,
             batches_in_flight: 2,
-            max_pending: 2000,
+            max_pending: 500,
             target_latency_ms: 0,
             db_pool_size: 8,
             startup_timeout_s: 30,

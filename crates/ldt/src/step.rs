@@ -9,6 +9,11 @@
 //!   the action stalled past its deadline — it leaves a `TIMEOUT` tombstone so that the late
 //!   action is refused instead of taking effect.
 //!
+//! Under load, the actions that arrive together take a shorter path: each applies its effect,
+//! and all their ledger rows (outcome decided) go in with one insert at the end. A duplicate
+//! or a refused late action makes that insert fail on the primary key; the batch then rolls
+//! back and each message is redone on its own, claiming first as above.
+//!
 //! Each service only supplies its effect ([`StepEffect`]); it never learns the saga's order.
 
 use std::sync::Arc;
@@ -335,6 +340,46 @@ impl<E: StepEffect> StepService<E> {
         Ok(())
     }
 
+    /// An action on the batch path: the effect now, its ledger row (with the outcome) to
+    /// insert with the others at the end. No claim first: a duplicate or an action whose
+    /// compensation came first finds its ledger row taken, the batch's insert fails on the
+    /// primary key, and the batch is redone one message at a time on the claiming path.
+    async fn act_batched(
+        &self,
+        tx: &mut Conn,
+        outbox: &mut OutboxBatch,
+        ledger: &mut Vec<NewLedgerRow>,
+        order_id: Uuid,
+        action: &Action,
+    ) -> Result<(), HandleError> {
+        let now = now_ms();
+        let label = if action.fault == Some(Fault::Kill) {
+            tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
+            UNKNOWN
+        } else if self.effect.apply(&mut *tx, action).await? {
+            SUCCESS
+        } else {
+            E::INSUFFICIENT
+        };
+        ledger.push(NewLedgerRow {
+            order_id: order_id.to_string(),
+            username: action.username.clone(),
+            quantity: action.quantity,
+            outcome: label,
+            at_ms: now,
+        });
+        let reply = Envelope::new(
+            order_id,
+            now,
+            Message::StepResult {
+                step: E::STEP,
+                outcome: Self::outcome_of(label),
+            },
+        );
+        outbox.push(&self.queues, &reply);
+        Ok(())
+    }
+
     /// Applies `work` (delivery index, order, command) in one transaction, in order-id order
     /// so that concurrent batches take row locks in the same order.
     async fn apply_batch(
@@ -345,14 +390,64 @@ impl<E: StepEffect> StepService<E> {
         work.sort_by_key(|(_, order_id, _)| *order_id);
         let mut tx = self.pool.begin().await?;
         let mut outbox = OutboxBatch::default();
+        let mut ledger = Vec::new();
         for (i, order_id, cmd) in work.iter() {
-            self.apply_in(&mut tx, &mut outbox, *order_id, cmd)
-                .instrument(batch[*i].span.clone())
-                .await?;
+            let span = batch[*i]
+                .span
+                .in_scope(|| crate::db::span(&self.pool, "ledger"));
+            match cmd {
+                Command::Act(action) => {
+                    self.act_batched(&mut tx, &mut outbox, &mut ledger, *order_id, action)
+                        .instrument(span)
+                        .await?
+                }
+                Command::Compensate => {
+                    self.compensate_in(&mut tx, &mut outbox, *order_id)
+                        .instrument(span)
+                        .await?
+                }
+            }
         }
+        NewLedgerRow::insert_all(&mut tx, &ledger).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         self.signal.committed();
+        Ok(())
+    }
+}
+
+/// A ledger row the batch path inserts, outcome decided.
+struct NewLedgerRow {
+    order_id: String,
+    username: Option<String>,
+    quantity: i64,
+    outcome: &'static str,
+    at_ms: i64,
+}
+
+impl NewLedgerRow {
+    /// One multi-row insert; fails (the batch rolls back) if any order already has a row.
+    async fn insert_all(tx: &mut Conn, rows: &[NewLedgerRow]) -> Result<(), sqlx::Error> {
+        for chunk in rows.chunks(messaging::ROWS_PER_INSERT) {
+            let sql = crate::db::multi_row_insert(
+                "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, \
+                 created_ms, updated_ms)",
+                7,
+                chunk.len(),
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in chunk {
+                query = query
+                    .bind(&row.order_id)
+                    .bind(&row.username)
+                    .bind(row.quantity)
+                    .bind(row.outcome)
+                    .bind(false)
+                    .bind(row.at_ms)
+                    .bind(row.at_ms);
+            }
+            query.execute(&mut *tx).await?;
+        }
         Ok(())
     }
 }
@@ -369,8 +464,8 @@ impl<E: StepEffect> Handler for StepService<E> {
     }
 
     /// One transaction for the whole batch. A stalled command (injected `timeout`) waits on
-    /// its own; if the batch's transaction fails, each command is retried in its own, so one
-    /// bad message cannot hold back the others.
+    /// its own; if the batch's transaction fails, each command is retried in its own, one
+    /// after the other, so one bad message cannot hold back the others.
     async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
         let mut results: Vec<Option<Result<(), HandleError>>> =
             batch.iter().map(|_| None).collect();
@@ -391,13 +486,17 @@ impl<E: StepEffect> Handler for StepService<E> {
         }));
         let together = async {
             if work.len() <= 1 || self.apply_batch(batch, &mut work).await.is_err() {
-                let outcomes =
-                    futures_util::future::join_all(work.iter().map(|(i, order_id, cmd)| {
-                        self.apply_alone(*order_id, cmd)
-                            .instrument(batch[*i].span.clone())
-                    }))
-                    .await;
-                work.iter().map(|w| w.0).zip(outcomes).collect::<Vec<_>>()
+                // One at a time, in delivery order per order: a refund that was delivered
+                // before its debit still comes first.
+                let mut outcomes = Vec::with_capacity(work.len());
+                for (i, order_id, cmd) in &work {
+                    let r = self
+                        .apply_alone(*order_id, cmd)
+                        .instrument(batch[*i].span.clone())
+                        .await;
+                    outcomes.push((*i, r));
+                }
+                outcomes
             } else {
                 work.iter().map(|w| (w.0, Ok(()))).collect()
             }

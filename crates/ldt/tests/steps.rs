@@ -194,6 +194,78 @@ async fn duplicates_have_one_effect_and_get_the_first_answer(stack: Stack) {
     assert!(app.active_deliveries("dup").await.is_empty());
 }
 
+/// Commands published together reach the service together, so they are handled in batches:
+/// duplicates inside a batch, and refunds racing their debit, must come out as they do one
+/// message at a time.
+async fn a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment], &[]).await;
+    let mut driver = Driver::new(&app).await;
+    let mut burst = Vec::new();
+    let mut duplicated = Vec::new();
+    let mut raced = Vec::new();
+    for i in 0..40 {
+        let order = Uuid::now_v7();
+        let cmd = debit(order, &format!("burst{i}"), 10);
+        burst.push(cmd.clone());
+        burst.push(cmd);
+        duplicated.push(order);
+    }
+    for i in 0..5 {
+        let order = Uuid::now_v7();
+        burst.push(Envelope::new(order, 0, Message::Refund));
+        burst.push(debit(order, &format!("raced{i}"), 10));
+        raced.push(order);
+    }
+    let out: Vec<Outgoing> = burst
+        .iter()
+        .map(|env| Outgoing {
+            queue: driver.queues.of(Service::Payment),
+            message_id: Uuid::now_v7().to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        })
+        .collect();
+    driver.bus.publish(&out).await.unwrap();
+
+    let mut results: std::collections::HashMap<Uuid, Vec<StepOutcome>> =
+        std::collections::HashMap::new();
+    let mut compensated = 0;
+    for _ in 0..burst.len() {
+        let a = driver.answer().await;
+        match a.body {
+            Message::StepResult { outcome, .. } => {
+                results.entry(a.order_id).or_default().push(outcome)
+            }
+            Message::Compensated { .. } => compensated += 1,
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    assert_eq!(compensated, 5);
+    for (i, order) in duplicated.iter().enumerate() {
+        assert_eq!(
+            results.get(order).cloned().unwrap_or_default(),
+            [StepOutcome::Done, StepOutcome::Done],
+            "both copies of {order} get the first answer"
+        );
+        assert_eq!(
+            app.credits(&format!("burst{i}")).await,
+            Some(490),
+            "burst{i} debited once"
+        );
+    }
+    // Handled concurrently, a refund and its debit may go either way round; either way the
+    // money ends where it started.
+    for (i, order) in raced.iter().enumerate() {
+        let answers = results.get(order).cloned().unwrap_or_default();
+        let credits = app.credits(&format!("raced{i}")).await;
+        match answers.as_slice() {
+            [StepOutcome::Refused] => assert_eq!(credits, None, "refused: nothing taken"),
+            [StepOutcome::Done] => assert_eq!(credits, Some(500), "debited, then refunded"),
+            other => panic!("answers for {order}: {other:?}"),
+        }
+    }
+}
+
 async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
     let mut driver = Driver::new(&app).await;
@@ -264,5 +336,6 @@ async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working
 on_every_stack!(
     a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
     duplicates_have_one_effect_and_get_the_first_answer,
+    a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order,
     poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
 );

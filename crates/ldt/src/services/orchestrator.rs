@@ -803,13 +803,10 @@ impl Handler for Orchestrator {
                 results[*i] = Some(Ok(()));
             }
         } else {
-            let outcomes = futures_util::future::join_all(work.into_iter().map(|(i, env)| {
+            // One at a time, in delivery order.
+            for (i, env) in work {
                 let span = batch[i].span.clone();
-                async move { (i, self.apply_batch(&mut [(env, span)]).await) }
-            }))
-            .await;
-            for (i, r) in outcomes {
-                results[i] = Some(r);
+                results[i] = Some(self.apply_batch(&mut [(env, span)]).await);
             }
         }
         results
