@@ -88,11 +88,24 @@ pub struct OutboxBatch {
     rows: Vec<OutboxRow>,
 }
 
-struct OutboxRow {
-    queue: String,
-    message_id: String,
-    payload: Vec<u8>,
-    traceparent: Option<String>,
+/// The outbox columns of one message (`created_ms` aside).
+pub struct OutboxRow {
+    pub queue: String,
+    pub message_id: String,
+    pub payload: Vec<u8>,
+    pub traceparent: Option<String>,
+}
+
+impl OutboxRow {
+    /// An envelope's row, with the trace context of the current span (the message's).
+    pub fn of(queues: &Queues, env: &Envelope) -> OutboxRow {
+        OutboxRow {
+            queue: queues.of(env.body.destination()),
+            message_id: env.id.to_string(),
+            payload: env.to_json(),
+            traceparent: current_traceparent(),
+        }
+    }
 }
 
 /// Rows per multi-row statement (one shape per row count, all kept prepared: see `db::open`).
@@ -101,12 +114,7 @@ pub const ROWS_PER_INSERT: usize = 64;
 impl OutboxBatch {
     /// Adds an envelope, with the trace context of the current span (the message's).
     pub fn push(&mut self, queues: &Queues, env: &Envelope) {
-        self.rows.push(OutboxRow {
-            queue: queues.of(env.body.destination()),
-            message_id: env.id.to_string(),
-            payload: env.to_json(),
-            traceparent: current_traceparent(),
-        });
+        self.rows.push(OutboxRow::of(queues, env));
     }
 
     /// Writes the rows (in the order they were pushed) and empties the batch.

@@ -21,7 +21,7 @@ use crate::contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, 
 use crate::crash::{Crash, Point};
 use crate::db::now_ms;
 use crate::http::{ApiError, ApiJson, page_limit};
-use crate::messaging::{self, HandleError, Handler, OutboxSignal};
+use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
 use crate::startup::{Context, Started};
 
 pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
@@ -387,36 +387,6 @@ impl OrderState {
         let id = Uuid::now_v7();
         let now = now_ms();
         let fingerprint = new.fingerprint();
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, idempotency_key, request_hash) \
-             VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(&new.username)
-        .bind(new.price)
-        .bind(new.amount)
-        .bind(serde_json::to_string(&new.faults).unwrap_or_default())
-        .bind(now)
-        .bind(idempotency_key)
-        .bind(idempotency_key.map(|_| fingerprint.clone()))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
-                .bind(idempotency_key)
-                .fetch_one(&mut *tx)
-                .await?;
-            let hash: Option<String> = row.try_get("request_hash")?;
-            if hash.as_deref() != Some(fingerprint.as_str()) {
-                return Err(ApiError::Conflict(
-                    "this Idempotency-Key was already used with a different request body".into(),
-                ));
-            }
-            return Ok(Created::Replayed(order_from_row(&row)?));
-        }
         let placed = Envelope::new(
             id,
             now,
@@ -427,13 +397,25 @@ impl OrderState {
                 faults: new.faults,
             },
         );
-        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(&placed)).await?;
-        {
-            // No recount while the order commits: it is either in the count or counted
-            // as committed after it, never both, never neither.
-            let _gate = self.admission.state.gate.read().await;
-            self.crash.commit(tx).await?;
-            self.admission.committed();
+        let inserted = if crate::db::is_sqlite(&self.pool) {
+            self.insert_in_transaction(id, &new, now, idempotency_key, &fingerprint, &placed)
+                .await?
+        } else {
+            self.insert_in_one_statement(id, &new, now, idempotency_key, &fingerprint, &placed)
+                .await?
+        };
+        if !inserted {
+            let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
+                .bind(idempotency_key)
+                .fetch_one(&self.pool)
+                .await?;
+            let hash: Option<String> = row.try_get("request_hash")?;
+            if hash.as_deref() != Some(fingerprint.as_str()) {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was already used with a different request body".into(),
+                ));
+            }
+            return Ok(Created::Replayed(order_from_row(&row)?));
         }
         self.signal.committed();
         Ok(Created::New(Order {
@@ -446,6 +428,91 @@ impl OrderState {
             created_at_ms: now,
             finished_at_ms: None,
         }))
+    }
+
+    /// PostgreSQL: the order and its `OrderPlaced` in one statement, which commits by itself
+    /// (one round trip instead of four). `false`: the idempotency key was taken.
+    async fn insert_in_one_statement(
+        &self,
+        id: Uuid,
+        new: &NewOrder,
+        now: i64,
+        idempotency_key: Option<&str>,
+        fingerprint: &str,
+        placed: &Envelope,
+    ) -> Result<bool, ApiError> {
+        let row = messaging::OutboxRow::of(&self.queues, placed);
+        // No recount while the order commits: it is either in the count or counted as
+        // committed after it, never both, never neither.
+        let _gate = self.admission.state.gate.read().await;
+        self.crash.at(crate::crash::Point::BeforeCommit);
+        let inserted = sqlx::query(
+            "WITH o AS (INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
+             idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
+             ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) \
+             INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
+             SELECT $9, $10, $11, $12, $6 FROM o",
+        )
+        .bind(id.to_string())
+        .bind(&new.username)
+        .bind(new.price)
+        .bind(new.amount)
+        .bind(serde_json::to_string(&new.faults).unwrap_or_default())
+        .bind(now)
+        .bind(idempotency_key)
+        .bind(idempotency_key.map(|_| fingerprint))
+        .bind(&row.queue)
+        .bind(&row.message_id)
+        .bind(&row.payload)
+        .bind(&row.traceparent)
+        .execute(&self.pool)
+        .await?
+        .rows_affected()
+            == 1;
+        if inserted {
+            self.crash.at(crate::crash::Point::AfterCommit);
+            self.admission.committed();
+        }
+        Ok(inserted)
+    }
+
+    /// SQLite: the order and its `OrderPlaced` in one transaction. `false`: the idempotency
+    /// key was taken.
+    async fn insert_in_transaction(
+        &self,
+        id: Uuid,
+        new: &NewOrder,
+        now: i64,
+        idempotency_key: Option<&str>,
+        fingerprint: &str,
+        placed: &Envelope,
+    ) -> Result<bool, ApiError> {
+        let mut tx = self.pool.begin().await?;
+        let inserted = sqlx::query(
+            "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, idempotency_key, request_hash) \
+             VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING",
+        )
+        .bind(id.to_string())
+        .bind(&new.username)
+        .bind(new.price)
+        .bind(new.amount)
+        .bind(serde_json::to_string(&new.faults).unwrap_or_default())
+        .bind(now)
+        .bind(idempotency_key)
+        .bind(idempotency_key.map(|_| fingerprint))
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+            == 1;
+        if !inserted {
+            return Ok(false);
+        }
+        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(placed)).await?;
+        // See `insert_in_one_statement`.
+        let _gate = self.admission.state.gate.read().await;
+        self.crash.commit(tx).await?;
+        self.admission.committed();
+        Ok(true)
     }
 
     async fn submit(
@@ -680,8 +747,9 @@ async fn list_orders(
     Ok(Json(OrderPage { orders, next }))
 }
 
-impl Handler for OrderState {
-    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+impl OrderState {
+    /// The final status an `OrderFinished` delivery carries, or why it is poison.
+    fn finished(msg: &Incoming) -> Result<(Uuid, OrderStatus), HandleError> {
         let env = messaging::decode(msg)?;
         let Message::OrderFinished { status } = env.body else {
             return Err(HandleError::Poison(format!(
@@ -694,19 +762,36 @@ impl Handler for OrderState {
                 "OrderFinished with status PENDING".into(),
             ));
         }
-        // Only a PENDING order moves: a duplicate finds it final and changes nothing.
+        Ok((env.order_id, status))
+    }
+
+    /// Moves PENDING orders to their final status, all with one statement (which commits by
+    /// itself); a duplicate finds its order final and changes nothing. Returns, per entry,
+    /// whether the order exists.
+    async fn finish_all(&self, finished: &[(Uuid, OrderStatus)]) -> Result<Vec<bool>, HandleError> {
         self.crash.at(Point::BeforeCommit);
         let now = now_ms();
-        let created: Option<i64> = sqlx::query_scalar(
-            "UPDATE orders SET status = $2, finished_ms = $3 WHERE id = $1 AND status = 'PENDING' \
-             RETURNING created_ms",
-        )
-        .bind(env.order_id.to_string())
-        .bind(status.as_str())
-        .bind(now)
-        .fetch_optional(&self.pool)
-        .await?;
-        if let Some(created) = created {
+        let mut sql =
+            crate::db::multi_row_insert("WITH v (id, status, finished_ms) AS (", 3, finished.len());
+        sql.push_str(
+            ") UPDATE orders SET status = v.status, finished_ms = v.finished_ms FROM v \
+             WHERE orders.id = v.id AND orders.status = 'PENDING' \
+             RETURNING orders.id, orders.status, orders.created_ms",
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (order_id, status) in finished {
+            query = query
+                .bind(order_id.to_string())
+                .bind(status.as_str())
+                .bind(now);
+        }
+        let rows = query.fetch_all(&self.pool).await?;
+        self.crash.at(Point::AfterCommit);
+        let mut updated = std::collections::HashSet::new();
+        for row in &rows {
+            let id: String = row.try_get("id")?;
+            let status: String = row.try_get("status")?;
+            let created: i64 = row.try_get("created_ms")?;
             self.metrics.inc(
                 "ldt_orders_total",
                 "Orders by final status.",
@@ -719,25 +804,71 @@ impl Handler for OrderState {
                 &[("status", status.as_str())],
                 now.saturating_sub(created) as f64,
             );
+            tracing::info!(order_id = %id, status = %status, "order finished");
+            updated.insert(id);
         }
-        let updated = u64::from(created.is_some());
-        self.crash.at(Point::AfterCommit);
-        if updated == 0 {
-            let known: Option<String> =
-                sqlx::query_scalar("SELECT status FROM orders WHERE id = $1")
-                    .bind(env.order_id.to_string())
+        let mut known = Vec::with_capacity(finished.len());
+        for (order_id, _) in finished {
+            let id = order_id.to_string();
+            // Not moved: a duplicate (the order is final) or an order never placed here.
+            let exists = updated.contains(&id)
+                || sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
+                    .bind(&id)
                     .fetch_optional(&self.pool)
-                    .await?;
-            if known.is_none() {
-                return Err(HandleError::Poison(format!(
-                    "OrderFinished for unknown order {}",
-                    env.order_id
-                )));
-            }
-        } else {
-            tracing::info!(order_id = %env.order_id, status = status.as_str(), "order finished");
+                    .await?
+                    .is_some();
+            known.push(exists);
         }
-        Ok(())
+        Ok(known)
+    }
+}
+
+impl Handler for OrderState {
+    async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
+        let finished = Self::finished(msg)?;
+        match self.finish_all(&[finished]).await?.as_slice() {
+            [true] => Ok(()),
+            _ => Err(HandleError::Poison(format!(
+                "OrderFinished for unknown order {}",
+                finished.0
+            ))),
+        }
+    }
+
+    /// The batch's final statuses with one statement; if it fails, one message at a time.
+    async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
+        let parsed: Vec<Result<(Uuid, OrderStatus), HandleError>> =
+            batch.iter().map(|d| Self::finished(&d.msg)).collect();
+        let valid: Vec<(Uuid, OrderStatus)> = parsed
+            .iter()
+            .filter_map(|p| p.as_ref().ok().copied())
+            .collect();
+        let known = if valid.len() > 1 {
+            self.finish_all(&valid).await.ok()
+        } else {
+            None
+        };
+        let Some(known) = known else {
+            let mut results = Vec::with_capacity(batch.len());
+            for d in batch {
+                results.push(self.handle(&d.msg).instrument(d.span.clone()).await);
+            }
+            return results;
+        };
+        let mut known = known.into_iter();
+        parsed
+            .into_iter()
+            .map(|p| {
+                let (order_id, _) = p?;
+                if known.next().unwrap_or(false) {
+                    Ok(())
+                } else {
+                    Err(HandleError::Poison(format!(
+                        "OrderFinished for unknown order {order_id}"
+                    )))
+                }
+            })
+            .collect()
     }
 }
 
