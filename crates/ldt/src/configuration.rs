@@ -117,8 +117,8 @@ pub struct Settings {
 
     /// Batches of deliveries each consumer handles at once (each in one transaction).
     /// Deliveries arriving meanwhile gather into the next batch, so a busy service commits
-    /// fewer, larger transactions.
-    #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 2, value_parser = clap::value_parser!(u16).range(1..))]
+    /// fewer, larger transactions. One measured best (BENCHMARKS.md).
+    #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub batches_in_flight: u16,
 
     /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
@@ -255,7 +255,7 @@ impl Settings {
             step_timeout_ms: 1000,
             stall_ms: None,
             prefetch: 200,
-            batches_in_flight: 2,
+            batches_in_flight: 1,
             max_pending: 500,
             target_latency_ms: 0,
             db_pool_size: 8,
