@@ -327,12 +327,19 @@ async fn one_trace_per_order_across_every_service_with_logs_and_metrics() {
                     s.service == "ldt-payment"
                         && s.attrs.get("ldt.message.type").map(String::as_str) == Some("debit")
                 });
-            (need.iter().all(|n| services.contains(n)) && finished && late_done).then_some(spans)
+            // Spans are exported in batches, each process on its own schedule: a consumer's
+            // span can arrive before its producer's. Wait for the trace to be whole.
+            let ids: BTreeSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+            let whole = spans
+                .iter()
+                .all(|s| &s.parent == client_span || ids.contains(s.parent.as_str()));
+            (need.iter().all(|n| services.contains(n)) && finished && late_done && whole)
+                .then_some(spans)
         })
         .await;
         // Parent links: the HTTP server span is the child of the client's span; every other
-        // span's parent is a span of the same trace.
-        let ids: BTreeSet<&str> = spans.iter().map(|s| s.id.as_str()).collect();
+        // span's parent is a span of the same trace (the wait above requires that, and times
+        // out when a parent never comes).
         let roots: Vec<&Span> = spans.iter().filter(|s| &s.parent == client_span).collect();
         assert_eq!(
             roots.len(),
@@ -342,14 +349,6 @@ async fn one_trace_per_order_across_every_service_with_logs_and_metrics() {
         assert_eq!(roots[0].name, "POST /api/purchase/");
         assert_eq!(roots[0].kind, 2, "server span");
         assert_eq!(roots[0].attrs["http.response.status_code"], "200");
-        for s in &spans {
-            assert!(
-                &s.parent == client_span || ids.contains(s.parent.as_str()),
-                "{status}: {} ({}) has a parent outside the trace",
-                s.name,
-                s.service
-            );
-        }
         // Messaging spans follow the conventions and carry the order and step.
         let consumers: Vec<&Span> = spans.iter().filter(|s| s.kind == 5).collect();
         assert!(
