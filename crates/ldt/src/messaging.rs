@@ -89,6 +89,7 @@ pub struct OutboxBatch {
 }
 
 /// The outbox columns of one message (`created_ms` aside).
+#[derive(Clone)]
 pub struct OutboxRow {
     pub queue: String,
     pub message_id: String,
@@ -115,6 +116,11 @@ impl OutboxBatch {
     /// Adds an envelope, with the trace context of the current span (the message's).
     pub fn push(&mut self, queues: &Queues, env: &Envelope) {
         self.rows.push(OutboxRow::of(queues, env));
+    }
+
+    /// Adds a row made earlier (with the trace context of its own span).
+    pub fn push_row(&mut self, row: OutboxRow) {
+        self.rows.push(row);
     }
 
     /// Writes the rows (in the order they were pushed) and empties the batch.

@@ -229,6 +229,54 @@ async fn a_stalled_step_does_not_hold_up_other_orders(stack: Stack) {
     );
 }
 
+/// Retries of one request racing each other (and other users' orders, so that they are
+/// written together): one order, every answer names it, the money moves once.
+async fn concurrent_retries_with_one_idempotency_key_make_one_order(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
+    let name = user("retry");
+    let body = json!({"username": name, "price": 7, "amount": 2});
+    let retries = (0..20).map(|_| {
+        app.client
+            .post(app.url("/api/v1/orders"))
+            .header("Idempotency-Key", "same-request")
+            .json(&body)
+            .send()
+    });
+    let others = (0..20).map(|i| {
+        app.client
+            .post(app.url("/api/v1/orders"))
+            .json(&json!({"username": user(&format!("other{i}")), "price": 1, "amount": 1}))
+            .send()
+    });
+    let (retries, others) = futures_util::future::join(
+        futures_util::future::join_all(retries),
+        futures_util::future::join_all(others),
+    )
+    .await;
+    let mut ids = std::collections::BTreeSet::new();
+    let mut created = 0;
+    for resp in retries {
+        let resp = resp.unwrap();
+        match resp.status().as_u16() {
+            202 => created += 1,
+            200 => {}
+            other => panic!("a retry answered {other}"),
+        }
+        let order: serde_json::Value = resp.json().await.unwrap();
+        ids.insert(order["id"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(created, 1, "one retry creates the order");
+    assert_eq!(ids.len(), 1, "every retry names the same order: {ids:?}");
+    for resp in others {
+        assert_eq!(resp.unwrap().status(), 202);
+    }
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(app.wait_final(&id, FINAL).await["status"], "SUCCESS");
+    let (_, mine) = app.get(&format!("/api/v1/orders?username={name}")).await;
+    assert_eq!(mine["orders"].as_array().unwrap().len(), 1);
+    assert_eq!(app.credits(&name).await, Some(500 - 14), "debited once");
+}
+
 async fn v1_orders_api_with_location_paging_and_idempotency(stack: Stack) {
     let app = spawn_on(stack, &ALL, &[]).await;
     let name = user("v1");
@@ -307,4 +355,5 @@ on_every_stack!(
     concurrent_orders_never_oversell_the_stock,
     a_stalled_step_does_not_hold_up_other_orders,
     v1_orders_api_with_location_paging_and_idempotency,
+    concurrent_retries_with_one_idempotency_key_make_one_order,
 );

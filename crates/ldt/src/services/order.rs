@@ -41,6 +41,9 @@ pub struct OrderState {
     fault_injection: bool,
     admission: Admission,
     metrics: crate::metrics::Metrics,
+    /// SQLite: the task that writes new orders in groups (PostgreSQL writes each with one
+    /// statement of its own).
+    intake: Option<Intake>,
 }
 
 /// Admission control: an estimate of the orders in flight, from the database (so it holds
@@ -205,7 +208,14 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         fault_injection: ctx.settings.fault_injection,
         admission: Admission::new(ctx.settings.max_pending, ctx.settings.target_latency()),
         metrics: ctx.metrics.clone(),
+        intake: None,
     };
+    let mut state = state;
+    if crate::db::is_sqlite(&pool) {
+        let (intake, writer) = Intake::new(state.clone());
+        ctx.tasks.spawn(writer.run(ctx.shutdown.clone()));
+        state.intake = Some(intake);
+    }
     ctx.tasks.spawn(
         state
             .admission
@@ -354,6 +364,155 @@ impl LegacyPurchase {
     }
 }
 
+/// A new order and its `OrderPlaced`, as the intake writes them.
+struct Placement {
+    id: String,
+    username: String,
+    price: i64,
+    amount: i64,
+    faults: String,
+    created_ms: i64,
+    idempotency_key: Option<String>,
+    request_hash: Option<String>,
+    message: messaging::OutboxRow,
+}
+
+/// Most orders written by one transaction.
+const INTAKE_GROUP: usize = 64;
+
+/// The SQLite intake (group commit): requests hand their order to one writer task, which
+/// writes every order that arrived while its previous transaction ran in one transaction —
+/// two multi-row inserts and one commit for the group. SQLite has one writer anyway, and
+/// each statement is a hand-off to the connection's thread: four per order before.
+#[derive(Clone)]
+struct Intake {
+    queue: tokio::sync::mpsc::Sender<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>,
+}
+
+/// Whether the order was stored (`false`: its idempotency key was taken).
+type PlaceResult = Result<bool, sqlx::Error>;
+
+struct IntakeWriter {
+    state: OrderState,
+    queue: tokio::sync::mpsc::Receiver<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>,
+}
+
+impl Intake {
+    fn new(state: OrderState) -> (Intake, IntakeWriter) {
+        let (tx, rx) = tokio::sync::mpsc::channel(4 * INTAKE_GROUP);
+        (Intake { queue: tx }, IntakeWriter { state, queue: rx })
+    }
+
+    /// Hands the order to the writer and waits until it is committed (or refused).
+    async fn place(&self, placement: Placement) -> Result<bool, ApiError> {
+        let stopped = || ApiError::Overloaded("the order service is shutting down; retry".into());
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.queue
+            .send((placement, reply))
+            .await
+            .map_err(|_| stopped())?;
+        Ok(answer.await.map_err(|_| stopped())??)
+    }
+}
+
+impl IntakeWriter {
+    /// Writes groups until shutdown, then what is already queued.
+    async fn run(mut self, shutdown: tokio_util::sync::CancellationToken) {
+        loop {
+            let first = tokio::select! {
+                first = self.queue.recv() => first,
+                _ = shutdown.cancelled() => {
+                    self.queue.close();
+                    self.queue.recv().await
+                }
+            };
+            let Some(first) = first else { return };
+            let mut group = vec![first];
+            while group.len() < INTAKE_GROUP {
+                match self.queue.try_recv() {
+                    Ok(next) => group.push(next),
+                    Err(_) => break,
+                }
+            }
+            self.write(group).await;
+        }
+    }
+
+    async fn write(&self, group: Vec<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>) {
+        let placements: Vec<&Placement> = group.iter().map(|(p, _)| p).collect();
+        match self.insert(&placements).await {
+            Ok(stored) => {
+                for (p, reply) in group {
+                    let _ = reply.send(Ok(stored.contains(&p.id)));
+                }
+            }
+            // One bad order must not fail the others: each on its own, with its own error.
+            Err(_) if group.len() > 1 => {
+                for (p, reply) in group {
+                    let result = self
+                        .insert(&[&p])
+                        .await
+                        .map(|stored| stored.contains(&p.id));
+                    let _ = reply.send(result);
+                }
+            }
+            Err(e) => {
+                if let Some((_, reply)) = group.into_iter().next() {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        }
+    }
+
+    /// One transaction for the group; returns the ids of the orders stored.
+    async fn insert(
+        &self,
+        group: &[&Placement],
+    ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+        let state = &self.state;
+        let mut tx = state.pool.begin().await?;
+        let mut sql = crate::db::multi_row_insert(
+            "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
+             idempotency_key, request_hash)",
+            9,
+            group.len(),
+        );
+        sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for p in group {
+            query = query
+                .bind(&p.id)
+                .bind(&p.username)
+                .bind(p.price)
+                .bind(p.amount)
+                .bind(&p.faults)
+                .bind(OrderStatus::Pending.as_str())
+                .bind(p.created_ms)
+                .bind(&p.idempotency_key)
+                .bind(&p.request_hash);
+        }
+        let stored = query
+            .fetch_all(&mut *tx)
+            .await?
+            .iter()
+            .map(|row| row.try_get::<String, _>("id"))
+            .collect::<Result<std::collections::HashSet<String>, _>>()?;
+        let mut outbox = messaging::OutboxBatch::default();
+        for p in group.iter().filter(|p| stored.contains(&p.id)) {
+            outbox.push_row(p.message.clone());
+        }
+        outbox.write(&mut tx).await?;
+        // No recount while the orders commit: each is either in the count or counted as
+        // committed after it, never both, never neither.
+        let _gate = state.admission.state.gate.read().await;
+        state.crash.commit(tx).await?;
+        for _ in &stored {
+            state.admission.committed();
+        }
+        Ok(stored)
+    }
+}
+
 /// What `POST /api/v1/orders` accepts.
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -397,12 +556,26 @@ impl OrderState {
                 faults: new.faults,
             },
         );
-        let inserted = if crate::db::is_sqlite(&self.pool) {
-            self.insert_in_transaction(id, &new, now, idempotency_key, &fingerprint, &placed)
-                .await?
-        } else {
-            self.insert_in_one_statement(id, &new, now, idempotency_key, &fingerprint, &placed)
-                .await?
+        let inserted = match &self.intake {
+            Some(intake) => {
+                intake
+                    .place(Placement {
+                        id: id.to_string(),
+                        username: new.username.clone(),
+                        price: new.price,
+                        amount: new.amount,
+                        faults: serde_json::to_string(&new.faults).unwrap_or_default(),
+                        created_ms: now,
+                        idempotency_key: idempotency_key.map(str::to_owned),
+                        request_hash: idempotency_key.map(|_| fingerprint.clone()),
+                        message: messaging::OutboxRow::of(&self.queues, &placed),
+                    })
+                    .await?
+            }
+            None => {
+                self.insert_in_one_statement(id, &new, now, idempotency_key, &fingerprint, &placed)
+                    .await?
+            }
         };
         if !inserted {
             let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
@@ -474,45 +647,6 @@ impl OrderState {
             self.admission.committed();
         }
         Ok(inserted)
-    }
-
-    /// SQLite: the order and its `OrderPlaced` in one transaction. `false`: the idempotency
-    /// key was taken.
-    async fn insert_in_transaction(
-        &self,
-        id: Uuid,
-        new: &NewOrder,
-        now: i64,
-        idempotency_key: Option<&str>,
-        fingerprint: &str,
-        placed: &Envelope,
-    ) -> Result<bool, ApiError> {
-        let mut tx = self.pool.begin().await?;
-        let inserted = sqlx::query(
-            "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, idempotency_key, request_hash) \
-             VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) ON CONFLICT (idempotency_key) DO NOTHING",
-        )
-        .bind(id.to_string())
-        .bind(&new.username)
-        .bind(new.price)
-        .bind(new.amount)
-        .bind(serde_json::to_string(&new.faults).unwrap_or_default())
-        .bind(now)
-        .bind(idempotency_key)
-        .bind(idempotency_key.map(|_| fingerprint))
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
-            == 1;
-        if !inserted {
-            return Ok(false);
-        }
-        messaging::enqueue(&mut tx, &self.queues, std::slice::from_ref(placed)).await?;
-        // See `insert_in_one_statement`.
-        let _gate = self.admission.state.gate.read().await;
-        self.crash.commit(tx).await?;
-        self.admission.committed();
-        Ok(true)
     }
 
     async fn submit(
