@@ -259,14 +259,7 @@ impl<E: StepEffect> StepService<E> {
         .rows_affected()
             == 1;
         let label: String = if claimed {
-            let label = if action.fault == Some(Fault::Kill) {
-                tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
-                UNKNOWN
-            } else if self.effect.apply(&mut *tx, action).await? {
-                SUCCESS
-            } else {
-                E::INSUFFICIENT
-            };
+            let label = self.act(tx, order_id, action).await?;
             sqlx::query("UPDATE ledger SET outcome = $2, updated_ms = $3 WHERE order_id = $1")
                 .bind(&id)
                 .bind(label)
@@ -281,20 +274,41 @@ impl<E: StepEffect> StepService<E> {
                 .fetch_one(&mut *tx)
                 .await?
         };
-        let outcome = Self::outcome_of(&label);
         if !claimed {
             tracing::info!(%order_id, step = E::STEP.as_str(), outcome = %label, "repeated or late action; answered from the ledger");
         }
+        self.reply(outbox, order_id, now, &label);
+        Ok(())
+    }
+
+    /// Applies the action's effect (or its injected failure); returns the ledger label.
+    async fn act(
+        &self,
+        tx: &mut Conn,
+        order_id: Uuid,
+        action: &Action,
+    ) -> Result<&'static str, sqlx::Error> {
+        Ok(if action.fault == Some(Fault::Kill) {
+            tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
+            UNKNOWN
+        } else if self.effect.apply(tx, action).await? {
+            SUCCESS
+        } else {
+            E::INSUFFICIENT
+        })
+    }
+
+    /// Puts the answer for an action with ledger label `label` into the outbox.
+    fn reply(&self, outbox: &mut OutboxBatch, order_id: Uuid, now: i64, label: &str) {
         let reply = Envelope::new(
             order_id,
             now,
             Message::StepResult {
                 step: E::STEP,
-                outcome,
+                outcome: Self::outcome_of(label),
             },
         );
         outbox.push(&self.queues, &reply);
-        Ok(())
     }
 
     async fn compensate_in(
@@ -353,14 +367,7 @@ impl<E: StepEffect> StepService<E> {
         action: &Action,
     ) -> Result<(), HandleError> {
         let now = now_ms();
-        let label = if action.fault == Some(Fault::Kill) {
-            tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
-            UNKNOWN
-        } else if self.effect.apply(&mut *tx, action).await? {
-            SUCCESS
-        } else {
-            E::INSUFFICIENT
-        };
+        let label = self.act(tx, order_id, action).await?;
         ledger.push(NewLedgerRow {
             order_id: order_id.to_string(),
             username: action.username.clone(),
@@ -368,15 +375,7 @@ impl<E: StepEffect> StepService<E> {
             outcome: label,
             at_ms: now,
         });
-        let reply = Envelope::new(
-            order_id,
-            now,
-            Message::StepResult {
-                step: E::STEP,
-                outcome: Self::outcome_of(label),
-            },
-        );
-        outbox.push(&self.queues, &reply);
+        self.reply(outbox, order_id, now, label);
         Ok(())
     }
 

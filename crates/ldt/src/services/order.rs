@@ -200,7 +200,7 @@ impl Admission {
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Order, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Order, pool.clone());
-    let state = OrderState {
+    let mut state = OrderState {
         pool: pool.clone(),
         queues: ctx.queues.clone(),
         signal,
@@ -210,8 +210,9 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         metrics: ctx.metrics.clone(),
         intake: None,
     };
-    let mut state = state;
     if crate::db::is_sqlite(&pool) {
+        // The writer's copy has no intake of its own: the queue closes when the last
+        // request handler's copy is gone.
         let (intake, writer) = Intake::new(state.clone());
         ctx.tasks.spawn(writer.run(ctx.shutdown.clone()));
         state.intake = Some(intake);
@@ -386,15 +387,18 @@ const INTAKE_GROUP: usize = 64;
 /// each statement is a hand-off to the connection's thread: four per order before.
 #[derive(Clone)]
 struct Intake {
-    queue: tokio::sync::mpsc::Sender<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>,
+    queue: tokio::sync::mpsc::Sender<Queued>,
 }
 
 /// Whether the order was stored (`false`: its idempotency key was taken).
 type PlaceResult = Result<bool, sqlx::Error>;
 
+/// An order waiting for the writer, and where its result goes.
+type Queued = (Placement, tokio::sync::oneshot::Sender<PlaceResult>);
+
 struct IntakeWriter {
     state: OrderState,
-    queue: tokio::sync::mpsc::Receiver<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>,
+    queue: tokio::sync::mpsc::Receiver<Queued>,
 }
 
 impl Intake {
@@ -438,7 +442,7 @@ impl IntakeWriter {
         }
     }
 
-    async fn write(&self, group: Vec<(Placement, tokio::sync::oneshot::Sender<PlaceResult>)>) {
+    async fn write(&self, group: Vec<Queued>) {
         let placements: Vec<&Placement> = group.iter().map(|(p, _)| p).collect();
         match self.insert(&placements).await {
             Ok(stored) => {
