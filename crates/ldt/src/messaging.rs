@@ -2,13 +2,19 @@
 //! consumer loop that feeds deliveries to a service's handler.
 //!
 //! A service never publishes from a handler. It writes the messages it emits into its own
-//! `outbox` table in the same transaction as its state change ([`enqueue`]); the [`Relay`]
-//! takes committed rows out (a delete whose transaction commits only after the publisher
-//! confirms) and publishes them. A crash between commit and publish loses nothing (the row is
-//! still there); a crash between publish and the delete's commit causes a duplicate, which
-//! every receiver ignores because every handler is idempotent per (order, step).
-//! `FOR UPDATE SKIP LOCKED` lets several replicas drain one outbox without publishing a row
-//! twice concurrently.
+//! `outbox` table in the same transaction as its state change ([`OutboxBatch`]), and once
+//! that transaction has committed it hands the rows, with their ids, to its [`Relay`]
+//! ([`OutboxSignal::committed`]). The relay publishes them straight from memory and deletes
+//! them by id once the broker has confirmed them: the hot path never reads the outbox back.
+//! Several batches are confirmed at once, so the relay never idles waiting for one confirm.
+//!
+//! The table stays the source of truth. A sweep publishes every row older than
+//! [`SWEEP_AFTER`] (and, once at start, every row): those a crash, a failed publish or a full
+//! hand-off queue left behind. A crash between commit and publish loses nothing (the row is
+//! still there); a crash between publish and delete causes a duplicate, which every receiver
+//! ignores because every handler is idempotent per (order, step). The sweep takes rows with
+//! `FOR UPDATE SKIP LOCKED`, so several replicas share one outbox; a row the sweep takes while
+//! its writer's relay is still publishing it is published twice, which is harmless.
 //!
 //! The consumer loop acks a delivery only after the handler committed; a message that cannot
 //! be decoded or handled is parked on the dead-letter queue, never dropped.
@@ -17,8 +23,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::db::{Conn, Pool};
+use futures_util::StreamExt;
 use sqlx::Row;
-use tokio::sync::Notify;
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use uuid::Uuid;
@@ -35,57 +42,42 @@ pub const ORIGIN_QUEUE_HEADER: &str = "x-ldt-origin-queue";
 /// Header saying why a message was parked.
 pub const REASON_HEADER: &str = "x-ldt-reason";
 
-const RELAY_BATCH: i64 = 256;
+/// Most rows published in one batch.
+const RELAY_BATCH: usize = 256;
 
-/// Takes the oldest unpublished rows out of a PostgreSQL outbox, in a transaction that
-/// commits only once they are published (a failed publish rolls the delete back); rows
-/// another replica's relay holds are skipped. One statement instead of a select and a
-/// delete. (SQLite's relay does without the transaction: see `Relay::drain_single_writer`.)
+/// Batches published and not yet confirmed, at most: enough that the relay keeps publishing
+/// while the broker confirms, few enough that a broker outage strands little work in memory.
+const PUBLISHES_IN_FLIGHT: usize = 4;
+
+/// Committed batches waiting for the relay, at most. When it is full (the broker is slow or
+/// away) further batches are left to the sweep.
+const HANDOFF_QUEUE: usize = 1024;
+
+/// Rows older than this are taken by the sweep: they were left behind, not in flight.
+pub const SWEEP_AFTER: Duration = Duration::from_secs(2);
+
+/// How often the sweep looks.
+const SWEEP_EVERY: Duration = Duration::from_millis(500);
+
+/// Takes the oldest rows written before a cutoff out of a PostgreSQL outbox, in a
+/// transaction that commits only once they are published (a failed publish rolls the delete
+/// back); rows another replica's sweep holds are skipped. One statement instead of a select
+/// and a delete. (SQLite's sweep does without the transaction: see `Relay::sweep_single_writer`.)
 const TAKE_BATCH: &str = "DELETE FROM outbox WHERE id IN \
-     (SELECT id FROM outbox ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
+     (SELECT id FROM outbox WHERE created_ms <= $2 ORDER BY id LIMIT $1 FOR UPDATE SKIP LOCKED) \
      RETURNING id, queue, message_id, payload, traceparent";
 
 /// How often the relay counts its backlog for the `ldt_outbox_backlog` gauge.
 const BACKLOG_EVERY: Duration = Duration::from_secs(1);
 
-/// Writes envelopes into the outbox inside the caller's transaction, with the current
-/// trace context, so the trace goes on where the message is handled.
-pub async fn enqueue(
-    conn: &mut Conn,
-    queues: &Queues,
-    envelopes: &[Envelope],
-) -> Result<(), sqlx::Error> {
-    let mut outbox = OutboxBatch::default();
-    for env in envelopes {
-        outbox.push(queues, env);
-    }
-    outbox.write(conn).await
-}
-
-/// Writes one already-encoded message into the outbox (dead-letter replay).
-pub async fn enqueue_raw(
-    conn: &mut Conn,
-    queue: &str,
-    message_id: &str,
-    payload: &[u8],
-    traceparent: Option<&str>,
-) -> Result<(), sqlx::Error> {
-    let mut outbox = OutboxBatch::default();
-    outbox.rows.push(OutboxRow {
-        queue: queue.to_owned(),
-        message_id: message_id.to_owned(),
-        payload: payload.to_vec(),
-        traceparent: traceparent.map(str::to_owned),
-    });
-    outbox.write(conn).await
-}
-
 /// Outbox rows gathered while a transaction handles a batch of messages, written with one
-/// statement per [`ROWS_PER_INSERT`] rows just before it commits: fewer round trips than a
-/// statement per message.
+/// statement per [`ROWS_PER_INSERT`] rows just before it commits (fewer round trips than a
+/// statement per message), and kept with their ids for the relay.
 #[derive(Default)]
 pub struct OutboxBatch {
     rows: Vec<OutboxRow>,
+    /// The ids of `rows[..ids.len()]`, the rows written so far.
+    ids: Vec<i64>,
 }
 
 /// The outbox columns of one message (`created_ms` aside).
@@ -123,15 +115,24 @@ impl OutboxBatch {
         self.rows.push(row);
     }
 
-    /// Writes the rows (in the order they were pushed) and empties the batch.
+    /// Adds a row already written (by a statement of the caller's own), with its id.
+    pub fn push_written(&mut self, id: i64, row: OutboxRow) {
+        debug_assert_eq!(self.ids.len(), self.rows.len());
+        self.rows.push(row);
+        self.ids.push(id);
+    }
+
+    /// Writes the rows not written yet (in the order they were pushed), noting their ids.
     pub async fn write(&mut self, conn: &mut Conn) -> Result<(), sqlx::Error> {
         let now = crate::db::now_ms();
-        for chunk in self.rows.chunks(ROWS_PER_INSERT) {
-            let sql = crate::db::multi_row_insert(
+        let fresh = &self.rows[self.ids.len()..];
+        for chunk in fresh.chunks(ROWS_PER_INSERT) {
+            let mut sql = crate::db::multi_row_insert(
                 "INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms)",
                 5,
                 chunk.len(),
             );
+            sql.push_str(" RETURNING id");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for row in chunk {
                 query = query
@@ -141,28 +142,58 @@ impl OutboxBatch {
                     .bind(&row.traceparent)
                     .bind(now);
             }
-            query.execute(&mut *conn).await?;
+            let mut ids = Vec::with_capacity(chunk.len());
+            for row in query.fetch_all(&mut *conn).await? {
+                ids.push(row.try_get::<i64, _>(0)?);
+            }
+            self.ids.extend(ids);
         }
-        self.rows.clear();
         Ok(())
     }
 }
 
-/// Wakes a service's relay after a commit that wrote outbox rows.
-#[derive(Clone, Default)]
-pub struct OutboxSignal(Arc<Notify>);
+/// Rows of the outbox with their ids, committed and waiting to be published.
+struct Committed {
+    ids: Vec<i64>,
+    rows: Vec<OutboxRow>,
+}
+
+/// Hands committed outbox rows to a service's relay.
+#[derive(Clone)]
+pub struct OutboxSignal(mpsc::Sender<Committed>);
 
 impl OutboxSignal {
-    pub fn committed(&self) {
-        self.0.notify_one();
+    /// A signal and the receiving end its relay takes.
+    pub fn new() -> (OutboxSignal, OutboxReceiver) {
+        let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
+        (OutboxSignal(tx), OutboxReceiver(rx))
+    }
+
+    /// Call once the transaction that wrote `outbox` has committed: its rows go to the relay
+    /// to be published now. Rows the relay cannot take (its queue is full, it has stopped)
+    /// stay in the table for the sweep.
+    pub fn committed(&self, mut outbox: OutboxBatch) {
+        outbox.rows.truncate(outbox.ids.len());
+        if outbox.rows.is_empty() {
+            return;
+        }
+        let batch = Committed {
+            ids: outbox.ids,
+            rows: outbox.rows,
+        };
+        if self.0.try_send(batch).is_err() {
+            tracing::debug!("outbox relay busy: rows left to its sweep");
+        }
     }
 }
+
+/// The relay's end of an [`OutboxSignal`].
+pub struct OutboxReceiver(mpsc::Receiver<Committed>);
 
 /// Publishes a service's outbox.
 pub struct Relay {
     pub pool: Pool,
     pub bus: Bus,
-    pub signal: OutboxSignal,
     pub service: &'static str,
     pub crash: crate::crash::Crash,
     /// Publish every Nth message twice (0: never): chaos testing of the receivers.
@@ -172,39 +203,145 @@ pub struct Relay {
 }
 
 impl Relay {
-    pub async fn run(self, shutdown: CancellationToken) {
-        let mut failures: u32 = 0;
-        let mut counted = std::time::Instant::now();
+    /// Publishes what `committed` hands over, and sweeps, until shutdown; then publishes
+    /// what is left.
+    pub async fn run(self, committed: OutboxReceiver, shutdown: CancellationToken) {
+        let (deleted_tx, deleted_rx) = mpsc::unbounded_channel();
+        tokio::join!(
+            self.forward(committed.0, deleted_tx, shutdown.clone()),
+            self.delete_published(deleted_rx),
+            self.sweep_until(shutdown.clone()),
+        );
+        // Whatever is still in the table now: committed after the hand-off stopped, or left
+        // behind by a failed publish.
+        if let Err(e) = self.sweep(i64::MAX).await {
+            tracing::warn!(service = self.service, error = %e, "final outbox sweep failed; the rows stay for the next start");
+        }
+    }
+
+    /// The hot path: publishes committed batches as they come, several awaiting their
+    /// confirms at once, and passes the ids of confirmed rows on for deletion.
+    async fn forward(
+        &self,
+        mut committed: mpsc::Receiver<Committed>,
+        deleted: mpsc::UnboundedSender<Vec<i64>>,
+        shutdown: CancellationToken,
+    ) {
+        let mut confirming = futures_util::stream::FuturesUnordered::new();
+        let mut stopping = false;
         loop {
-            // The periodic tick picks up rows a crashed predecessor (or another replica that
-            // died) left behind; the signal makes the common case immediate.
             tokio::select! {
-                _ = self.signal.0.notified() => {}
-                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
-                _ = shutdown.cancelled() => {
-                    let _ = self.drain().await;
-                    return;
+                biased;
+                Some(done) = confirming.next(), if !confirming.is_empty() => {
+                    match done {
+                        Ok(ids) => {
+                            let _ = deleted.send(ids);
+                        }
+                        // The rows stay in the table: the sweep publishes them.
+                        Err(e) => tracing::warn!(service = self.service, error = %e, "outbox publish failed; the sweep will retry"),
+                    }
+                }
+                next = committed.recv(), if !stopping && confirming.len() < PUBLISHES_IN_FLIGHT => {
+                    let Some(first) = next else {
+                        stopping = true;
+                        continue;
+                    };
+                    // Everything else already waiting goes into the same publish.
+                    let mut batch = first;
+                    while batch.rows.len() < RELAY_BATCH {
+                        match committed.try_recv() {
+                            Ok(more) => {
+                                batch.ids.extend(more.ids);
+                                batch.rows.extend(more.rows);
+                            }
+                            Err(_) => break,
+                        }
+                    }
+                    confirming.push(async move {
+                        self.publish_rows(&batch.rows).await.map(|()| batch.ids)
+                    });
+                }
+                _ = shutdown.cancelled(), if !stopping => {
+                    // Publish what was handed over already; later commits wait for the sweep.
+                    stopping = true;
+                    committed.close();
+                }
+                else => break,
+            }
+            if stopping && confirming.is_empty() {
+                break;
+            }
+        }
+    }
+
+    /// Deletes published rows, all that were confirmed meanwhile in one statement.
+    async fn delete_published(&self, mut deleted: mpsc::UnboundedReceiver<Vec<i64>>) {
+        let postgres = !crate::db::is_sqlite(&self.pool);
+        while let Some(mut ids) = deleted.recv().await {
+            while let Ok(more) = deleted.try_recv() {
+                ids.extend(more);
+            }
+            for chunk in ids.chunks(1024) {
+                // Ids are integers from the database: formatting them into the statement is
+                // safe, and one statement of any length is one round trip. Losing this delete
+                // in a crash only re-publishes rows the receivers ignore: it need not wait for
+                // its WAL flush.
+                let list = chunk
+                    .iter()
+                    .map(i64::to_string)
+                    .collect::<Vec<_>>()
+                    .join(",");
+                let sql = if postgres {
+                    format!(
+                        "BEGIN; SET LOCAL synchronous_commit = off; \
+                         DELETE FROM outbox WHERE id IN ({list}); COMMIT"
+                    )
+                } else {
+                    format!("DELETE FROM outbox WHERE id IN ({list})")
+                };
+                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&self.pool)
+                    .await
+                {
+                    tracing::warn!(service = self.service, error = %e, "cannot delete published outbox rows; the sweep will publish them again");
                 }
             }
-            match self.drain().await {
+        }
+    }
+
+    /// Publishes the rows nobody is publishing: all of them once at start, then every
+    /// [`SWEEP_EVERY`] those older than [`SWEEP_AFTER`].
+    async fn sweep_until(&self, shutdown: CancellationToken) {
+        let mut failures: u32 = 0;
+        let mut cutoff = i64::MAX;
+        let mut counted = std::time::Instant::now();
+        loop {
+            match self.sweep(cutoff).await {
                 Ok(()) => {
                     failures = 0;
-                    // Counting is a query of its own: not after every drain.
-                    if counted.elapsed() >= BACKLOG_EVERY {
-                        counted = std::time::Instant::now();
-                        self.report_backlog().await;
-                    }
+                    cutoff = crate::db::now_ms() - SWEEP_AFTER.as_millis() as i64;
                 }
                 Err(e) => {
                     failures = failures.saturating_add(1);
-                    let backoff = Duration::from_millis(100u64 << failures.min(4));
-                    tracing::warn!(service = self.service, error = %e, ?backoff, "outbox relay failed; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(backoff) => {}
-                        _ = shutdown.cancelled() => return,
-                    }
-                    self.signal.committed();
+                    tracing::warn!(service = self.service, error = %e, "outbox sweep failed; retrying");
                 }
+            }
+            // Counting is a query of its own: not at every sweep.
+            if counted.elapsed() >= BACKLOG_EVERY {
+                counted = std::time::Instant::now();
+                self.report_backlog().await;
+            }
+            let wait = if failures == 0 {
+                SWEEP_EVERY
+            } else {
+                Duration::from_millis(100u64 << failures.min(4))
+            };
+            tokio::select! {
+                _ = tokio::time::sleep(wait) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            if failures == 0 {
+                cutoff = crate::db::now_ms() - SWEEP_AFTER.as_millis() as i64;
             }
         }
     }
@@ -223,76 +360,84 @@ impl Relay {
         }
     }
 
-    /// Publishes batches until the outbox is empty (of rows not locked by another replica).
-    async fn drain(&self) -> anyhow::Result<()> {
+    /// Publishes rows written at or before `cutoff` (ms) until none is left (of those not
+    /// locked by another replica).
+    async fn sweep(&self, cutoff: i64) -> anyhow::Result<()> {
         if crate::db::is_sqlite(&self.pool) {
-            return self.drain_single_writer().await;
+            return self.sweep_single_writer(cutoff).await;
         }
         loop {
-            // Losing this delete in a crash only re-publishes rows the receivers ignore: it
-            // need not wait for its WAL flush. (Sent with `BEGIN`: one round trip for both.)
+            // As in `delete_published`, the delete need not wait for its WAL flush. (Sent
+            // with `BEGIN`: one round trip for both.)
             let mut tx = self
                 .pool
                 .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
                 .await?;
             // Planned afresh each time: the outbox swings between empty and full, and a plan
             // cached while it was empty scans it all.
-            let mut rows = sqlx::query(TAKE_BATCH)
+            let mut found = sqlx::query(TAKE_BATCH)
                 .persistent(false)
-                .bind(RELAY_BATCH)
+                .bind(RELAY_BATCH as i64)
+                .bind(cutoff)
                 .fetch_all(&mut *tx)
                 .await?;
-            if rows.is_empty() {
+            if found.is_empty() {
                 tx.commit().await?;
                 return Ok(());
             }
             // RETURNING has no order: publish in the order the rows were written.
-            rows.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
+            found.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
+            let rows = outbox_rows(&found)?;
             self.publish_rows(&rows).await?;
             tx.commit().await?;
-            if (rows.len() as i64) < RELAY_BATCH {
+            if rows.len() < RELAY_BATCH {
                 return Ok(());
             }
         }
     }
 
-    /// The relay of a SQLite outbox, which has one writer (this process's one connection):
-    /// no transaction is held open while the bus confirms, so the service's handlers keep
-    /// the connection meanwhile. Every row up to the last one read is committed and no
-    /// other relay deletes, so deleting up to that id deletes exactly what was published.
-    async fn drain_single_writer(&self) -> anyhow::Result<()> {
+    /// The sweep of a SQLite outbox, which has one writer (this process): no transaction is
+    /// held open while the bus confirms, so the service's handlers keep the connection
+    /// meanwhile; exactly the rows read are deleted once published.
+    async fn sweep_single_writer(&self, cutoff: i64) -> anyhow::Result<()> {
         loop {
-            let rows = sqlx::query(
+            let found = sqlx::query(
                 "SELECT id, queue, message_id, payload, traceparent FROM outbox \
-                 ORDER BY id LIMIT $1",
+                 WHERE created_ms <= $2 ORDER BY id LIMIT $1",
             )
-            .bind(RELAY_BATCH)
+            .bind(RELAY_BATCH as i64)
+            .bind(cutoff)
             .fetch_all(&self.pool)
             .await?;
-            let Some(last) = rows.last() else {
+            if found.is_empty() {
                 return Ok(());
-            };
-            let last: i64 = last.try_get("id")?;
+            }
+            let rows = outbox_rows(&found)?;
             self.publish_rows(&rows).await?;
-            sqlx::query("DELETE FROM outbox WHERE id <= $1")
-                .bind(last)
-                .execute(&self.pool)
-                .await?;
-            if (rows.len() as i64) < RELAY_BATCH {
+            let ids = found
+                .iter()
+                .map(|row| row.try_get::<i64, _>("id"))
+                .collect::<Result<Vec<_>, _>>()?;
+            let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
+            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM outbox WHERE id IN ({list})"
+            )))
+            .execute(&self.pool)
+            .await?;
+            if rows.len() < RELAY_BATCH {
                 return Ok(());
             }
         }
     }
 
     /// Publishes outbox rows (in the order given) and waits for the bus to confirm them.
-    async fn publish_rows(&self, rows: &[crate::db::DbRow]) -> anyhow::Result<()> {
+    async fn publish_rows(&self, rows: &[OutboxRow]) -> anyhow::Result<()> {
         let mut batch = Vec::with_capacity(rows.len());
         // One producer span per message, in the message's own trace; they end when the
         // batch is confirmed.
         let mut spans = Vec::with_capacity(rows.len());
         for row in rows {
-            let queue: String = row.try_get("queue")?;
-            let message_id: String = row.try_get("message_id")?;
+            let queue = &row.queue;
             let span = tracing::info_span!(
                 "publish",
                 otel.name = %format!("publish {queue}"),
@@ -301,24 +446,23 @@ impl Relay {
                 messaging.operation.type = "publish",
                 messaging.operation.name = "publish",
                 messaging.destination.name = %queue,
-                messaging.message.id = %message_id,
+                messaging.message.id = %row.message_id,
                 ldt.service = self.service,
                 trace_id = tracing::field::Empty,
                 span_id = tracing::field::Empty,
             );
-            let stored: Option<String> = row.try_get("traceparent")?;
             let mut headers = Vec::new();
-            if stored.is_some() {
-                adopt(&span, stored.as_deref());
+            if row.traceparent.is_some() {
+                adopt(&span, row.traceparent.as_deref());
                 if let Some(tp) = span.in_scope(current_traceparent) {
                     headers.push((TRACEPARENT_HEADER.to_owned(), tp));
                 }
             }
             spans.push(span);
             let out = Outgoing {
-                queue,
-                message_id,
-                payload: row.try_get("payload")?,
+                queue: row.queue.clone(),
+                message_id: row.message_id.clone(),
+                payload: row.payload.clone(),
                 headers,
             };
             if self.duplicate_every > 0 {
@@ -337,6 +481,21 @@ impl Relay {
         self.crash.at(crate::crash::Point::AfterPublish);
         Ok(())
     }
+}
+
+/// The outbox rows of a query's result.
+fn outbox_rows(found: &[crate::db::DbRow]) -> anyhow::Result<Vec<OutboxRow>> {
+    found
+        .iter()
+        .map(|row| {
+            Ok(OutboxRow {
+                queue: row.try_get("queue")?,
+                message_id: row.try_get("message_id")?,
+                payload: row.try_get("payload")?,
+                traceparent: row.try_get("traceparent")?,
+            })
+        })
+        .collect()
 }
 
 /// Why a handler did not process a message.

@@ -88,20 +88,20 @@ impl Context {
         .await
     }
 
-    /// Starts the service's outbox relay; the returned signal wakes it after a commit.
+    /// Starts the service's outbox relay; the returned signal hands it committed rows.
     pub fn spawn_relay(&self, service: Service, pool: Pool) -> OutboxSignal {
-        let signal = OutboxSignal::default();
+        let (signal, committed) = OutboxSignal::new();
         let relay = Relay {
             pool,
             bus: self.bus.clone(),
-            signal: signal.clone(),
             service: service.as_str(),
             crash: self.crash(service),
             duplicate_every: self.settings.chaos_duplicate_every,
             published: Default::default(),
             metrics: self.metrics.clone(),
         };
-        self.tasks.spawn(relay.run(self.shutdown.clone()));
+        self.tasks
+            .spawn(relay.run(committed, self.shutdown.clone()));
         signal
     }
 

@@ -233,7 +233,7 @@ impl<E: StepEffect> StepService<E> {
         self.apply_in(&mut tx, &mut outbox, order_id, cmd).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.signal.committed();
+        self.signal.committed(outbox);
         Ok(())
     }
 
@@ -410,7 +410,7 @@ impl<E: StepEffect> StepService<E> {
         NewLedgerRow::insert_all(&mut tx, &ledger).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.signal.committed();
+        self.signal.committed(outbox);
         Ok(())
     }
 }

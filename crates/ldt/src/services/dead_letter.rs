@@ -192,14 +192,21 @@ async fn replay_dead_letter(
     let traceparent = serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
         .ok()
         .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
-    messaging::enqueue_raw(&mut tx, &origin, &id, &payload, traceparent.as_deref()).await?;
+    let mut outbox = messaging::OutboxBatch::default();
+    outbox.push_row(messaging::OutboxRow {
+        queue: origin.clone(),
+        message_id: id.clone(),
+        payload,
+        traceparent,
+    });
+    outbox.write(&mut tx).await?;
     let row = sqlx::query("UPDATE dead_letters SET replayed_ms = $2 WHERE id = $1 RETURNING *")
         .bind(&id)
         .bind(now_ms())
         .fetch_one(&mut *tx)
         .await?;
     state.crash.commit(tx).await?;
-    state.signal.committed();
+    state.signal.committed(outbox);
     tracing::info!(dead_letter = %id, %origin, "dead letter replayed");
     Ok(Json(dead_letter_from_row(&row)?))
 }

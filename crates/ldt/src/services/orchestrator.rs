@@ -706,7 +706,7 @@ impl Orchestrator {
         self.apply_all(&mut tx, &mut pending, &spans).await?;
         pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
-        self.signal.committed();
+        self.signal.committed(pending.outbox);
         Ok(())
     }
 
@@ -767,7 +767,7 @@ impl Orchestrator {
         if n > 0 {
             pending.write(&mut tx).await?;
             self.crash.commit(tx).await?;
-            self.signal.committed();
+            self.signal.committed(pending.outbox);
         } else {
             tx.commit().await?;
         }

@@ -510,6 +510,7 @@ impl IntakeWriter {
         // committed after it, never both, never neither.
         let _gate = state.admission.state.gate.read().await;
         state.crash.commit(tx).await?;
+        state.signal.committed(outbox);
         for _ in &stored {
             state.admission.committed();
         }
@@ -594,7 +595,6 @@ impl OrderState {
             }
             return Ok(Created::Replayed(order_from_row(&row)?));
         }
-        self.signal.committed();
         Ok(Created::New(Order {
             id,
             username: new.username,
@@ -623,12 +623,12 @@ impl OrderState {
         // committed after it, never both, never neither.
         let _gate = self.admission.state.gate.read().await;
         self.crash.at(crate::crash::Point::BeforeCommit);
-        let inserted = sqlx::query(
+        let outbox_id = sqlx::query(
             "WITH o AS (INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
              idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) \
              INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
-             SELECT $9, $10, $11, $12, $6 FROM o",
+             SELECT $9, $10, $11, $12, $6 FROM o RETURNING id",
         )
         .bind(id.to_string())
         .bind(&new.username)
@@ -642,15 +642,17 @@ impl OrderState {
         .bind(&row.message_id)
         .bind(&row.payload)
         .bind(&row.traceparent)
-        .execute(&self.pool)
-        .await?
-        .rows_affected()
-            == 1;
-        if inserted {
-            self.crash.at(crate::crash::Point::AfterCommit);
-            self.admission.committed();
-        }
-        Ok(inserted)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some(outbox_id) = outbox_id else {
+            return Ok(false);
+        };
+        self.crash.at(crate::crash::Point::AfterCommit);
+        self.admission.committed();
+        let mut outbox = messaging::OutboxBatch::default();
+        outbox.push_written(outbox_id.try_get(0)?, row);
+        self.signal.committed(outbox);
+        Ok(true)
     }
 
     async fn submit(
