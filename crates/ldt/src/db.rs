@@ -99,6 +99,19 @@ impl Sql {
     }
 }
 
+/// The backend a connection talks to.
+pub fn conn_is_sqlite(conn: &Conn) -> bool {
+    is_sqlite_name(conn.backend_name())
+}
+
+/// `$first, $first+1, …` (`n` placeholders), for an `IN (…)` list.
+pub fn placeholders(first: usize, n: usize) -> String {
+    (first..first + n)
+        .map(|i| format!("${i}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 fn is_sqlite_name(backend_name: &str) -> bool {
     backend_name.eq_ignore_ascii_case("sqlite")
 }
@@ -354,6 +367,42 @@ pub fn is_out_of_range(e: &sqlx::Error) -> bool {
                 || matches!(d.kind(), sqlx::error::ErrorKind::CheckViolation)
         }
         _ => false,
+    }
+}
+
+/// How often a service vacuums its database when the server's autovacuum is off.
+const VACUUM_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Does autovacuum's work for a service's PostgreSQL database when the server has it turned
+/// off. The outbox is emptied as fast as it is filled and sagas, orders and ledgers are
+/// updated several times each: without vacuuming, their dead rows pile up (every scan of the
+/// outbox wades through all that were ever published) and, without `ANALYZE`, the planner
+/// keeps the statistics of the empty tables it saw at creation. With autovacuum on (the
+/// server's default) this does nothing.
+pub async fn vacuum_if_autovacuum_is_off(
+    pool: Pool,
+    service: &'static str,
+    shutdown: tokio_util::sync::CancellationToken,
+) {
+    let autovacuum: Result<String, _> =
+        sqlx::query_scalar("SHOW autovacuum").fetch_one(&pool).await;
+    if autovacuum.as_deref().map_or(true, |on| on != "off") {
+        return;
+    }
+    tracing::info!(
+        service,
+        every = ?VACUUM_EVERY,
+        "the PostgreSQL server has autovacuum off: this service vacuums its own database"
+    );
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(VACUUM_EVERY) => {}
+            _ = shutdown.cancelled() => return,
+        }
+        // Whole database: it holds this service's tables only.
+        if let Err(e) = sqlx::raw_sql("VACUUM (ANALYZE)").execute(&pool).await {
+            tracing::warn!(service, error = %e, "vacuum failed; trying again later");
+        }
     }
 }
 

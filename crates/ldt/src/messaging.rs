@@ -59,6 +59,10 @@ pub const SWEEP_AFTER: Duration = Duration::from_secs(2);
 /// How often the sweep looks.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
+/// How long published ids gather before they are deleted together: nothing waits for the
+/// delete, and one statement per interval costs the database less than one per publish.
+const DELETE_EVERY: Duration = Duration::from_millis(20);
+
 /// Takes the oldest rows written before a cutoff out of a PostgreSQL outbox, in a
 /// transaction that commits only once they are published (a failed publish rolls the delete
 /// back); rows another replica's sweep holds are skipped. One statement instead of a select
@@ -274,12 +278,19 @@ impl Relay {
         }
     }
 
-    /// Deletes published rows, all that were confirmed meanwhile in one statement.
+    /// Deletes published rows, those confirmed within [`DELETE_EVERY`] in one statement.
     async fn delete_published(&self, mut deleted: mpsc::UnboundedReceiver<Vec<i64>>) {
         let postgres = !crate::db::is_sqlite(&self.pool);
         while let Some(mut ids) = deleted.recv().await {
-            while let Ok(more) = deleted.try_recv() {
-                ids.extend(more);
+            let until = tokio::time::Instant::now() + DELETE_EVERY;
+            loop {
+                tokio::select! {
+                    more = deleted.recv() => match more {
+                        Some(more) => ids.extend(more),
+                        None => break,
+                    },
+                    _ = tokio::time::sleep_until(until) => break,
+                }
             }
             for chunk in ids.chunks(1024) {
                 // Ids are integers from the database: formatting them into the statement is

@@ -82,10 +82,18 @@ impl Context {
         let name = self.settings.database_name(service);
         let backend = self.settings.backend();
         let what = backend.describe(&name);
-        with_retry(&what, self.settings.startup_timeout(), || {
+        let pool = with_retry(&what, self.settings.startup_timeout(), || {
             crate::db::open(&backend, &name, migrators, self.settings.db_pool_size)
         })
-        .await
+        .await?;
+        if !crate::db::is_sqlite(&pool) {
+            self.tasks.spawn(crate::db::vacuum_if_autovacuum_is_off(
+                pool.clone(),
+                service.as_str(),
+                self.shutdown.clone(),
+            ));
+        }
+        Ok(pool)
     }
 
     /// Starts the service's outbox relay; the returned signal hands it committed rows.

@@ -132,6 +132,23 @@ pub trait StepEffect: Send + Sync + 'static {
         action: &Action,
     ) -> impl std::future::Future<Output = Result<bool, sqlx::Error>> + Send;
 
+    /// Applies actions one after the other, each seeing the effects of those before it, as
+    /// `apply` would; one result per action. By default one `apply` each; effects whose rows
+    /// many actions share override it to read and write those rows once per batch.
+    fn apply_all(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+    ) -> impl std::future::Future<Output = Result<Vec<bool>, sqlx::Error>> + Send {
+        async move {
+            let mut applied = Vec::with_capacity(actions.len());
+            for action in actions {
+                applied.push(self.apply(&mut *conn, action).await?);
+            }
+            Ok(applied)
+        }
+    }
+
     /// Undoes a successful action.
     fn undo(
         &self,
@@ -288,14 +305,29 @@ impl<E: StepEffect> StepService<E> {
         order_id: Uuid,
         action: &Action,
     ) -> Result<&'static str, sqlx::Error> {
-        Ok(if action.fault == Some(Fault::Kill) {
+        let applied = if Self::takes_effect(action) {
+            self.effect.apply(tx, action).await?
+        } else {
+            false
+        };
+        Ok(self.label(order_id, action, applied))
+    }
+
+    /// Whether the action gets to its effect (an injected `kill` fails the step first).
+    fn takes_effect(action: &Action) -> bool {
+        action.fault != Some(Fault::Kill)
+    }
+
+    /// The ledger label of an action whose effect was (or was not) applied.
+    fn label(&self, order_id: Uuid, action: &Action, applied: bool) -> &'static str {
+        if !Self::takes_effect(action) {
             tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
             UNKNOWN
-        } else if self.effect.apply(tx, action).await? {
+        } else if applied {
             SUCCESS
         } else {
             E::INSUFFICIENT
-        })
+        }
     }
 
     /// Puts the answer for an action with ledger label `label` into the outbox.
@@ -354,55 +386,57 @@ impl<E: StepEffect> StepService<E> {
         Ok(())
     }
 
-    /// An action on the batch path: the effect now, its ledger row (with the outcome) to
-    /// insert with the others at the end. No claim first: a duplicate or an action whose
-    /// compensation came first finds its ledger row taken, the batch's insert fails on the
-    /// primary key, and the batch is redone one message at a time on the claiming path.
-    async fn act_batched(
-        &self,
-        tx: &mut Conn,
-        outbox: &mut OutboxBatch,
-        ledger: &mut Vec<NewLedgerRow>,
-        order_id: Uuid,
-        action: &Action,
-    ) -> Result<(), HandleError> {
-        let now = now_ms();
-        let label = self.act(tx, order_id, action).await?;
-        ledger.push(NewLedgerRow {
-            order_id: order_id.to_string(),
-            username: action.username.clone(),
-            quantity: action.quantity,
-            outcome: label,
-            at_ms: now,
-        });
-        self.reply(outbox, order_id, now, label);
-        Ok(())
-    }
-
     /// Applies `work` (delivery index, order, command) in one transaction, in order-id order
     /// so that concurrent batches take row locks in the same order.
+    ///
+    /// The actions' effects are applied together first; their ledger rows (outcome decided)
+    /// go in with one insert at the end. No claim first: a duplicate or an action whose
+    /// compensation came first finds its ledger row taken, the insert fails on the primary
+    /// key, and the batch is redone one message at a time on the claiming path.
     async fn apply_batch(
         &self,
         batch: &[Delivery],
         work: &mut [(usize, Uuid, Command)],
     ) -> Result<(), HandleError> {
         work.sort_by_key(|(_, order_id, _)| *order_id);
+        // Each message's database span covers the statements it shares with the others.
+        let spans: Vec<tracing::Span> = work
+            .iter()
+            .map(|(i, _, _)| {
+                batch[*i]
+                    .span
+                    .in_scope(|| crate::db::span(&self.pool, "ledger"))
+            })
+            .collect();
         let mut tx = self.pool.begin().await?;
+        let acting: Vec<&Action> = work
+            .iter()
+            .filter_map(|(_, _, cmd)| match cmd {
+                Command::Act(action) if Self::takes_effect(action) => Some(action),
+                _ => None,
+            })
+            .collect();
+        let mut applied = self.effect.apply_all(&mut tx, &acting).await?.into_iter();
         let mut outbox = OutboxBatch::default();
         let mut ledger = Vec::new();
-        for (i, order_id, cmd) in work.iter() {
-            let span = batch[*i]
-                .span
-                .in_scope(|| crate::db::span(&self.pool, "ledger"));
+        for ((_, order_id, cmd), span) in work.iter().zip(&spans) {
             match cmd {
                 Command::Act(action) => {
-                    self.act_batched(&mut tx, &mut outbox, &mut ledger, *order_id, action)
-                        .instrument(span)
-                        .await?
+                    let now = now_ms();
+                    let applied = Self::takes_effect(action) && applied.next() == Some(true);
+                    let label = span.in_scope(|| self.label(*order_id, action, applied));
+                    ledger.push(NewLedgerRow {
+                        order_id: order_id.to_string(),
+                        username: action.username.clone(),
+                        quantity: action.quantity,
+                        outcome: label,
+                        at_ms: now,
+                    });
+                    span.in_scope(|| self.reply(&mut outbox, *order_id, now, label));
                 }
                 Command::Compensate => {
                     self.compensate_in(&mut tx, &mut outbox, *order_id)
-                        .instrument(span)
+                        .instrument(span.clone())
                         .await?
                 }
             }
@@ -462,9 +496,10 @@ impl<E: StepEffect> Handler for StepService<E> {
         self.apply_alone(order_id, &cmd).await
     }
 
-    /// One transaction for the whole batch. A stalled command (injected `timeout`) waits on
-    /// its own; if the batch's transaction fails, each command is retried in its own, one
-    /// after the other, so one bad message cannot hold back the others.
+    /// One transaction for the whole batch (a batch of one too: the batch path takes fewer
+    /// statements). A stalled command (injected `timeout`) waits on its own; if the batch's
+    /// transaction fails, each command is retried in its own, one after the other, so one bad
+    /// message cannot hold back the others.
     async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
         let mut results: Vec<Option<Result<(), HandleError>>> =
             batch.iter().map(|_| None).collect();
@@ -484,7 +519,7 @@ impl<E: StepEffect> Handler for StepService<E> {
                 .instrument(batch[*i].span.clone())
         }));
         let together = async {
-            if work.len() <= 1 || self.apply_batch(batch, &mut work).await.is_err() {
+            if work.is_empty() || self.apply_batch(batch, &mut work).await.is_err() {
                 // One at a time, in delivery order per order: a refund that was delivered
                 // before its debit still comes first.
                 let mut outcomes = Vec::with_capacity(work.len());

@@ -266,6 +266,78 @@ async fn a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order(sta
     }
 }
 
+/// Debits and reservations that arrive together are decided together: each sees the ones
+/// before it, so a burst beyond a user's credits or beyond the stock takes exactly what they
+/// cover, never more, and refuses the rest.
+async fn bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::Inventory], &[]).await;
+    let mut driver = Driver::new(&app).await;
+    let stock = app.stock().await;
+    assert_eq!(stock, 500, "the test's initial stock");
+    let mut burst = Vec::new();
+    let mut spender = std::collections::HashSet::new();
+    for i in 0..20 {
+        let order = Uuid::now_v7();
+        spender.insert(order);
+        burst.push(debit(order, "spender", 60));
+        burst.push(debit(Uuid::now_v7(), &format!("bystander{i}"), 60));
+        burst.push(Envelope::new(
+            Uuid::now_v7(),
+            0,
+            Message::Reserve {
+                amount: 70,
+                fault: None,
+            },
+        ));
+    }
+    let out: Vec<Outgoing> = burst
+        .iter()
+        .map(|env| Outgoing {
+            queue: driver.queues.of(env.body.destination()),
+            message_id: env.id.to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        })
+        .collect();
+    driver.bus.publish(&out).await.unwrap();
+
+    let mut counts: std::collections::BTreeMap<(&str, String), usize> = Default::default();
+    for _ in 0..burst.len() {
+        let a = driver.answer().await;
+        let Message::StepResult { step, outcome } = a.body else {
+            panic!("unexpected answer {:?}", a.body);
+        };
+        let who = match step {
+            Step::Inventory => "stock",
+            _ if spender.contains(&a.order_id) => "spender",
+            _ => "bystander",
+        };
+        *counts.entry((who, format!("{outcome:?}"))).or_default() += 1;
+    }
+    let count = |who: &'static str, outcome: StepOutcome| {
+        counts
+            .get(&(who, format!("{outcome:?}")))
+            .copied()
+            .unwrap_or(0)
+    };
+    // 8 × 60 = 480 ≤ 500 < 9 × 60.
+    assert_eq!(count("spender", StepOutcome::Done), 8, "{counts:?}");
+    assert_eq!(
+        count("spender", StepOutcome::Insufficient),
+        12,
+        "{counts:?}"
+    );
+    assert_eq!(app.credits("spender").await, Some(20));
+    assert_eq!(count("bystander", StepOutcome::Done), 20, "{counts:?}");
+    for i in 0..20 {
+        assert_eq!(app.credits(&format!("bystander{i}")).await, Some(440));
+    }
+    // 7 × 70 = 490 ≤ 500 < 8 × 70.
+    assert_eq!(count("stock", StepOutcome::Done), 7, "{counts:?}");
+    assert_eq!(count("stock", StepOutcome::Insufficient), 13, "{counts:?}");
+    assert_eq!(app.stock().await, 10);
+}
+
 async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
     let mut driver = Driver::new(&app).await;
@@ -337,5 +409,6 @@ on_every_stack!(
     a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
     duplicates_have_one_effect_and_get_the_first_answer,
     a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order,
+    bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover,
     poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
 );

@@ -22,6 +22,12 @@ pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
 /// Reserves and releases stock.
 pub struct Stock;
 
+/// The stock row, locked until the transaction ends (SQLite: its single writer does that).
+const LOCK_STOCK: crate::db::Sql = crate::db::Sql {
+    postgres: "SELECT available FROM stock WHERE id = 1 FOR UPDATE",
+    sqlite: "SELECT available FROM stock WHERE id = 1",
+};
+
 impl StepEffect for Stock {
     const STEP: Step = Step::Inventory;
     const INSUFFICIENT: &'static str = "INSUFFICIENT_INVENTORY";
@@ -35,6 +41,43 @@ impl StepEffect for Stock {
         .await?
         .rows_affected();
         Ok(reserved == 1)
+    }
+
+    /// Every action of a batch reserves from the one stock row: read it once (locked), decide
+    /// in order, write it once, instead of one conditional update per action.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        if actions.len() < 2 {
+            let mut applied = Vec::with_capacity(1);
+            for action in actions {
+                applied.push(self.apply(&mut *conn, action).await?);
+            }
+            return Ok(applied);
+        }
+        let mut available: i64 = sqlx::query_scalar(LOCK_STOCK.on(conn))
+            .fetch_one(&mut *conn)
+            .await?;
+        let before = available;
+        let applied: Vec<bool> = actions
+            .iter()
+            .map(|action| match available.checked_sub(action.quantity) {
+                Some(left) if left >= 0 => {
+                    available = left;
+                    true
+                }
+                _ => false,
+            })
+            .collect();
+        if available != before {
+            sqlx::query("UPDATE stock SET available = $1 WHERE id = 1")
+                .bind(available)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(applied)
     }
 
     async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {

@@ -51,6 +51,78 @@ impl StepEffect for Credits {
         debit(conn, username, action.quantity).await
     }
 
+    /// Reads the batch's users once (locked, in name order), decides each debit in order,
+    /// and writes the balances back with one statement, instead of one update per action.
+    async fn apply_all(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+    ) -> Result<Vec<bool>, sqlx::Error> {
+        // Below three actions, one conditional update each is fewer statements.
+        if actions.len() < 3 {
+            let mut applied = Vec::with_capacity(actions.len());
+            for action in actions {
+                applied.push(self.apply(&mut *conn, action).await?);
+            }
+            return Ok(applied);
+        }
+        let name = |a: &&Action| a.username.clone().unwrap_or_default();
+        let mut names: Vec<String> = actions.iter().map(name).collect();
+        names.sort_unstable();
+        names.dedup();
+        let mut credits = lock_users(conn, &names).await?;
+        let missing: Vec<&String> = names.iter().filter(|n| !credits.contains_key(*n)).collect();
+        if !missing.is_empty() {
+            // Users first seen get the initial credits (or were just created by another
+            // replica's batch: then theirs stays).
+            let now = now_ms();
+            let sql = crate::db::multi_row_insert(
+                "INSERT INTO users (username, credits, created_ms)",
+                3,
+                missing.len(),
+            ) + " ON CONFLICT (username) DO NOTHING";
+            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for username in &missing {
+                insert = insert.bind(username.as_str()).bind(self.initial).bind(now);
+            }
+            insert.execute(&mut *conn).await?;
+            let created: Vec<String> = missing.into_iter().cloned().collect();
+            credits.extend(lock_users(conn, &created).await?);
+        }
+        let mut changed = std::collections::BTreeMap::new();
+        let applied = actions
+            .iter()
+            .map(|action| {
+                let username = name(action);
+                let Some(balance) = credits.get_mut(&username) else {
+                    return false;
+                };
+                match balance.checked_sub(action.quantity) {
+                    Some(left) if left >= 0 => {
+                        *balance = left;
+                        changed.insert(username, left);
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect();
+        let changed: Vec<(String, i64)> = changed.into_iter().collect();
+        for chunk in changed.chunks(crate::messaging::ROWS_PER_INSERT) {
+            let sql = crate::db::multi_row_insert(
+                "WITH v (username, credits) AS (",
+                2,
+                chunk.len(),
+            ) + ") UPDATE users SET credits = v.credits FROM v WHERE users.username = v.username";
+            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for (username, left) in chunk {
+                update = update.bind(username.as_str()).bind(*left);
+            }
+            update.execute(&mut *conn).await?;
+        }
+        Ok(applied)
+    }
+
     async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {
         sqlx::query("UPDATE users SET credits = credits + $2 WHERE username = $1")
             .bind(row.username.as_deref().unwrap_or_default())
@@ -59,6 +131,33 @@ impl StepEffect for Credits {
             .await?;
         Ok(())
     }
+}
+
+/// The credits of the users among `names` (sorted) that exist, locked until the transaction
+/// ends, in name order so that concurrent batches cannot deadlock (SQLite: its single writer
+/// serialises them).
+async fn lock_users(
+    conn: &mut Conn,
+    names: &[String],
+) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
+    let mut credits = std::collections::HashMap::with_capacity(names.len());
+    for chunk in names.chunks(crate::messaging::ROWS_PER_INSERT) {
+        let mut sql = format!(
+            "SELECT username, credits FROM users WHERE username IN ({}) ORDER BY username",
+            crate::db::placeholders(1, chunk.len())
+        );
+        if !crate::db::conn_is_sqlite(conn) {
+            sql.push_str(" FOR UPDATE");
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for username in chunk {
+            query = query.bind(username.as_str());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            credits.insert(row.try_get("username")?, row.try_get("credits")?);
+        }
+    }
+    Ok(credits)
 }
 
 /// Debits `total` if the user exists and has it.
