@@ -373,6 +373,11 @@ pub fn is_out_of_range(e: &sqlx::Error) -> bool {
 /// How often a service vacuums its database when the server's autovacuum is off.
 const VACUUM_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
+/// Every how many vacuums one also analyzes: sampling every table costs more than the
+/// vacuum itself, and the plans of these queries need row counts (which a vacuum updates)
+/// more than fresh histograms.
+const ANALYZE_EVERY: u32 = 4;
+
 /// Does autovacuum's work for a service's PostgreSQL database when the server has it turned
 /// off. The outbox is emptied as fast as it is filled and sagas, orders and ledgers are
 /// updated several times each: without vacuuming, their dead rows pile up (every scan of the
@@ -394,13 +399,18 @@ pub async fn vacuum_if_autovacuum_is_off(
         every = ?VACUUM_EVERY,
         "the PostgreSQL server has autovacuum off: this service vacuums its own database"
     );
-    loop {
+    for round in 0u32.. {
         tokio::select! {
             _ = tokio::time::sleep(VACUUM_EVERY) => {}
             _ = shutdown.cancelled() => return,
         }
         // Whole database: it holds this service's tables only.
-        if let Err(e) = sqlx::raw_sql("VACUUM (ANALYZE)").execute(&pool).await {
+        let sql = if round % ANALYZE_EVERY == 0 {
+            "VACUUM (ANALYZE)"
+        } else {
+            "VACUUM"
+        };
+        if let Err(e) = sqlx::raw_sql(sql).execute(&pool).await {
             tracing::warn!(service, error = %e, "vacuum failed; trying again later");
         }
     }
