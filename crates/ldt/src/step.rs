@@ -9,10 +9,12 @@
 //!   the action stalled past its deadline — it leaves a `TIMEOUT` tombstone so that the late
 //!   action is refused instead of taking effect.
 //!
-//! Under load, the actions that arrive together take a shorter path: each applies its effect,
-//! and all their ledger rows (outcome decided) go in with one insert at the end. A duplicate
-//! or a refused late action makes that insert fail on the primary key; the batch then rolls
-//! back and each message is redone on its own, claiming first as above.
+//! The actions that arrive together take a shorter path: their effects are decided together
+//! ([`StepEffect::apply_all`]: payment and inventory read the rows they share once, locked,
+//! and write them back once), and all their ledger rows (outcome decided) go in with one
+//! insert at the end. A duplicate or a refused late action makes that insert fail on the
+//! primary key; the batch then rolls back and each message is redone on its own, claiming
+//! first as above.
 //!
 //! Each service only supplies its effect ([`StepEffect`]); it never learns the saga's order.
 
