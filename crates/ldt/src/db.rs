@@ -370,13 +370,13 @@ pub fn is_out_of_range(e: &sqlx::Error) -> bool {
     }
 }
 
-/// How often a service vacuums its database when the server's autovacuum is off.
+/// How often a service vacuums its outbox when the server's autovacuum is off. The outbox
+/// holds few live rows, so this is cheap however many it has published meanwhile.
 const VACUUM_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
 
-/// Every how many vacuums one also analyzes: sampling every table costs more than the
-/// vacuum itself, and the plans of these queries need row counts (which a vacuum updates)
-/// more than fresh histograms.
-const ANALYZE_EVERY: u32 = 4;
+/// Every how many outbox vacuums the whole database is vacuumed and analyzed: that costs a
+/// pass over every table (and sampling them), while the other tables churn more slowly.
+const WHOLE_EVERY: u32 = 4;
 
 /// Does autovacuum's work for a service's PostgreSQL database when the server has it turned
 /// off. The outbox is emptied as fast as it is filled and sagas, orders and ledgers are
@@ -399,16 +399,26 @@ pub async fn vacuum_if_autovacuum_is_off(
         every = ?VACUUM_EVERY,
         "the PostgreSQL server has autovacuum off: this service vacuums its own database"
     );
-    for round in 0u32.. {
+    // Each service (and replica) starts at its own point of the interval: vacuums running all
+    // at once make a burst of work that every order in flight waits behind.
+    let phase = {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (service, std::process::id()).hash(&mut h);
+        VACUUM_EVERY.mul_f64((h.finish() % 1000) as f64 / 1000.0)
+    };
+    let mut next = tokio::time::Instant::now() + phase;
+    for round in 1u64.. {
         tokio::select! {
-            _ = tokio::time::sleep(VACUUM_EVERY) => {}
+            _ = tokio::time::sleep_until(next) => {}
             _ = shutdown.cancelled() => return,
         }
-        // Whole database: it holds this service's tables only.
-        let sql = if round % ANALYZE_EVERY == 0 {
+        next += VACUUM_EVERY;
+        // The whole database holds this service's tables only.
+        let sql = if round % u64::from(WHOLE_EVERY) == 0 {
             "VACUUM (ANALYZE)"
         } else {
-            "VACUUM"
+            "VACUUM outbox"
         };
         if let Err(e) = sqlx::raw_sql(sql).execute(&pool).await {
             tracing::warn!(service, error = %e, "vacuum failed; trying again later");
