@@ -59,6 +59,25 @@ impl From<lapin::Error> for BusError {
     }
 }
 
+/// The longest the broker may take to confirm a publish, take an ack or close a connection.
+/// When a connection dies, lapin may never settle what was in flight on it: past this, the
+/// operation counts as failed (the outbox keeps the rows; an unacked delivery is redelivered)
+/// instead of holding up its caller for good.
+const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `fut`, or `Unavailable` once [`BROKER_TIMEOUT`] has passed.
+async fn within<T>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
+) -> Result<T, BusError> {
+    match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
+        Ok(result) => Ok(result?),
+        Err(_) => Err(BusError::Unavailable(format!(
+            "the broker did not answer a {what} within {BROKER_TIMEOUT:?}"
+        ))),
+    }
+}
+
 #[derive(Clone)]
 pub enum Bus {
     Amqp(Arc<AmqpBus>),
@@ -227,9 +246,16 @@ impl AmqpBus {
             return Ok((conn.clone(), channel.clone()));
         }
         if let Some((conn, _)) = state.take() {
-            let _ = conn.close(0, "reconnecting".into()).await;
+            let _ = within("connection close", conn.close(0, "reconnecting".into())).await;
         }
-        let fresh = self.connect().await?;
+        let fresh = match tokio::time::timeout(BROKER_TIMEOUT, self.connect()).await {
+            Ok(fresh) => fresh?,
+            Err(_) => {
+                return Err(BusError::Unavailable(format!(
+                    "no connection to the broker within {BROKER_TIMEOUT:?}"
+                )));
+            }
+        };
         *state = Some(fresh.clone());
         Ok(fresh)
     }
@@ -254,30 +280,32 @@ impl AmqpBus {
                 .with_content_type("application/json".into())
                 .with_message_id(msg.message_id.as_str().into())
                 .with_headers(headers);
-            let confirm = channel
-                .basic_publish(
+            let confirm = within(
+                "publish",
+                channel.basic_publish(
                     "".into(),
                     msg.queue.as_str().into(),
                     BasicPublishOptions::default(),
                     &msg.payload,
                     props,
-                )
-                .await;
+                ),
+            )
+            .await;
             match confirm {
                 Ok(c) => confirms.push((c, &msg.message_id)),
                 Err(e) => {
                     self.forget_channel().await;
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
         for (confirm, id) in confirms {
-            match confirm.await {
+            match within("publisher confirm", confirm).await {
                 Ok(c) if c.is_ack() => {}
                 Ok(_) => return Err(BusError::Nacked(id.clone())),
                 Err(e) => {
                     self.forget_channel().await;
-                    return Err(e.into());
+                    return Err(e);
                 }
             }
         }
@@ -285,25 +313,32 @@ impl AmqpBus {
     }
 
     async fn forget_channel(&self) {
-        if let Some((conn, _)) = self.state.lock().await.take() {
-            let _ = conn.close(0, "publish failed".into()).await;
+        // Not holding the lock while closing: closing a broken connection may take until the
+        // timeout, and every publisher and subscriber needs the lock meanwhile.
+        let forgotten = self.state.lock().await.take();
+        if let Some((conn, _)) = forgotten {
+            let _ = within("connection close", conn.close(0, "publish failed".into())).await;
         }
     }
 
     async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
         let (conn, _) = self.publisher().await?;
-        let channel = conn.create_channel().await?;
-        channel
-            .basic_qos(prefetch, BasicQosOptions::default())
-            .await?;
-        let consumer = channel
-            .basic_consume(
+        let channel = within("channel open", conn.create_channel()).await?;
+        within(
+            "basic.qos",
+            channel.basic_qos(prefetch, BasicQosOptions::default()),
+        )
+        .await?;
+        let consumer = within(
+            "basic.consume",
+            channel.basic_consume(
                 queue.into(),
                 ShortString::from(""),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
-            )
-            .await?;
+            ),
+        )
+        .await?;
         Ok(Subscription::Amqp {
             channel,
             consumer: Box::new(consumer),
@@ -364,7 +399,7 @@ impl Subscription {
     pub async fn close(self) {
         match self {
             Subscription::Amqp { channel, .. } => {
-                let _ = channel.close(200, "shutting down".into()).await;
+                let _ = within("channel close", channel.close(200, "shutting down".into())).await;
             }
             Subscription::Embedded(s) => s.close(),
         }
@@ -429,7 +464,9 @@ impl Incoming {
 
     pub async fn ack(&self) -> Result<(), BusError> {
         match &self.acker {
-            Acker::Amqp(a) => a.ack(BasicAckOptions::default()).await.map(|_| ())?,
+            Acker::Amqp(a) => within("ack", a.ack(BasicAckOptions::default()))
+                .await
+                .map(|_| ())?,
             Acker::Embedded(a) => a.ack()?,
         }
         Ok(())
@@ -440,13 +477,15 @@ impl Incoming {
     pub async fn nack_requeue(&self, delay: Duration) -> Result<(), BusError> {
         tokio::time::sleep(delay).await;
         match &self.acker {
-            Acker::Amqp(a) => a
-                .nack(BasicNackOptions {
+            Acker::Amqp(a) => within(
+                "nack",
+                a.nack(BasicNackOptions {
                     requeue: true,
                     multiple: false,
-                })
-                .await
-                .map(|_| ())?,
+                }),
+            )
+            .await
+            .map(|_| ())?,
             Acker::Embedded(a) => a.nack_requeue()?,
         }
         Ok(())

@@ -49,6 +49,9 @@ const RELAY_BATCH: usize = 256;
 /// while the broker confirms, few enough that a broker outage strands little work in memory.
 const PUBLISHES_IN_FLIGHT: usize = 4;
 
+/// How often the relay retries a batch it could not publish before leaving it to the sweep.
+const PUBLISH_RETRIES: u32 = 4;
+
 /// Committed batches waiting for the relay, at most. When it is full (the broker is slow or
 /// away) further batches are left to the sweep.
 const HANDOFF_QUEUE: usize = 1024;
@@ -231,15 +234,24 @@ impl Relay {
         deleted: mpsc::UnboundedSender<Vec<i64>>,
         shutdown: CancellationToken,
     ) {
-        let mut confirming = futures_util::stream::FuturesUnordered::new();
+        // One allocation per batch: the relay's publishes, several awaiting confirms at once.
+        let mut confirming: futures_util::stream::FuturesUnordered<
+            futures_util::future::BoxFuture<'_, (Committed, u32, anyhow::Result<()>)>,
+        > = futures_util::stream::FuturesUnordered::new();
         let mut stopping = false;
         loop {
             tokio::select! {
                 biased;
-                Some(done) = confirming.next(), if !confirming.is_empty() => {
+                Some((batch, attempt, done)) = confirming.next(), if !confirming.is_empty() => {
                     match done {
-                        Ok(ids) => {
-                            let _ = deleted.send(ids);
+                        Ok(()) => {
+                            let _ = deleted.send(batch.ids);
+                        }
+                        // The broker is back within a second or two after a restart: retry
+                        // now rather than leave the rows to the sweep's 2 s.
+                        Err(e) if attempt < PUBLISH_RETRIES && !stopping => {
+                            tracing::warn!(service = self.service, error = %e, attempt, "outbox publish failed; retrying");
+                            confirming.push(Box::pin(self.publish_attempt(batch, attempt + 1)));
                         }
                         // The rows stay in the table: the sweep publishes them.
                         Err(e) => tracing::warn!(service = self.service, error = %e, "outbox publish failed; the sweep will retry"),
@@ -261,9 +273,7 @@ impl Relay {
                             Err(_) => break,
                         }
                     }
-                    confirming.push(async move {
-                        self.publish_rows(&batch.rows).await.map(|()| batch.ids)
-                    });
+                    confirming.push(Box::pin(self.publish_attempt(batch, 0)));
                 }
                 _ = shutdown.cancelled(), if !stopping => {
                     // Publish what was handed over already; later commits wait for the sweep.
@@ -278,9 +288,22 @@ impl Relay {
         }
     }
 
+    /// Publishes a committed batch, after a backoff if it is a retry; hands the batch back
+    /// with the outcome.
+    async fn publish_attempt(
+        &self,
+        batch: Committed,
+        attempt: u32,
+    ) -> (Committed, u32, anyhow::Result<()>) {
+        if attempt > 0 {
+            tokio::time::sleep(Duration::from_millis(100u64 << attempt.min(4))).await;
+        }
+        let done = self.publish_rows(&batch.rows).await;
+        (batch, attempt, done)
+    }
+
     /// Deletes published rows, those confirmed within [`DELETE_EVERY`] in one statement.
     async fn delete_published(&self, mut deleted: mpsc::UnboundedReceiver<Vec<i64>>) {
-        let postgres = !crate::db::is_sqlite(&self.pool);
         while let Some(mut ids) = deleted.recv().await {
             let until = tokio::time::Instant::now() + DELETE_EVERY;
             loop {
@@ -292,31 +315,54 @@ impl Relay {
                     _ = tokio::time::sleep_until(until) => break,
                 }
             }
-            for chunk in ids.chunks(1024) {
-                // Ids are integers from the database: formatting them into the statement is
-                // safe, and one statement of any length is one round trip. Losing this delete
-                // in a crash only re-publishes rows the receivers ignore: it need not wait for
-                // its WAL flush.
-                let list = chunk
-                    .iter()
-                    .map(i64::to_string)
-                    .collect::<Vec<_>>()
-                    .join(",");
-                let sql = if postgres {
-                    format!(
-                        "BEGIN; SET LOCAL synchronous_commit = off; \
-                         DELETE FROM outbox WHERE id IN ({list}); COMMIT"
-                    )
-                } else {
-                    format!("DELETE FROM outbox WHERE id IN ({list})")
-                };
-                if let Err(e) = sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                    .execute(&self.pool)
-                    .await
-                {
-                    tracing::warn!(service = self.service, error = %e, "cannot delete published outbox rows; the sweep will publish them again");
-                }
+            if let Err(e) = self.delete_ids(&ids).await {
+                tracing::warn!(service = self.service, error = %e, "cannot delete published outbox rows; the sweep will publish them again");
             }
+        }
+    }
+
+    /// Deletes outbox rows by id.
+    async fn delete_ids(&self, ids: &[i64]) -> Result<(), sqlx::Error> {
+        let postgres = !crate::db::is_sqlite(&self.pool);
+        for chunk in ids.chunks(1024) {
+            // Ids are integers from the database: formatting them into the statement is safe,
+            // and one statement of any length is one round trip. Losing this delete in a
+            // crash only re-publishes rows the receivers ignore: it need not wait for its WAL
+            // flush.
+            let list = chunk
+                .iter()
+                .map(i64::to_string)
+                .collect::<Vec<_>>()
+                .join(",");
+            let sql = if postgres {
+                format!(
+                    "BEGIN; SET LOCAL synchronous_commit = off; \
+                     DELETE FROM outbox WHERE id IN ({list}); COMMIT"
+                )
+            } else {
+                format!("DELETE FROM outbox WHERE id IN ({list})")
+            };
+            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// After a batch failed to publish: publishes its rows one by one while the bus takes
+    /// them, and deletes those. A bounded queue with room for fewer rows than the batch
+    /// refuses the batch's tail every time; without this, the sweep would publish the same
+    /// head again and again and never get past it.
+    async fn publish_what_fits(&self, rows: &[(i64, OutboxRow)]) {
+        let mut published = Vec::new();
+        for (id, row) in rows {
+            if self.publish_rows(std::slice::from_ref(row)).await.is_err() {
+                break;
+            }
+            published.push(*id);
+        }
+        if let Err(e) = self.delete_ids(&published).await {
+            tracing::warn!(service = self.service, error = %e, "cannot delete published outbox rows; the sweep will publish them again");
         }
     }
 
@@ -399,7 +445,12 @@ impl Relay {
             // RETURNING has no order: publish in the order the rows were written.
             found.sort_by_cached_key(|row| row.try_get::<i64, _>("id").unwrap_or(i64::MAX));
             let rows = outbox_rows(&found)?;
-            self.publish_rows(&rows).await?;
+            if let Err(e) = self.publish_rows(&only_rows(&rows)).await {
+                // The rows come back; those that fit are published and deleted on their own.
+                tx.rollback().await?;
+                self.publish_what_fits(&rows).await;
+                return Err(e);
+            }
             tx.commit().await?;
             if rows.len() < RELAY_BATCH {
                 return Ok(());
@@ -424,17 +475,12 @@ impl Relay {
                 return Ok(());
             }
             let rows = outbox_rows(&found)?;
-            self.publish_rows(&rows).await?;
-            let ids = found
-                .iter()
-                .map(|row| row.try_get::<i64, _>("id"))
-                .collect::<Result<Vec<_>, _>>()?;
-            let list = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(",");
-            sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DELETE FROM outbox WHERE id IN ({list})"
-            )))
-            .execute(&self.pool)
-            .await?;
+            if let Err(e) = self.publish_rows(&only_rows(&rows)).await {
+                self.publish_what_fits(&rows).await;
+                return Err(e);
+            }
+            let ids: Vec<i64> = rows.iter().map(|(id, _)| *id).collect();
+            self.delete_ids(&ids).await?;
             if rows.len() < RELAY_BATCH {
                 return Ok(());
             }
@@ -494,19 +540,26 @@ impl Relay {
     }
 }
 
-/// The outbox rows of a query's result.
-fn outbox_rows(found: &[crate::db::DbRow]) -> anyhow::Result<Vec<OutboxRow>> {
+/// The outbox rows of a query's result, with their ids.
+fn outbox_rows(found: &[crate::db::DbRow]) -> anyhow::Result<Vec<(i64, OutboxRow)>> {
     found
         .iter()
         .map(|row| {
-            Ok(OutboxRow {
-                queue: row.try_get("queue")?,
-                message_id: row.try_get("message_id")?,
-                payload: row.try_get("payload")?,
-                traceparent: row.try_get("traceparent")?,
-            })
+            Ok((
+                row.try_get("id")?,
+                OutboxRow {
+                    queue: row.try_get("queue")?,
+                    message_id: row.try_get("message_id")?,
+                    payload: row.try_get("payload")?,
+                    traceparent: row.try_get("traceparent")?,
+                },
+            ))
         })
         .collect()
+}
+
+fn only_rows(rows: &[(i64, OutboxRow)]) -> Vec<OutboxRow> {
+    rows.iter().map(|(_, row)| row.clone()).collect()
 }
 
 /// Why a handler did not process a message.

@@ -338,6 +338,69 @@ async fn bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover(st
     assert_eq!(app.stock().await, 10);
 }
 
+/// Answers the bus refuses (their queue is full) are not lost: they stay in the service's
+/// outbox and its sweep publishes them once there is room. (The in-process bus is the one
+/// with a configurable bound; the relay is the same on both stacks.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn answers_the_bus_refuses_stay_in_the_outbox_until_there_is_room() {
+    let app = spawn_on(
+        Stack::Embedded,
+        &[Service::Payment],
+        &["--bus-capacity", "4"],
+    )
+    .await;
+    let queues = Queues::new(&app.settings.namespace);
+    let orders: Vec<Uuid> = (0..12).map(|_| Uuid::now_v7()).collect();
+    // Nobody reads the answers yet: after four, the answers' queue refuses the rest. The
+    // commands go in as the payment service makes room in its own queue.
+    for (i, order) in orders.iter().enumerate() {
+        let env = debit(*order, &format!("patient{i}"), 10);
+        let out = Outgoing {
+            queue: queues.of(Service::Payment),
+            message_id: env.id.to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            match app.bus.publish(std::slice::from_ref(&out)).await {
+                Ok(()) => break,
+                Err(e) if e.is_refused() && std::time::Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err(e) => panic!("publishing command {i}: {e}"),
+            }
+        }
+    }
+    // Every debit is taken, whether or not its answer could be published.
+    for i in 0..orders.len() {
+        let user = format!("patient{i}");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while app.credits(&user).await != Some(490) {
+            assert!(std::time::Instant::now() < deadline, "{user} not debited");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    let mut driver = Driver::new(&app).await;
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < orders.len() {
+        let a = driver.answer().await;
+        assert!(
+            matches!(
+                a.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Done,
+                    ..
+                }
+            ),
+            "{:?}",
+            a.body
+        );
+        answered.insert(a.order_id);
+    }
+    assert_eq!(answered, orders.into_iter().collect());
+}
+
 async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
     let mut driver = Driver::new(&app).await;
