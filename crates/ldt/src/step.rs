@@ -142,13 +142,7 @@ pub trait StepEffect: Send + Sync + 'static {
         conn: &mut Conn,
         actions: &[&Action],
     ) -> impl std::future::Future<Output = Result<Vec<bool>, sqlx::Error>> + Send {
-        async move {
-            let mut applied = Vec::with_capacity(actions.len());
-            for action in actions {
-                applied.push(self.apply(&mut *conn, action).await?);
-            }
-            Ok(applied)
-        }
+        apply_each(self, conn, actions)
     }
 
     /// Undoes a successful action.
@@ -157,6 +151,20 @@ pub trait StepEffect: Send + Sync + 'static {
         conn: &mut Conn,
         row: &LedgerRow,
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
+}
+
+/// Applies actions one `apply` each: `StepEffect::apply_all`'s default, and what the
+/// batched effects do for batches too small to gain from reading their rows once.
+pub async fn apply_each<E: StepEffect + ?Sized>(
+    effect: &E,
+    conn: &mut Conn,
+    actions: &[&Action],
+) -> Result<Vec<bool>, sqlx::Error> {
+    let mut applied = Vec::with_capacity(actions.len());
+    for action in actions {
+        applied.push(effect.apply(&mut *conn, action).await?);
+    }
+    Ok(applied)
 }
 
 /// The message handler of a step service.

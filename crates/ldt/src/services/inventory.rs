@@ -51,11 +51,7 @@ impl StepEffect for Stock {
         actions: &[&Action],
     ) -> Result<Vec<bool>, sqlx::Error> {
         if actions.len() < 2 {
-            let mut applied = Vec::with_capacity(1);
-            for action in actions {
-                applied.push(self.apply(&mut *conn, action).await?);
-            }
-            return Ok(applied);
+            return crate::step::apply_each(self, conn, actions).await;
         }
         let mut available: i64 = sqlx::query_scalar(LOCK_STOCK.on(conn))
             .fetch_one(&mut *conn)

@@ -60,11 +60,7 @@ impl StepEffect for Credits {
     ) -> Result<Vec<bool>, sqlx::Error> {
         // Below three actions, one conditional update each is fewer statements.
         if actions.len() < 3 {
-            let mut applied = Vec::with_capacity(actions.len());
-            for action in actions {
-                applied.push(self.apply(&mut *conn, action).await?);
-            }
-            return Ok(applied);
+            return crate::step::apply_each(self, conn, actions).await;
         }
         let name = |a: &&Action| a.username.clone().unwrap_or_default();
         let mut names: Vec<String> = actions.iter().map(name).collect();
