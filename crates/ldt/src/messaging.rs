@@ -9,8 +9,8 @@
 //! Several batches are confirmed at once, so the relay never idles waiting for one confirm.
 //!
 //! The table stays the source of truth. A sweep publishes every row older than
-//! [`SWEEP_AFTER`] (and, once at start, every row): those a crash, a failed publish or a full
-//! hand-off queue left behind. A crash between commit and publish loses nothing (the row is
+//! [`SWEEP_AFTER`] (and, once at start, every row an earlier run left): those a crash, a failed
+//! publish or a full hand-off queue left behind. A crash between commit and publish loses nothing (the row is
 //! still there); a crash between publish and delete causes a duplicate, which every receiver
 //! ignores because every handler is idempotent per (order, step). The sweep takes rows with
 //! `FOR UPDATE SKIP LOCKED`, so several replicas share one outbox; a row the sweep takes while
@@ -173,7 +173,11 @@ impl OutboxSignal {
     /// A signal and the receiving end its relay takes.
     pub fn new() -> (OutboxSignal, OutboxReceiver) {
         let (tx, rx) = mpsc::channel(HANDOFF_QUEUE);
-        (OutboxSignal(tx), OutboxReceiver(rx))
+        let receiver = OutboxReceiver {
+            batches: rx,
+            since_ms: crate::db::now_ms(),
+        };
+        (OutboxSignal(tx), receiver)
     }
 
     /// Call once the transaction that wrote `outbox` has committed: its rows go to the relay
@@ -195,7 +199,12 @@ impl OutboxSignal {
 }
 
 /// The relay's end of an [`OutboxSignal`].
-pub struct OutboxReceiver(mpsc::Receiver<Committed>);
+pub struct OutboxReceiver {
+    batches: mpsc::Receiver<Committed>,
+    /// When the signal was made: rows written later are handed over, so the sweep at start
+    /// leaves them alone (taking them too would publish each twice).
+    since_ms: i64,
+}
 
 /// Publishes a service's outbox.
 pub struct Relay {
@@ -215,9 +224,9 @@ impl Relay {
     pub async fn run(self, committed: OutboxReceiver, shutdown: CancellationToken) {
         let (deleted_tx, deleted_rx) = mpsc::unbounded_channel();
         tokio::join!(
-            self.forward(committed.0, deleted_tx, shutdown.clone()),
+            self.forward(committed.batches, deleted_tx, shutdown.clone()),
             self.delete_published(deleted_rx),
-            self.sweep_until(shutdown.clone()),
+            self.sweep_until(committed.since_ms, shutdown.clone()),
         );
         // Whatever is still in the table now: committed after the hand-off stopped, or left
         // behind by a failed publish.
@@ -366,11 +375,13 @@ impl Relay {
         }
     }
 
-    /// Publishes the rows nobody is publishing: all of them once at start, then every
-    /// [`SWEEP_EVERY`] those older than [`SWEEP_AFTER`].
-    async fn sweep_until(&self, shutdown: CancellationToken) {
+    /// Publishes the rows nobody is publishing: once at start those written before `since_ms`
+    /// (left by an earlier run), then every [`SWEEP_EVERY`] those older than [`SWEEP_AFTER`].
+    async fn sweep_until(&self, since_ms: i64, shutdown: CancellationToken) {
         let mut failures: u32 = 0;
-        let mut cutoff = i64::MAX;
+        // Strictly before: a row of this run may carry the very millisecond the signal was
+        // made (and an earlier run's row of that millisecond waits for the next sweep).
+        let mut cutoff = since_ms.saturating_sub(1);
         let mut counted = std::time::Instant::now();
         loop {
             match self.sweep(cutoff).await {
