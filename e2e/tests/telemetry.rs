@@ -305,8 +305,15 @@ async fn one_trace_per_order_across_every_service_with_logs_and_metrics() {
                 "ldt-payment",
                 "ldt-inventory",
             ],
-            // The stalled payment is the first step: inventory and delivery never hear of it.
-            _ => &["ldt-order", "ldt-orchestrator", "ldt-payment"],
+            // The payment stalls: the slip goes no further, and on the deadline every step
+            // on it is compensated (inventory and delivery leave tombstones).
+            _ => &[
+                "ldt-order",
+                "ldt-orchestrator",
+                "ldt-payment",
+                "ldt-inventory",
+                "ldt-delivery",
+            ],
         };
         let spans = eventually(&format!("the spans of the {status} order"), || {
             let spans: Vec<Span> = sink

@@ -58,7 +58,8 @@ pub struct ChaosArgs {
     /// together).
     #[arg(long, default_value_t = 4)]
     pub db_pool_size: u32,
-    /// Each step's deadline in the processes under test.
+    /// Each step's share of an order's deadline in the processes under test (longer than
+    /// the marketplace's default: kills and broker restarts are expected to be survived).
     #[arg(long, default_value_t = 1000)]
     pub step_timeout_ms: u64,
     /// How long to wait for every order to be final after the stream.

@@ -102,12 +102,13 @@ pub struct Settings {
     #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..))]
     pub initial_stock: i64,
 
-    /// How long the orchestrator waits for a step's answer before the order ends TIMEOUT.
-    #[arg(long, env = "LDT_STEP_TIMEOUT_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(1..))]
+    /// Each step's share of an order's deadline: the orchestrator waits this long per step on
+    /// the routing slip for the saga's answer before the order ends TIMEOUT.
+    #[arg(long, env = "LDT_STEP_TIMEOUT_MS", default_value_t = DEFAULT_STEP_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
     pub step_timeout_ms: u64,
 
     /// How long a step injected with a `timeout` fault stalls before it acts (late).
-    /// Defaults to twice the step timeout.
+    /// Defaults to one step timeout more than the whole slip's deadline.
     #[arg(long, env = "LDT_STALL_MS")]
     pub stall_ms: Option<u64>,
 
@@ -179,6 +180,14 @@ pub struct Settings {
     pub log_format: String,
 }
 
+/// Each step's share of an order's deadline by default: three steps make 1.5 s, within the
+/// legacy contract's "a timed-out order is final within 2 s" (compensations included).
+pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
+
+/// The default stall of a `timeout` fault, in step timeouts: past the deadline of a slip of
+/// every step (one step timeout each), so the stalled order ends TIMEOUT.
+const STALL_IN_STEP_TIMEOUTS: u64 = crate::contract::Step::ALL.len() as u64 + 1;
+
 impl Settings {
     pub fn step_timeout(&self) -> Duration {
         Duration::from_millis(self.step_timeout_ms)
@@ -187,7 +196,7 @@ impl Settings {
     pub fn stall(&self) -> Duration {
         Duration::from_millis(
             self.stall_ms
-                .unwrap_or_else(|| self.step_timeout_ms.saturating_mul(2)),
+                .unwrap_or_else(|| self.step_timeout_ms.saturating_mul(STALL_IN_STEP_TIMEOUTS)),
         )
     }
 
@@ -252,7 +261,7 @@ impl Settings {
             namespace: namespace.into(),
             initial_credits: 500,
             initial_stock: 500,
-            step_timeout_ms: 1000,
+            step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
             stall_ms: None,
             prefetch: 200,
             batches_in_flight: 1,
@@ -298,7 +307,7 @@ mod tests {
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
         assert_eq!(s.initial_credits, 500);
         assert_eq!(s.initial_stock, 500);
-        assert_eq!(s.step_timeout(), Duration::from_millis(1000));
+        assert_eq!(s.step_timeout(), Duration::from_millis(500));
         assert_eq!(s.stall(), Duration::from_millis(2000));
         assert_eq!(s.database_name(Service::DeadLetter), "ldt_dead_letter");
         // No broker or database configured: the embedded mode, kept in ./ldt-data.

@@ -163,9 +163,17 @@ pub struct Envelope {
     pub at_ms: i64,
     #[serde(flatten)]
     pub body: Message,
+    /// The routing slip: the commands still to run after this one, in order. A step whose
+    /// action succeeds sends the first of them on itself, with the rest, instead of
+    /// answering the orchestrator; the last step (or a step that fails) answers it. Absent
+    /// from replies and compensations, and ignored by a receiver that predates it (its
+    /// orchestrator then sends each next command itself).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub then: Vec<Message>,
 }
 
-/// The saga's messages. Commands go to a step service; replies go back to the orchestrator.
+/// The saga's messages. Commands go to a step service (from the orchestrator, or from the
+/// step before on a routing slip); replies go back to the orchestrator.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
@@ -186,7 +194,7 @@ pub enum Message {
     },
     /// orchestrator → payment: undo the debit of this order (or refuse it if it comes later).
     Refund,
-    /// orchestrator → inventory: reserve `amount` tokens.
+    /// orchestrator or payment (on the slip) → inventory: reserve `amount` tokens.
     Reserve {
         amount: i64,
         #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,7 +202,7 @@ pub enum Message {
     },
     /// orchestrator → inventory: undo the reservation of this order.
     Release,
-    /// orchestrator → delivery: deliver `amount` tokens to `username`.
+    /// orchestrator or inventory (on the slip) → delivery: deliver `amount` tokens to `username`.
     Deliver {
         username: String,
         amount: i64,
@@ -203,7 +211,8 @@ pub enum Message {
     },
     /// orchestrator → delivery: cancel the delivery of this order.
     CancelDelivery,
-    /// step service → orchestrator: how the step's action ended.
+    /// step service → orchestrator: how the step's action ended (for a success, only the
+    /// slip's last step answers).
     StepResult { step: Step, outcome: StepOutcome },
     /// step service → orchestrator: the step's compensation has been applied.
     Compensated { step: Step },
@@ -258,6 +267,7 @@ impl Envelope {
             order_id,
             at_ms,
             body,
+            then: Vec::new(),
         }
     }
 

@@ -38,6 +38,8 @@ pub struct Action {
     /// Credits (payment) or tokens (inventory, delivery).
     pub quantity: i64,
     pub fault: Option<Fault>,
+    /// The rest of the routing slip, sent on by this step when its action succeeds.
+    pub then: Vec<Message>,
 }
 
 enum Command {
@@ -45,8 +47,9 @@ enum Command {
     Compensate,
 }
 
-fn command_for(step: Step, msg: &Message) -> Option<Command> {
-    match (step, msg) {
+fn command_for(step: Step, env: &Envelope) -> Option<Command> {
+    let then = env.then.clone();
+    match (step, &env.body) {
         (
             Step::Payment,
             Message::Debit {
@@ -58,11 +61,13 @@ fn command_for(step: Step, msg: &Message) -> Option<Command> {
             username: Some(username.clone()),
             quantity: *total,
             fault: *fault,
+            then,
         })),
         (Step::Inventory, Message::Reserve { amount, fault }) => Some(Command::Act(Action {
             username: None,
             quantity: *amount,
             fault: *fault,
+            then,
         })),
         (
             Step::Delivery,
@@ -75,6 +80,7 @@ fn command_for(step: Step, msg: &Message) -> Option<Command> {
             username: Some(username.clone()),
             quantity: *amount,
             fault: *fault,
+            then,
         })),
         (Step::Payment, Message::Refund)
         | (Step::Inventory, Message::Release)
@@ -207,7 +213,7 @@ impl<E: StepEffect> StepService<E> {
     /// The command a delivery carries, or why it is poison.
     fn command(msg: &Incoming) -> Result<(Uuid, Command), HandleError> {
         let env = messaging::decode(msg)?;
-        match command_for(E::STEP, &env.body) {
+        match command_for(E::STEP, &env) {
             // Zero is a legal debit (a free token); a negative quantity would turn a debit
             // into a credit.
             Some(Command::Act(action)) if action.quantity < 0 => Err(HandleError::Poison(format!(
@@ -304,7 +310,7 @@ impl<E: StepEffect> StepService<E> {
         if !claimed {
             tracing::info!(%order_id, step = E::STEP.as_str(), outcome = %label, "repeated or late action; answered from the ledger");
         }
-        self.reply(outbox, order_id, now, &label);
+        self.reply(outbox, order_id, action, now, &label);
         Ok(())
     }
 
@@ -340,16 +346,32 @@ impl<E: StepEffect> StepService<E> {
         }
     }
 
-    /// Puts the answer for an action with ledger label `label` into the outbox.
-    fn reply(&self, outbox: &mut OutboxBatch, order_id: Uuid, now: i64, label: &str) {
-        let reply = Envelope::new(
+    /// Puts what follows an action with ledger label `label` into the outbox: after a success
+    /// the next command of its routing slip, if there is one; else the answer to the
+    /// orchestrator. (A duplicate does the same again, and the next step ignores it.)
+    fn reply(
+        &self,
+        outbox: &mut OutboxBatch,
+        order_id: Uuid,
+        action: &Action,
+        now: i64,
+        label: &str,
+    ) {
+        let outcome = Self::outcome_of(label);
+        let mut reply = Envelope::new(
             order_id,
             now,
             Message::StepResult {
                 step: E::STEP,
-                outcome: Self::outcome_of(label),
+                outcome,
             },
         );
+        if outcome == StepOutcome::Done
+            && let Some((next, rest)) = action.then.split_first()
+        {
+            reply.body = next.clone();
+            reply.then = rest.to_vec();
+        }
         outbox.push(&self.queues, &reply);
     }
 
@@ -442,7 +464,7 @@ impl<E: StepEffect> StepService<E> {
                         outcome: label,
                         at_ms: now,
                     });
-                    span.in_scope(|| self.reply(&mut outbox, *order_id, now, label));
+                    span.in_scope(|| self.reply(&mut outbox, *order_id, action, now, label));
                 }
                 Command::Compensate => {
                     self.compensate_in(&mut tx, &mut outbox, *order_id)

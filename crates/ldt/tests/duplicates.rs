@@ -86,10 +86,21 @@ async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
         },
     );
     driver.send_twice(&placed).await;
-    assert!(matches!(
-        next(&mut payment).await.body,
-        Message::Debit { total: 6, .. }
-    ));
+    let debit = next(&mut payment).await;
+    assert!(matches!(debit.body, Message::Debit { total: 6, .. }));
+    // The debit carries the rest of the saga as its routing slip.
+    assert!(
+        matches!(
+            debit.then.as_slice(),
+            [
+                Message::Reserve { amount: 2, .. },
+                Message::Deliver { amount: 2, .. }
+            ]
+        ),
+        "{debit:?}"
+    );
+    // The test's steps answer instead of sending the slip on (as a step that predates slips
+    // would): the orchestrator sends the rest of the slip itself, once per step.
     for (step, sub) in [
         (Step::Payment, &mut inventory),
         (Step::Inventory, &mut delivery),

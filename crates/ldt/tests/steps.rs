@@ -127,6 +127,85 @@ async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refus
     );
 }
 
+/// A step that succeeds sends the next command of its routing slip on, with the rest of the
+/// slip, and answers nobody; a step that does not succeed answers the orchestrator and sends
+/// nothing on; the slip's last step answers the orchestrator.
+async fn a_step_sends_its_slip_on_only_when_it_succeeds(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::Delivery], &[]).await;
+    let mut driver = Driver::new(&app).await;
+    let mut inventory = driver
+        .bus
+        .subscribe(&driver.queues.of(Service::Inventory), 100)
+        .await
+        .unwrap();
+    let reserve = Message::Reserve {
+        amount: 2,
+        fault: None,
+    };
+    let deliver = Message::Deliver {
+        username: "slip".into(),
+        amount: 2,
+        fault: None,
+    };
+    let (paid, broke) = (Uuid::now_v7(), Uuid::now_v7());
+    // Twice: a duplicate sends the slip on again (the next step ignores it), and takes
+    // nothing more.
+    let mut slip = debit(paid, "slip", 300);
+    slip.then = vec![reserve.clone(), deliver.clone()];
+    for _ in 0..2 {
+        driver.send(&slip).await;
+        let msg = tokio::time::timeout(Duration::from_secs(10), inventory.next())
+            .await
+            .expect("the slip sent on within 10 s")
+            .unwrap()
+            .unwrap();
+        msg.ack().await.unwrap();
+        let sent_on = Envelope::from_json(&msg.payload).unwrap();
+        assert_eq!(sent_on.order_id, paid);
+        assert_eq!(sent_on.body, reserve);
+        assert_eq!(sent_on.then, vec![deliver.clone()]);
+    }
+    assert_eq!(app.credits("slip").await, Some(200));
+    // Not enough credits left: the orchestrator hears of it, inventory does not.
+    let mut refused = debit(broke, "slip", 300);
+    refused.then = vec![reserve.clone(), deliver.clone()];
+    driver.send(&refused).await;
+    let a = driver.answer().await;
+    assert_eq!(
+        (a.order_id, a.body),
+        (
+            broke,
+            Message::StepResult {
+                step: Step::Payment,
+                outcome: StepOutcome::Insufficient
+            }
+        )
+    );
+    // The slip's last step answers the orchestrator. It is also the barrier: the inventory
+    // queue (filled before it) holds nothing about the refused debit.
+    let mut last = Envelope::new(paid, 0, deliver.clone());
+    last.then = Vec::new();
+    driver.send(&last).await;
+    let a = driver.answer().await;
+    assert_eq!(
+        (a.order_id, a.body),
+        (
+            paid,
+            Message::StepResult {
+                step: Step::Delivery,
+                outcome: StepOutcome::Done
+            }
+        )
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(1), inventory.next())
+            .await
+            .is_err(),
+        "nothing sent on after the refused debit"
+    );
+    assert_eq!(app.credits("slip").await, Some(200));
+}
+
 async fn duplicates_have_one_effect_and_get_the_first_answer(stack: Stack) {
     let app = spawn_on(
         stack,
@@ -470,6 +549,7 @@ async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working
 
 on_every_stack!(
     a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
+    a_step_sends_its_slip_on_only_when_it_succeeds,
     duplicates_have_one_effect_and_get_the_first_answer,
     a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order,
     bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover,

@@ -1,6 +1,14 @@
-//! The orchestrator: the only service that knows the saga's order. It drives each order
-//! through payment → inventory → delivery, owns the step deadlines, and on failure runs the
-//! compensations one at a time in reverse order before it declares the final status.
+//! The orchestrator: the only service that knows the saga's order. It starts each order on
+//! a routing slip — the debit carries the reserve and the deliver after it, and each step
+//! that succeeds sends the next command on itself — so a successful order costs the
+//! orchestrator two messages (the order placed, the last step's answer), not four. It owns
+//! the deadline (the step timeout for each step on the slip), and when a step fails or the
+//! deadline passes it runs the compensations one at a time in reverse order before it
+//! declares the final status. A step fails at most once per slip: the steps after it never
+//! hear of the order. On a deadline the orchestrator does not know how far the slip got, so
+//! it compensates every step on it, last first: a step that never acted leaves a tombstone
+//! that refuses the late command, and compensating in reverse order means a command the
+//! slip sends on later finds its step already compensated.
 //!
 //! All saga state is in its database (`sagas`, `saga_log`), changed only in transactions that
 //! also write the outgoing commands to the outbox, so a restart resumes every saga where it
@@ -52,6 +60,9 @@ const MAX_COMPENSATION_BACKOFF: Duration = Duration::from_secs(30);
 /// After this many unanswered tries a compensation is reported as stuck (and still retried).
 const STUCK_AFTER_ATTEMPTS: i32 = 5;
 
+/// The last step of the routing slip: its answer ends a successful saga.
+const SLIP_END: Step = Step::ALL[Step::ALL.len() - 1];
+
 #[derive(Clone)]
 pub struct Orchestrator {
     pool: Pool,
@@ -93,6 +104,7 @@ struct Saga {
     amount: i64,
     faults: FaultPlan,
     phase: Phase,
+    /// The step the last command went to: the slip runs from there to its end.
     step: Step,
     status: Option<OrderStatus>,
     /// Compensations still to apply, the one in flight first.
@@ -341,6 +353,32 @@ impl Orchestrator {
         Envelope::new(saga.order_id, now, body)
     }
 
+    /// The command for `from` carrying the commands of the steps after it as its routing
+    /// slip.
+    fn slip(&self, saga: &Saga, from: Step, now: i64) -> Envelope {
+        let mut env = self.command(saga, from, now);
+        env.then = Step::ALL[from.index() + 1..]
+            .iter()
+            .map(|&step| self.command(saga, step, now).body)
+            .collect();
+        env
+    }
+
+    /// A log line for a slip sent: its first command, and those it carries.
+    fn slip_sent(env: &Envelope) -> String {
+        if env.then.is_empty() {
+            return "sent".into();
+        }
+        let rest: Vec<&str> = env.then.iter().map(Message::kind).collect();
+        format!("sent (slip: {})", rest.join(", "))
+    }
+
+    /// How long a saga's slip may take: the step timeout for each step on it.
+    fn saga_timeout(&self) -> Duration {
+        self.step_timeout
+            .saturating_mul(u32::try_from(Step::ALL.len()).unwrap_or(u32::MAX))
+    }
+
     fn deadline_after(&self, now: i64, wait: Duration) -> i64 {
         now.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX))
     }
@@ -407,7 +445,8 @@ impl Orchestrator {
         fx: &mut Effects,
     ) {
         let label = format!("{outcome:?}").to_lowercase();
-        if saga.phase != Phase::Running || saga.step != step {
+        // While the slip runs, any step on it may be the one that answers.
+        if saga.phase != Phase::Running || step.index() < saga.step.index() {
             fx.log
                 .push((step, "step_result", format!("late: {label} (ignored)")));
             return;
@@ -415,19 +454,20 @@ impl Orchestrator {
         fx.log.push((step, "step_result", label.clone()));
         self.metrics.observe_ms(
             "ldt_step_latency_ms",
-            "Time from a step's command to its answer.",
+            "Time from the command (or routing slip) a step answered to its answer.",
             &[("step", step.as_str()), ("outcome", &label)],
             now.saturating_sub(saga.updated_ms) as f64,
         );
         let done_before: Vec<Step> = Step::ALL[..step.index()].iter().rev().copied().collect();
         match outcome {
             StepOutcome::Done => match step.next() {
+                // A step that answered instead of sending the slip on (one that predates
+                // slips): the rest of the slip goes from here, within the same deadline.
                 Some(next) => {
                     saga.step = next;
-                    let cmd = self.command(saga, next, now);
-                    fx.log.push((next, cmd.body.kind(), "sent".into()));
+                    let cmd = self.slip(saga, next, now);
+                    fx.log.push((next, cmd.body.kind(), Self::slip_sent(&cmd)));
                     fx.out.push(cmd);
-                    fx.deadline = Deadline::At(self.deadline_after(now, self.step_timeout));
                 }
                 None => {
                     saga.status = Some(OrderStatus::Success);
@@ -474,15 +514,16 @@ impl Orchestrator {
         match saga.phase {
             Phase::Running => {
                 fx.log.push((saga.step, "deadline", "timeout".into()));
-                tracing::info!(order_id = %saga.order_id, step = saga.step.as_str(), "step deadline passed: the order ends TIMEOUT");
+                tracing::info!(order_id = %saga.order_id, step = saga.step.as_str(), "deadline passed: the order ends TIMEOUT");
                 self.metrics.inc(
                     "ldt_step_timeouts_total",
-                    "Steps that gave no answer within their deadline.",
+                    "Orders past their deadline, by the step their slip last started from.",
                     &[("step", saga.step.as_str())],
                     1,
                 );
-                // The stalled step may still act: undo it first, then the ones before it.
-                let undo: Vec<Step> = Step::ALL[..=saga.step.index()]
+                // Whichever step stalled may still act: undo every step the slip could have
+                // reached, the last first.
+                let undo: Vec<Step> = Step::ALL[..=SLIP_END.index()]
                     .iter()
                     .rev()
                     .copied()
@@ -522,7 +563,7 @@ impl Orchestrator {
         work: &[(&Envelope, tracing::Span)],
     ) -> Result<(), HandleError> {
         let now = now_ms();
-        let deadline = self.deadline_after(now, self.step_timeout);
+        let deadline = self.deadline_after(now, self.saga_timeout());
         let mut placed = Vec::new();
         let mut answered = Vec::new();
         for (env, span) in work {
@@ -573,7 +614,7 @@ impl Orchestrator {
                     .bind(terms.amount)
                     .bind(serde_json::to_string(&terms.faults).unwrap_or_default())
                     .bind(Phase::Running.as_str())
-                    .bind(Step::Payment.as_str())
+                    .bind(Step::ALL[0].as_str())
                     .bind(deadline)
                     .bind(now)
                     .bind(now)
@@ -648,16 +689,17 @@ impl Orchestrator {
             amount: terms.amount,
             faults: terms.faults,
             phase: Phase::Running,
-            step: Step::Payment,
+            step: Step::ALL[0],
             status: None,
             pending: Vec::new(),
             attempts: 0,
             updated_ms: now,
             traceparent: None,
         };
-        let cmd = self.command(&saga, Step::Payment, now);
+        let first = Step::ALL[0];
+        let cmd = self.slip(&saga, first, now);
         let fx = Effects {
-            log: vec![(Step::Payment, cmd.body.kind(), "sent".into())],
+            log: vec![(first, cmd.body.kind(), Self::slip_sent(&cmd))],
             out: vec![cmd],
             deadline: Deadline::Keep,
         };
@@ -844,7 +886,7 @@ pub struct SagaView {
     pub order_id: String,
     /// `running`, `compensating` or `done`.
     pub phase: String,
-    /// The step in flight (or the last one reached).
+    /// The step the last command went to (the routing slip runs from there to the last step).
     pub step: String,
     /// The final status, once decided.
     pub status: Option<String>,
