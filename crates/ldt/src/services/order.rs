@@ -68,11 +68,14 @@ const MIN_IN_FLIGHT: i64 = 256;
 struct AdmissionState {
     /// Orders this process has committed, ever.
     committed: std::sync::atomic::AtomicI64,
-    /// The last count of PENDING orders, and `committed` as it was when it was taken.
-    snapshot: std::sync::Mutex<(i64, i64)>,
-    /// Commits hold it shared; a recount holds it exclusively, so the count and `committed`
-    /// are taken at the same point (for this process's orders; other replicas' are counted
-    /// when they have committed).
+    /// Orders this process has moved to a final status, ever.
+    finished: std::sync::atomic::AtomicI64,
+    /// The last count of PENDING orders, and `committed` and `finished` as they were when it
+    /// was taken.
+    snapshot: std::sync::Mutex<(i64, i64, i64)>,
+    /// Commits and finishes hold it shared; a recount holds it exclusively, so the count,
+    /// `committed` and `finished` are taken at the same point (for this process's orders;
+    /// other replicas' are counted when they have committed).
     gate: tokio::sync::RwLock<()>,
     /// The current limit.
     limit: std::sync::atomic::AtomicI64,
@@ -110,8 +113,11 @@ impl Admission {
         wanted.max(MIN_IN_FLIGHT).min(self.max_pending)
     }
 
+    /// The orders in flight: the last count, plus what this process committed since, minus
+    /// what it finished since (without the finishes, the estimate would grow by the whole
+    /// intake between two counts and shed orders that fit).
     fn estimate(&self) -> i64 {
-        let (count, committed_then) = *self
+        let (count, committed_then, finished_then) = *self
             .state
             .snapshot
             .lock()
@@ -120,7 +126,14 @@ impl Admission {
             .state
             .committed
             .load(std::sync::atomic::Ordering::Acquire);
-        count.saturating_add(committed.saturating_sub(committed_then))
+        let finished = self
+            .state
+            .finished
+            .load(std::sync::atomic::Ordering::Acquire);
+        count
+            .saturating_add(committed.saturating_sub(committed_then))
+            .saturating_sub(finished.saturating_sub(finished_then))
+            .max(0)
     }
 
     fn admit(&self) -> Result<(), ApiError> {
@@ -141,6 +154,14 @@ impl Admission {
             .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
     }
 
+    /// Called after `n` orders were moved to their final status.
+    fn finished(&self, n: usize) {
+        self.state.finished.fetch_add(
+            i64::try_from(n).unwrap_or(i64::MAX),
+            std::sync::atomic::Ordering::AcqRel,
+        );
+    }
+
     /// Re-counts the PENDING orders every 100 ms until shutdown, and from the counts the
     /// completion rate that sets the limit.
     async fn refresh(self, pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
@@ -158,17 +179,21 @@ impl Admission {
             let Ok(mut conn) = pool.acquire().await else {
                 continue;
             };
-            let (before, count) = {
+            let (before, finished_before, count) = {
                 let _gate = self.state.gate.write().await;
                 let before = self
                     .state
                     .committed
                     .load(std::sync::atomic::Ordering::Acquire);
+                let finished_before = self
+                    .state
+                    .finished
+                    .load(std::sync::atomic::Ordering::Acquire);
                 let count: Result<i64, _> =
                     sqlx::query_scalar("SELECT count(*) FROM orders WHERE status = 'PENDING'")
                         .fetch_one(&mut *conn)
                         .await;
-                (before, count)
+                (before, finished_before, count)
             };
             drop(conn);
             let Ok(n) = count else { continue };
@@ -176,7 +201,7 @@ impl Admission {
                 .state
                 .snapshot
                 .lock()
-                .unwrap_or_else(|e| e.into_inner()) = (n, before);
+                .unwrap_or_else(|e| e.into_inner()) = (n, before, finished_before);
             let at = std::time::Instant::now();
             if let Some((pending, committed, then)) = last {
                 // Finished = what was pending + what came in − what is pending now. (Orders
@@ -925,7 +950,17 @@ impl OrderState {
                 .bind(status.as_str())
                 .bind(now);
         }
-        let rows = query.fetch_all(&self.pool).await?;
+        // As with commits: no recount while the statement commits. The connection first,
+        // then the gate (as in the recount): a recount queued at the gate holds back new
+        // readers, and one of those must not be waiting for the connection this one needs.
+        let mut conn = self.pool.acquire().await?;
+        let rows = {
+            let _gate = self.admission.state.gate.read().await;
+            let rows = query.fetch_all(&mut *conn).await?;
+            self.admission.finished(rows.len());
+            rows
+        };
+        drop(conn);
         self.crash.at(Point::AfterCommit);
         let mut updated = std::collections::HashSet::new();
         for row in &rows {
@@ -1025,6 +1060,21 @@ mod tests {
         assert_eq!(fixed.limit_for(300.0), 2000);
         let tiny = super::Admission::new(3, std::time::Duration::from_secs(1));
         assert_eq!(tiny.limit_for(0.0), 3);
+    }
+
+    #[test]
+    fn the_in_flight_estimate_counts_what_finished_since_the_last_count() {
+        let a = super::Admission::new(2, std::time::Duration::ZERO);
+        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+        a.committed();
+        assert_eq!(a.estimate(), 2);
+        assert!(a.admit().is_err(), "two in flight fill a limit of two");
+        a.finished(1);
+        assert_eq!(a.estimate(), 1);
+        assert!(a.admit().is_ok(), "a finished order makes room before the next count");
+        // Finishes of orders another replica took can outrun this one's commits.
+        a.finished(5);
+        assert_eq!(a.estimate(), 0);
     }
 
     use super::*;
