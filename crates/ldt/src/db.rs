@@ -420,8 +420,10 @@ pub async fn vacuum_if_autovacuum_is_off(
         } else {
             "VACUUM outbox"
         };
-        if let Err(e) = sqlx::raw_sql(sql).execute(&pool).await {
-            tracing::warn!(service, error = %e, "vacuum failed; trying again later");
+        let started = std::time::Instant::now();
+        match sqlx::raw_sql(sql).execute(&pool).await {
+            Ok(_) => tracing::debug!(service, sql, took = ?started.elapsed(), "vacuumed"),
+            Err(e) => tracing::warn!(service, error = %e, "vacuum failed; trying again later"),
         }
     }
 }

@@ -1071,7 +1071,10 @@ mod tests {
         assert!(a.admit().is_err(), "two in flight fill a limit of two");
         a.finished(1);
         assert_eq!(a.estimate(), 1);
-        assert!(a.admit().is_ok(), "a finished order makes room before the next count");
+        assert!(
+            a.admit().is_ok(),
+            "a finished order makes room before the next count"
+        );
         // Finishes of orders another replica took can outrun this one's commits.
         a.finished(5);
         assert_eq!(a.estimate(), 0);
