@@ -108,7 +108,8 @@ pub struct Settings {
     pub step_timeout_ms: u64,
 
     /// How long a step injected with a `timeout` fault stalls before it acts (late).
-    /// Defaults to one step timeout more than the whole slip's deadline.
+    /// Defaults to one step timeout more than the whole slip's deadline; a stall shorter
+    /// than that deadline (3 × the step timeout) lets the order succeed late instead.
     #[arg(long, env = "LDT_STALL_MS")]
     pub stall_ms: Option<u64>,
 

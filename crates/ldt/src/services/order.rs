@@ -645,7 +645,11 @@ impl OrderState {
     ) -> Result<bool, ApiError> {
         let row = messaging::OutboxRow::of(&self.queues, placed);
         // No recount while the order commits: it is either in the count or counted as
-        // committed after it, never both, never neither.
+        // committed after it, never both, never neither. The connection before the gate, as
+        // everywhere the gate is taken: a recount queued at the gate holds a connection and
+        // holds back new readers, so a reader must not wait for a connection while it holds
+        // the gate.
+        let mut conn = self.pool.acquire().await?;
         let _gate = self.admission.state.gate.read().await;
         self.crash.at(crate::crash::Point::BeforeCommit);
         let outbox_id = sqlx::query(
@@ -667,7 +671,7 @@ impl OrderState {
         .bind(&row.message_id)
         .bind(&row.payload)
         .bind(&row.traceparent)
-        .fetch_optional(&self.pool)
+        .fetch_optional(&mut *conn)
         .await?;
         let Some(outbox_id) = outbox_id else {
             return Ok(false);
