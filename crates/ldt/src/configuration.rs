@@ -186,9 +186,9 @@ pub struct Settings {
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
 
 /// Orders in flight by default before new ones are shed: at 1,000 orders/s on two cores
-/// (saga p99 about 0.6 s, so 600 in flight at the peaks) few are shed, and under overload the
-/// backlog clears within about half a second (BENCHMARKS.md).
-pub const DEFAULT_MAX_PENDING: i64 = 700;
+/// (saga p99 about 0.35–0.55 s) none are shed, and under overload the backlog clears
+/// within about half a second (BENCHMARKS.md).
+pub const DEFAULT_MAX_PENDING: i64 = 600;
 
 /// The default stall of a `timeout` fault, in step timeouts: past the deadline of a slip of
 /// every step (one step timeout each), so the stalled order ends TIMEOUT.
