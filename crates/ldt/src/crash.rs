@@ -94,7 +94,7 @@ impl Crash {
     }
 
     /// Commits `tx` with the commit's crash points around it.
-    pub async fn commit(&self, tx: crate::db::Tx) -> Result<(), sqlx::Error> {
+    pub async fn commit(&self, tx: sqlx::Transaction<'_, sqlx::Any>) -> Result<(), sqlx::Error> {
         self.at(Point::BeforeCommit);
         tx.commit().await?;
         self.at(Point::AfterCommit);

@@ -295,6 +295,100 @@ async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbErr
         })
 }
 
+/// Connections a hot path keeps checked out of its pool between uses.
+///
+/// sqlx pings a connection each time it goes back into its pool, and by default each time it
+/// comes out: two round trips, and two wake-ups of a PostgreSQL backend, around every
+/// transaction. At a few hundred small transactions a second on two cores those wake-ups
+/// cost more than the transactions. A connection kept here skips both. One whose work did
+/// not end well (an error, a transaction left open) is not kept: it goes back to the pool,
+/// whose ping finds out whether it is still alive and rolls back what it left open.
+///
+/// SQLite keeps nothing here: its pool has one connection, which everyone shares.
+pub struct Held {
+    pool: Pool,
+    idle: std::sync::Mutex<Vec<sqlx::pool::PoolConnection<sqlx::Any>>>,
+    keep: usize,
+}
+
+impl Held {
+    /// Keeps up to `keep` idle connections of `pool` (none for SQLite, nor for a pool too
+    /// small to lend any without starving its other users).
+    pub fn new(pool: &Pool, keep: usize) -> Held {
+        let lendable = (pool.options().get_max_connections() as usize).saturating_sub(4);
+        let keep = if is_sqlite(pool) {
+            0
+        } else {
+            keep.min(lendable)
+        };
+        Held {
+            pool: pool.clone(),
+            idle: std::sync::Mutex::new(Vec::with_capacity(keep)),
+            keep,
+        }
+    }
+
+    /// A kept connection, or one from the pool when none is idle.
+    pub async fn get(&self) -> Result<HeldConn<'_>, sqlx::Error> {
+        let kept = match self.idle.lock() {
+            Ok(mut idle) => idle.pop(),
+            Err(_) => None,
+        };
+        let conn = match kept {
+            Some(conn) => conn,
+            None => self.pool.acquire().await?,
+        };
+        Ok(HeldConn {
+            held: self,
+            conn: Some(conn),
+            reusable: false,
+        })
+    }
+}
+
+/// A connection from [`Held`]; kept again when dropped only if [`HeldConn::reuse`] was called.
+pub struct HeldConn<'a> {
+    held: &'a Held,
+    conn: Option<sqlx::pool::PoolConnection<sqlx::Any>>,
+    reusable: bool,
+}
+
+impl HeldConn<'_> {
+    /// The work done on this connection ended well (committed, nothing left open): it may be
+    /// kept for the next use.
+    pub fn reuse(&mut self) {
+        self.reusable = true;
+    }
+}
+
+impl std::ops::Deref for HeldConn<'_> {
+    type Target = Conn;
+    fn deref(&self) -> &Conn {
+        // Present from creation until drop.
+        self.conn.as_deref().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl std::ops::DerefMut for HeldConn<'_> {
+    fn deref_mut(&mut self) -> &mut Conn {
+        self.conn.as_deref_mut().unwrap_or_else(|| unreachable!())
+    }
+}
+
+impl Drop for HeldConn<'_> {
+    fn drop(&mut self) {
+        let Some(conn) = self.conn.take() else { return };
+        if !self.reusable {
+            return;
+        }
+        if let Ok(mut idle) = self.held.idle.lock()
+            && idle.len() < self.held.keep
+        {
+            idle.push(conn);
+        }
+    }
+}
+
 /// The backend a pool talks to.
 pub fn is_sqlite(pool: &Pool) -> bool {
     pool.connect_options().database_url.scheme() == "sqlite"
@@ -328,8 +422,16 @@ pub fn span(pool: &Pool, summary: &'static str) -> tracing::Span {
 pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
     let mut sql = String::with_capacity(head.len() + 8 + rows * cols * 5);
     sql.push_str(head);
-    sql.push_str(" VALUES ");
-    let mut n = 0;
+    sql.push(' ');
+    push_values(&mut sql, 1, cols, rows);
+    sql
+}
+
+/// Appends `VALUES ($first, …), (…), …` (`rows` rows of `cols` placeholders) to `sql`;
+/// returns the number of the next placeholder.
+pub fn push_values(sql: &mut String, first: usize, cols: usize, rows: usize) -> usize {
+    sql.push_str("VALUES ");
+    let mut n = first - 1;
     for r in 0..rows {
         if r > 0 {
             sql.push_str(", ");
@@ -345,7 +447,7 @@ pub fn multi_row_insert(head: &str, cols: usize, rows: usize) -> String {
         }
         sql.push(')');
     }
-    sql
+    n + 1
 }
 
 /// A boolean column: PostgreSQL's `BOOLEAN`, or SQLite's 0/1 integer.
@@ -430,6 +532,68 @@ pub async fn vacuum_if_autovacuum_is_off(
 
 #[cfg(test)]
 mod tests {
+    use super::Held;
+
+    /// A pool on the test PostgreSQL server (the test command makes sure it runs).
+    async fn postgres_pool(size: u32) -> super::Pool {
+        sqlx::any::install_default_drivers();
+        let server = std::env::var("LDT_DATABASE_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        sqlx::any::AnyPoolOptions::new()
+            .max_connections(size)
+            .connect(&format!("{}/postgres", server.trim_end_matches('/')))
+            .await
+            .expect("the test PostgreSQL server (scripts/test.sh starts it)")
+    }
+
+    fn idle(held: &Held) -> usize {
+        held.idle.lock().unwrap().len()
+    }
+
+    #[tokio::test]
+    async fn held_keeps_only_connections_whose_work_ended_well() {
+        let pool = postgres_pool(8).await;
+        let held = Held::new(&pool, 2);
+        {
+            let mut a = held.get().await.unwrap();
+            let mut b = held.get().await.unwrap();
+            let c = held.get().await.unwrap();
+            sqlx::query("SELECT 1").execute(&mut *a).await.unwrap();
+            a.reuse();
+            b.reuse();
+            // `c` failed (it never says so otherwise): back to the pool.
+            drop(c);
+        }
+        assert_eq!(idle(&held), 2);
+        {
+            // A third one that ended well is not kept either: two is the limit.
+            let mut conns = Vec::new();
+            for _ in 0..3 {
+                conns.push(held.get().await.unwrap());
+            }
+            assert_eq!(idle(&held), 0, "the kept ones are lent first");
+            for conn in &mut conns {
+                conn.reuse();
+            }
+        }
+        assert_eq!(idle(&held), 2);
+        // The pool never lent more than its size, and got back what was not kept.
+        assert!(pool.size() <= 8);
+        drop(held);
+        pool.close().await;
+    }
+
+    #[tokio::test]
+    async fn held_keeps_nothing_of_a_small_pool() {
+        let pool = postgres_pool(3).await;
+        let held = Held::new(&pool, 2);
+        let mut conn = held.get().await.unwrap();
+        conn.reuse();
+        drop(conn);
+        assert_eq!(idle(&held), 0);
+        pool.close().await;
+    }
+
     #[test]
     fn multi_row_insert_numbers_every_placeholder() {
         assert_eq!(
@@ -440,5 +604,15 @@ mod tests {
             super::multi_row_insert("INSERT INTO t (a)", 1, 1),
             "INSERT INTO t (a) VALUES ($1)"
         );
+    }
+
+    #[test]
+    fn push_values_numbers_on_from_where_it_starts() {
+        let mut sql = String::from("A ");
+        let next = super::push_values(&mut sql, 4, 2, 2);
+        sql.push_str(" B ");
+        let last = super::push_values(&mut sql, next, 1, 1);
+        assert_eq!(sql, "A VALUES ($4, $5), ($6, $7) B VALUES ($8)");
+        assert_eq!(last, 9);
     }
 }

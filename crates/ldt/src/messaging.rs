@@ -64,7 +64,7 @@ const SWEEP_EVERY: Duration = Duration::from_millis(500);
 
 /// How long published ids gather before they are deleted together: nothing waits for the
 /// delete, and one statement per interval costs the database less than one per publish.
-const DELETE_EVERY: Duration = Duration::from_millis(20);
+const DELETE_EVERY: Duration = Duration::from_millis(100);
 
 /// Takes the oldest rows written before a cutoff out of a PostgreSQL outbox, in a
 /// transaction that commits only once they are published (a failed publish rolls the delete
@@ -115,6 +115,27 @@ impl OutboxBatch {
     /// Adds an envelope, with the trace context of the current span (the message's).
     pub fn push(&mut self, queues: &Queues, env: &Envelope) {
         self.rows.push(OutboxRow::of(queues, env));
+    }
+
+    /// The rows not written yet, for a caller writing them with a statement of its own (then
+    /// [`OutboxBatch::written`]).
+    pub fn unwritten(&self) -> &[OutboxRow] {
+        &self.rows[self.ids.len()..]
+    }
+
+    /// Notes the ids of the rows [`OutboxBatch::unwritten`] gave, in its order.
+    pub fn written(&mut self, ids: Vec<i64>) {
+        debug_assert_eq!(self.ids.len() + ids.len(), self.rows.len());
+        self.ids.extend(ids);
+    }
+
+    /// The one row of a batch of one not written yet.
+    pub fn into_single(mut self) -> Option<OutboxRow> {
+        if self.rows.len() == 1 && self.ids.is_empty() {
+            self.rows.pop()
+        } else {
+            None
+        }
     }
 
     /// Adds a row made earlier (with the trace context of its own span).
@@ -209,6 +230,8 @@ pub struct OutboxReceiver {
 /// Publishes a service's outbox.
 pub struct Relay {
     pub pool: Pool,
+    /// The connection of the deletes of published rows (see [`crate::db::Held`]).
+    pub conns: crate::db::Held,
     pub bus: Bus,
     pub service: &'static str,
     pub crash: crate::crash::Crash,
@@ -351,9 +374,11 @@ impl Relay {
             } else {
                 format!("DELETE FROM outbox WHERE id IN ({list})")
             };
+            let mut conn = self.conns.get().await?;
             sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&self.pool)
+                .execute(&mut *conn)
                 .await?;
+            conn.reuse();
         }
         Ok(())
     }

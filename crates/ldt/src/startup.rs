@@ -100,6 +100,7 @@ impl Context {
     pub fn spawn_relay(&self, service: Service, pool: Pool) -> OutboxSignal {
         let (signal, committed) = OutboxSignal::new();
         let relay = Relay {
+            conns: crate::db::Held::new(&pool, 1),
             pool,
             bus: self.bus.clone(),
             service: service.as_str(),

@@ -21,7 +21,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::db::{Conn, Pool};
+use crate::db::{Conn, Held, Pool};
+use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
 
@@ -151,6 +152,13 @@ pub trait StepEffect: Send + Sync + 'static {
         apply_each(self, conn, actions)
     }
 
+    /// PostgreSQL: the action as SQL, so that applying it, recording it in the ledger and
+    /// putting its reply in the outbox take one statement (one round trip, committing by
+    /// itself) instead of a transaction of five. `None`: the effect has no such form.
+    fn one_statement(&self) -> Option<OneStatement> {
+        None
+    }
+
     /// Undoes a successful action.
     fn undo(
         &self,
@@ -158,6 +166,23 @@ pub trait StepEffect: Send + Sync + 'static {
         row: &LedgerRow,
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
 }
+
+/// An action's effect as SQL, for [`StepEffect::one_statement`]. `$1` is the action's
+/// username, `$2` its quantity.
+pub struct OneStatement {
+    /// A data-modifying statement that applies the action and returns a row if and only if
+    /// it was applied (run as the common table expression `effect`).
+    pub effect: &'static str,
+    /// A condition, which may read `effect`, that holds when the action's outcome is decided
+    /// (applied, or refused by the business rule). When it does not hold (payment: a user
+    /// first seen, who must be created first) nothing is written and the action takes the
+    /// transaction path.
+    pub decided: &'static str,
+}
+
+/// Batches of at most this many actions take the one-statement path, one statement each; a
+/// larger batch takes one transaction, whose statements read and write shared rows once.
+const ONE_STATEMENT_BATCH: usize = 2;
 
 /// Applies actions one `apply` each: `StepEffect::apply_all`'s default, and what the
 /// batched effects do for batches too small to gain from reading their rows once.
@@ -177,6 +202,10 @@ pub async fn apply_each<E: StepEffect + ?Sized>(
 pub struct StepService<E: StepEffect> {
     pub effect: E,
     pub pool: Pool,
+    /// The connections the handler's transactions run on (see [`Held`]).
+    pub conns: Held,
+    /// PostgreSQL, when the effect has a [`OneStatement`] form: the statement of an action.
+    one_statement_sql: Option<String>,
     pub queues: Queues,
     pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
@@ -191,8 +220,14 @@ impl<E: StepEffect> StepService<E> {
         pool: Pool,
         signal: OutboxSignal,
     ) -> Arc<Self> {
+        let one_statement_sql = match effect.one_statement() {
+            Some(sql) if !crate::db::is_sqlite(&pool) => Some(one_statement_sql(&sql)),
+            _ => None,
+        };
         Arc::new(StepService {
             effect,
+            one_statement_sql,
+            conns: Held::new(&pool, 2),
             pool,
             queues: ctx.queues.clone(),
             signal,
@@ -261,11 +296,13 @@ impl<E: StepEffect> StepService<E> {
             tracing::info!(%order_id, step = E::STEP.as_str(), stall = ?self.stall, "injected fault: stalling past the deadline");
             tokio::time::sleep(self.stall).await;
         }
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conns.get().await?;
+        let mut tx = conn.begin().await?;
         let mut outbox = OutboxBatch::default();
         self.apply_in(&mut tx, &mut outbox, order_id, cmd).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
+        conn.reuse();
         self.signal.committed(outbox);
         Ok(())
     }
@@ -312,6 +349,91 @@ impl<E: StepEffect> StepService<E> {
         }
         self.reply(outbox, order_id, action, now, &label);
         Ok(())
+    }
+
+    /// Applies an action, records its outcome in the ledger and puts its reply in the outbox,
+    /// all with one statement. `Ok(false)`: nothing was written, because the outcome is not
+    /// decided yet (see [`OneStatement::decided`]); the caller takes the transaction path. A
+    /// duplicate (the ledger row exists) fails the statement, which then changes nothing.
+    async fn act_in_one_statement(
+        &self,
+        sql: &str,
+        order_id: Uuid,
+        action: &Action,
+    ) -> Result<bool, HandleError> {
+        let now = now_ms();
+        // Both possible replies, made beforehand: the statement keeps the one that applies.
+        let mut done = OutboxBatch::default();
+        self.reply(&mut done, order_id, action, now, SUCCESS);
+        let mut refused = OutboxBatch::default();
+        self.reply(&mut refused, order_id, action, now, E::INSUFFICIENT);
+        let (Some(done), Some(refused)) = (done.into_single(), refused.into_single()) else {
+            return Ok(false);
+        };
+        let mut conn = self.conns.get().await?;
+        self.crash.at(crate::crash::Point::BeforeCommit);
+        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
+            .bind(action.username.as_deref())
+            .bind(action.quantity)
+            .bind(order_id.to_string())
+            .bind(E::INSUFFICIENT)
+            .bind(now)
+            .bind(&done.queue)
+            .bind(&done.message_id)
+            .bind(&done.payload)
+            .bind(&refused.queue)
+            .bind(&refused.message_id)
+            .bind(&refused.payload)
+            .bind(&done.traceparent)
+            .fetch_one(&mut *conn)
+            .await?;
+        conn.reuse();
+        let applied = crate::db::get_bool(&row, "applied")?;
+        let outbox_id: Option<i64> = row.try_get("outbox_id")?;
+        let Some(outbox_id) = outbox_id else {
+            return Ok(false);
+        };
+        self.crash.at(crate::crash::Point::AfterCommit);
+        let mut outbox = OutboxBatch::default();
+        outbox.push_written(outbox_id, if applied { done } else { refused });
+        self.signal.committed(outbox);
+        Ok(true)
+    }
+
+    /// Handles the actions of a small batch one statement each (those whose outcome the
+    /// statement cannot decide, and duplicates, take the transaction path); `None` when the
+    /// batch is not for this path.
+    async fn act_each_in_one_statement(
+        &self,
+        batch: &[Delivery],
+        work: &[(usize, Uuid, Command)],
+    ) -> Option<Vec<(usize, Result<(), HandleError>)>> {
+        let sql = self.one_statement_sql.as_deref()?;
+        let plain = |cmd: &Command| matches!(cmd, Command::Act(a) if a.fault.is_none());
+        if work.is_empty()
+            || work.len() > ONE_STATEMENT_BATCH
+            || !work.iter().all(|(_, _, cmd)| plain(cmd))
+        {
+            return None;
+        }
+        let mut outcomes = Vec::with_capacity(work.len());
+        for (i, order_id, cmd) in work {
+            let Command::Act(action) = cmd else {
+                continue;
+            };
+            let span = batch[*i].span.clone();
+            let db = span.in_scope(|| crate::db::span(&self.pool, "ledger"));
+            let outcome = match self
+                .act_in_one_statement(sql, *order_id, action)
+                .instrument(db)
+                .await
+            {
+                Ok(true) => Ok(()),
+                Ok(false) | Err(_) => self.apply_alone(*order_id, cmd).instrument(span).await,
+            };
+            outcomes.push((*i, outcome));
+        }
+        Some(outcomes)
     }
 
     /// Applies the action's effect (or its injected failure); returns the ledger label.
@@ -440,7 +562,8 @@ impl<E: StepEffect> StepService<E> {
                     .in_scope(|| crate::db::span(&self.pool, "ledger"))
             })
             .collect();
-        let mut tx = self.pool.begin().await?;
+        let mut conn = self.conns.get().await?;
+        let mut tx = conn.begin().await?;
         let acting: Vec<&Action> = work
             .iter()
             .filter_map(|(_, _, cmd)| match cmd {
@@ -476,9 +599,34 @@ impl<E: StepEffect> StepService<E> {
         NewLedgerRow::insert_all(&mut tx, &ledger).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
+        conn.reuse();
         self.signal.committed(outbox);
         Ok(())
     }
+}
+
+/// The statement of [`StepService::act_in_one_statement`]: the effect, its ledger row and
+/// its reply (of the two prepared, the one its outcome calls for). Parameters: `$1` username,
+/// `$2` quantity, `$3` order id, `$4` the refusal's ledger label, `$5` now; the reply on
+/// success `$6` queue, `$7` message id, `$8` payload; on refusal `$9`, `$10`, `$11`; `$12`
+/// the trace context. The ledger insert has no `ON CONFLICT`: a duplicate fails the whole
+/// statement, the effect with it.
+fn one_statement_sql(sql: &OneStatement) -> String {
+    format!(
+        "WITH effect AS ({effect}), \
+         d AS (SELECT EXISTS (SELECT 1 FROM effect) AS applied, ({decided}) AS decided), \
+         l AS (INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
+               SELECT $3, $1, $2, CASE WHEN d.applied THEN '{SUCCESS}' ELSE $4 END, FALSE, $5, $5 \
+               FROM d WHERE d.decided), \
+         o AS (INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
+               SELECT CASE WHEN d.applied THEN $6 ELSE $9 END, \
+                      CASE WHEN d.applied THEN $7 ELSE $10 END, \
+                      CASE WHEN d.applied THEN $8 ELSE $11 END, $12, $5 \
+               FROM d WHERE d.decided RETURNING id) \
+         SELECT d.applied, (SELECT id FROM o) AS outbox_id FROM d",
+        effect = sql.effect,
+        decided = sql.decided,
+    )
 }
 
 /// A ledger row the batch path inserts, outcome decided.
@@ -551,6 +699,9 @@ impl<E: StepEffect> Handler for StepService<E> {
                 .instrument(batch[*i].span.clone())
         }));
         let together = async {
+            if let Some(outcomes) = self.act_each_in_one_statement(batch, &work).await {
+                return outcomes;
+            }
             if work.is_empty() || self.apply_batch(batch, &mut work).await.is_err() {
                 // One at a time, in delivery order per order: a refund that was delivered
                 // before its debit still comes first.

@@ -29,6 +29,14 @@ impl StepEffect for Deliveries {
         Ok(true)
     }
 
+    /// Nothing to apply: the ledger row is the delivery.
+    fn one_statement(&self) -> Option<step::OneStatement> {
+        Some(step::OneStatement {
+            effect: "SELECT 1",
+            decided: "TRUE",
+        })
+    }
+
     async fn undo(&self, _: &mut Conn, _: &LedgerRow) -> Result<(), sqlx::Error> {
         Ok(())
     }

@@ -12,7 +12,7 @@ use utoipa_axum::routes;
 use crate::contract::{Service, Step};
 use crate::http::{ApiError, ApiJson};
 use crate::startup::{Context, Started};
-use crate::step::{Action, LedgerRow, StepEffect, StepService};
+use crate::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
 
 pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/inventory"),
@@ -74,6 +74,15 @@ impl StepEffect for Stock {
                 .await?;
         }
         Ok(applied)
+    }
+
+    /// The reservation's conditional update: applied, or refused for want of stock.
+    fn one_statement(&self) -> Option<OneStatement> {
+        Some(OneStatement {
+            effect: "UPDATE stock SET available = available - $2 WHERE id = 1 AND available >= $2 \
+                     RETURNING 1",
+            decided: "TRUE",
+        })
     }
 
     async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {

@@ -4,7 +4,7 @@
 
 use std::sync::Arc;
 
-use crate::db::Pool;
+use crate::db::{Held, Pool};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -35,6 +35,8 @@ pub const MAX_USERNAME: usize = 64;
 #[derive(Clone)]
 pub struct OrderState {
     pool: Pool,
+    /// The connections of new orders' and finishes' statements (see [`Held`]).
+    conns: Arc<Held>,
     queues: Queues,
     signal: OutboxSignal,
     crash: Crash,
@@ -231,6 +233,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Order, &MIGRATORS).await?;
     let signal = ctx.spawn_relay(Service::Order, pool.clone());
     let mut state = OrderState {
+        conns: Arc::new(Held::new(&pool, 3)),
         pool: pool.clone(),
         queues: ctx.queues.clone(),
         signal,
@@ -654,7 +657,7 @@ impl OrderState {
         // everywhere the gate is taken: a recount queued at the gate holds a connection and
         // holds back new readers, so a reader must not wait for a connection while it holds
         // the gate.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.conns.get().await?;
         let _gate = self.admission.state.gate.read().await;
         self.crash.at(crate::crash::Point::BeforeCommit);
         let outbox_id = sqlx::query(
@@ -678,6 +681,7 @@ impl OrderState {
         .bind(&row.traceparent)
         .fetch_optional(&mut *conn)
         .await?;
+        conn.reuse();
         let Some(outbox_id) = outbox_id else {
             return Ok(false);
         };
@@ -962,13 +966,14 @@ impl OrderState {
         // As with commits: no recount while the statement commits. The connection first,
         // then the gate (as in the recount): a recount queued at the gate holds back new
         // readers, and one of those must not be waiting for the connection this one needs.
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.conns.get().await?;
         let rows = {
             let _gate = self.admission.state.gate.read().await;
             let rows = query.fetch_all(&mut *conn).await?;
             self.admission.finished(rows.len());
             rows
         };
+        conn.reuse();
         drop(conn);
         self.crash.at(Point::AfterCommit);
         let mut updated = std::collections::HashSet::new();

@@ -13,7 +13,7 @@ use crate::contract::{Service, Step};
 use crate::db::now_ms;
 use crate::http::ApiError;
 use crate::startup::{Context, Started};
-use crate::step::{Action, LedgerRow, StepEffect, StepService};
+use crate::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
 
 pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
     postgres: sqlx::migrate!("./migrations/payment"),
@@ -117,6 +117,16 @@ impl StepEffect for Credits {
             update.execute(&mut *conn).await?;
         }
         Ok(applied)
+    }
+
+    /// The debit's conditional update; decided when it debited or the user exists (and so
+    /// lacks the credits). A user first seen takes the transaction path, which creates them.
+    fn one_statement(&self) -> Option<OneStatement> {
+        Some(OneStatement {
+            effect: "UPDATE users SET credits = credits - $2 WHERE username = $1 AND credits >= $2 \
+                     RETURNING 1",
+            decided: "EXISTS (SELECT 1 FROM effect) OR EXISTS (SELECT 1 FROM users WHERE username = $1)",
+        })
     }
 
     async fn undo(&self, conn: &mut Conn, row: &LedgerRow) -> Result<(), sqlx::Error> {
