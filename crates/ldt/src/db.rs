@@ -302,7 +302,9 @@ async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbErr
 /// transaction. At a few hundred small transactions a second on two cores those wake-ups
 /// cost more than the transactions. A connection kept here skips both. One whose work did
 /// not end well (an error, a transaction left open) is not kept: it goes back to the pool,
-/// whose ping finds out whether it is still alive and rolls back what it left open.
+/// whose ping finds out whether it is still alive and rolls back what it left open. (The
+/// price: after a database restart, each kept connection fails its next use once; a message
+/// is then redelivered, a request answered with a 500.)
 ///
 /// SQLite keeps nothing here: its pool has one connection, which everyone shares.
 pub struct Held {

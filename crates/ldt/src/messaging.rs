@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use crate::db::{Conn, Pool};
 use futures_util::StreamExt;
-use sqlx::Row;
+use sqlx::{Connection, Row};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -366,18 +366,23 @@ impl Relay {
                 .map(i64::to_string)
                 .collect::<Vec<_>>()
                 .join(",");
-            let sql = if postgres {
-                format!(
-                    "BEGIN; SET LOCAL synchronous_commit = off; \
-                     DELETE FROM outbox WHERE id IN ({list}); COMMIT"
-                )
-            } else {
-                format!("DELETE FROM outbox WHERE id IN ({list})")
-            };
+            let sql = format!("DELETE FROM outbox WHERE id IN ({list})");
             let mut conn = self.conns.get().await?;
-            sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
-                .execute(&mut *conn)
-                .await?;
+            if postgres {
+                // A transaction sqlx knows of: if the delete fails, it is rolled back before
+                // the connection is used again.
+                let mut tx = conn
+                    .begin_with("BEGIN; SET LOCAL synchronous_commit = off")
+                    .await?;
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+            } else {
+                sqlx::raw_sql(sqlx::AssertSqlSafe(sql))
+                    .execute(&mut *conn)
+                    .await?;
+            }
             conn.reuse();
         }
         Ok(())
