@@ -96,7 +96,19 @@ pub struct OutboxRow {
     pub traceparent: Option<String>,
 }
 
+/// A statement being built, on either backend.
+pub type Query<'q> = sqlx::query::Query<'q, sqlx::Any, sqlx::any::AnyArguments>;
+
 impl OutboxRow {
+    /// Binds the row's `queue, message_id, payload, traceparent`, in that order.
+    pub fn bind_columns<'q>(&'q self, query: Query<'q>) -> Query<'q> {
+        query
+            .bind(&self.queue)
+            .bind(&self.message_id)
+            .bind(&self.payload)
+            .bind(&self.traceparent)
+    }
+
     /// An envelope's row, with the trace context of the current span (the message's).
     pub fn of(queues: &Queues, env: &Envelope) -> OutboxRow {
         OutboxRow {
@@ -163,12 +175,7 @@ impl OutboxBatch {
             sql.push_str(" RETURNING id");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for row in chunk {
-                query = query
-                    .bind(&row.queue)
-                    .bind(&row.message_id)
-                    .bind(&row.payload)
-                    .bind(&row.traceparent)
-                    .bind(now);
+                query = row.bind_columns(query).bind(now);
             }
             let mut ids = Vec::with_capacity(chunk.len());
             for row in query.fetch_all(&mut *conn).await? {

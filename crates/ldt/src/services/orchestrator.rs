@@ -122,6 +122,26 @@ struct Saga {
     traceparent: Option<String>,
 }
 
+impl Saga {
+    /// A saga as an `OrderPlaced` with these terms starts it: running, at the first step.
+    fn started(order_id: Uuid, terms: &OrderTerms<'_>, now: i64) -> Saga {
+        Saga {
+            order_id,
+            username: terms.username.to_owned(),
+            price: terms.price,
+            amount: terms.amount,
+            faults: terms.faults,
+            phase: Phase::Running,
+            step: Step::ALL[0],
+            status: None,
+            pending: Vec::new(),
+            attempts: 0,
+            updated_ms: now,
+            traceparent: None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Phase {
     Running,
@@ -207,7 +227,35 @@ struct SagaValues {
     deadline_ms: Option<i64>,
 }
 
+/// A saga log line: order id, step, kind, event, when.
+type LogLine = (String, Step, &'static str, String, i64);
+
+/// Binds a log line's columns, in the order of `saga_log`'s insert.
+fn bind_log_line<'q>(query: messaging::Query<'q>, line: &'q LogLine) -> messaging::Query<'q> {
+    let (order_id, step, kind, event, at) = line;
+    query
+        .bind(order_id)
+        .bind(step.as_str())
+        .bind(*kind)
+        .bind(event)
+        .bind(*at)
+}
+
 impl SagaValues {
+    /// Binds the values, in the order of `v`'s columns.
+    fn bind_to(self, query: messaging::Query<'_>) -> messaging::Query<'_> {
+        query
+            .bind(self.order_id)
+            .bind(self.phase)
+            .bind(self.step)
+            .bind(self.status)
+            .bind(self.pending_comp)
+            .bind(self.attempts)
+            .bind(self.updated_ms)
+            .bind(self.set_deadline)
+            .bind(self.deadline_ms)
+    }
+
     fn of(saga: &Saga, deadline: Deadline) -> SagaValues {
         let (set_deadline, deadline_ms) = match deadline {
             Deadline::Keep => (false, None),
@@ -238,7 +286,7 @@ impl SagaValues {
 /// statements just before it commits, however many messages it handles.
 #[derive(Default)]
 struct Pending {
-    log: Vec<(String, Step, &'static str, String, i64)>,
+    log: Vec<LogLine>,
     outbox: OutboxBatch,
     /// The sagas this transaction holds (locked by it, or inserted by it), by order id, each
     /// with the deadline change to write back (`None`: the saga is unchanged).
@@ -352,37 +400,17 @@ impl Pending {
         sql.push_str(" RETURNING id, message_id) SELECT id, message_id FROM o");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
         for (saga, deadline) in &changed {
-            let v = SagaValues::of(saga, *deadline);
-            query = query
-                .bind(v.order_id)
-                .bind(v.phase)
-                .bind(v.step)
-                .bind(v.status)
-                .bind(v.pending_comp)
-                .bind(v.attempts)
-                .bind(v.updated_ms)
-                .bind(v.set_deadline)
-                .bind(v.deadline_ms);
+            query = SagaValues::of(saga, *deadline).bind_to(query);
         }
         if let Some(version) = version {
             query = query.bind(version);
         }
-        for (order_id, step, kind, event, at) in &self.log {
-            query = query
-                .bind(order_id)
-                .bind(step.as_str())
-                .bind(*kind)
-                .bind(event)
-                .bind(*at);
+        for line in &self.log {
+            query = bind_log_line(query, line);
         }
         let now = now_ms();
         for row in self.outbox.unwritten() {
-            query = query
-                .bind(&row.queue)
-                .bind(&row.message_id)
-                .bind(&row.payload)
-                .bind(&row.traceparent)
-                .bind(now);
+            query = row.bind_columns(query).bind(now);
         }
         let mut ids = HashMap::new();
         for row in query.fetch_all(&mut *tx).await? {
@@ -425,17 +453,7 @@ impl Pending {
             sql.push_str(UPDATE_SAGAS_FROM_V);
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (saga, deadline) in chunk {
-                let v = SagaValues::of(saga, *deadline);
-                query = query
-                    .bind(v.order_id)
-                    .bind(v.phase)
-                    .bind(v.step)
-                    .bind(v.status)
-                    .bind(v.pending_comp)
-                    .bind(v.attempts)
-                    .bind(v.updated_ms)
-                    .bind(v.set_deadline)
-                    .bind(v.deadline_ms);
+                query = SagaValues::of(saga, *deadline).bind_to(query);
             }
             query.execute(&mut *tx).await?;
         }
@@ -447,13 +465,8 @@ impl Pending {
                 chunk.len(),
             );
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
-            for (order_id, step, kind, event, at) in chunk {
-                query = query
-                    .bind(order_id)
-                    .bind(step.as_str())
-                    .bind(*kind)
-                    .bind(event)
-                    .bind(*at);
+            for line in chunk {
+                query = bind_log_line(query, line);
             }
             query.execute(&mut *tx).await?;
         }
@@ -471,6 +484,31 @@ struct OrderTerms<'a> {
 }
 
 impl<'a> OrderTerms<'a> {
+    /// Binds a new saga's row with these terms, in the order of `sagas`' insert (`order_id,
+    /// username, price, amount, faults, phase, step, deadline_ms, created_ms, updated_ms,
+    /// traceparent`).
+    fn bind_new_saga<'q>(
+        &self,
+        query: messaging::Query<'q>,
+        order_id: Uuid,
+        deadline: i64,
+        now: i64,
+        traceparent: Option<String>,
+    ) -> messaging::Query<'q> {
+        query
+            .bind(order_id.to_string())
+            .bind(self.username.to_owned())
+            .bind(self.price)
+            .bind(self.amount)
+            .bind(serde_json::to_string(&self.faults).unwrap_or_default())
+            .bind(Phase::Running.as_str())
+            .bind(Step::ALL[0].as_str())
+            .bind(deadline)
+            .bind(now)
+            .bind(now)
+            .bind(traceparent)
+    }
+
     /// The terms of an `OrderPlaced` (`None` for any other message); invalid terms are poison.
     fn of(env: &'a Envelope) -> Result<Option<OrderTerms<'a>>, HandleError> {
         let Message::OrderPlaced {
@@ -791,18 +829,8 @@ impl Orchestrator {
             sql.push_str(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
             let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
             for (order_id, terms, span) in chunk {
-                query = query
-                    .bind(order_id.to_string())
-                    .bind(terms.username)
-                    .bind(terms.price)
-                    .bind(terms.amount)
-                    .bind(serde_json::to_string(&terms.faults).unwrap_or_default())
-                    .bind(Phase::Running.as_str())
-                    .bind(Step::ALL[0].as_str())
-                    .bind(deadline)
-                    .bind(now)
-                    .bind(now)
-                    .bind(span.in_scope(crate::telemetry::current_traceparent));
+                let traceparent = span.in_scope(crate::telemetry::current_traceparent);
+                query = terms.bind_new_saga(query, *order_id, deadline, now, traceparent);
             }
             for row in query.fetch_all(&mut *tx).await? {
                 let id: String = row.try_get("order_id")?;
@@ -866,20 +894,7 @@ impl Orchestrator {
             pending.add(&self.queues, env.order_id, fx, now);
             return;
         }
-        let saga = Saga {
-            order_id: env.order_id,
-            username: terms.username.to_owned(),
-            price: terms.price,
-            amount: terms.amount,
-            faults: terms.faults,
-            phase: Phase::Running,
-            step: Step::ALL[0],
-            status: None,
-            pending: Vec::new(),
-            attempts: 0,
-            updated_ms: now,
-            traceparent: None,
-        };
+        let saga = Saga::started(env.order_id, &terms, now);
         let first = Step::ALL[0];
         let cmd = self.slip(&saga, first, now);
         let fx = Effects {
@@ -1010,20 +1025,7 @@ impl Orchestrator {
         terms: &OrderTerms<'_>,
         now: i64,
     ) -> ((Step, &'static str, String), OutboxRow, Option<String>) {
-        let saga = Saga {
-            order_id: env.order_id,
-            username: terms.username.to_owned(),
-            price: terms.price,
-            amount: terms.amount,
-            faults: terms.faults,
-            phase: Phase::Running,
-            step: Step::ALL[0],
-            status: None,
-            pending: Vec::new(),
-            attempts: 0,
-            updated_ms: now,
-            traceparent: None,
-        };
+        let saga = Saga::started(env.order_id, terms, now);
         let first = Step::ALL[0];
         let cmd = self.slip(&saga, first, now);
         (
@@ -1045,35 +1047,23 @@ impl Orchestrator {
     ) -> Result<Option<OutboxBatch>, HandleError> {
         let ((step, kind, event), row, traceparent) = placed;
         self.crash.at(crate::crash::Point::BeforeCommit);
-        let id = sqlx::query(
+        let query = sqlx::query(
             "WITH s AS (INSERT INTO sagas (order_id, username, price, amount, faults, phase, step, \
              deadline_ms, created_ms, updated_ms, traceparent) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9, $10) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11) \
              ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
              l AS (INSERT INTO saga_log (order_id, step, kind, event, at_ms) \
-             SELECT $1, $11, $12, $13, $9 FROM s) \
+             SELECT $1, $12, $13, $14, $9 FROM s) \
              INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
-             SELECT $14, $15, $16, $17, $9 FROM s RETURNING id",
-        )
-        .bind(env.order_id.to_string())
-        .bind(terms.username)
-        .bind(terms.price)
-        .bind(terms.amount)
-        .bind(serde_json::to_string(&terms.faults).unwrap_or_default())
-        .bind(Phase::Running.as_str())
-        .bind(Step::ALL[0].as_str())
-        .bind(self.deadline_after(now, self.saga_timeout()))
-        .bind(now)
-        .bind(traceparent)
-        .bind(step.as_str())
-        .bind(*kind)
-        .bind(event)
-        .bind(&row.queue)
-        .bind(&row.message_id)
-        .bind(&row.payload)
-        .bind(&row.traceparent)
-        .fetch_optional(&mut *conn)
-        .await?;
+             SELECT $15, $16, $17, $18, $9 FROM s RETURNING id",
+        );
+        let deadline = self.deadline_after(now, self.saga_timeout());
+        let query = terms
+            .bind_new_saga(query, env.order_id, deadline, now, traceparent.clone())
+            .bind(step.as_str())
+            .bind(*kind)
+            .bind(event);
+        let id = row.bind_columns(query).fetch_optional(&mut *conn).await?;
         let Some(id) = id else {
             return Ok(None);
         };

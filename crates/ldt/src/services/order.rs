@@ -660,7 +660,7 @@ impl OrderState {
         let mut conn = self.conns.get().await?;
         let _gate = self.admission.state.gate.read().await;
         self.crash.at(crate::crash::Point::BeforeCommit);
-        let outbox_id = sqlx::query(
+        let query = sqlx::query(
             "WITH o AS (INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
              idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
              ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) \
@@ -674,13 +674,8 @@ impl OrderState {
         .bind(serde_json::to_string(&new.faults).unwrap_or_default())
         .bind(now)
         .bind(idempotency_key)
-        .bind(idempotency_key.map(|_| fingerprint))
-        .bind(&row.queue)
-        .bind(&row.message_id)
-        .bind(&row.payload)
-        .bind(&row.traceparent)
-        .fetch_optional(&mut *conn)
-        .await?;
+        .bind(idempotency_key.map(|_| fingerprint));
+        let outbox_id = row.bind_columns(query).fetch_optional(&mut *conn).await?;
         conn.reuse();
         let Some(outbox_id) = outbox_id else {
             return Ok(false);
