@@ -324,23 +324,23 @@ impl Pending {
     /// statement when there are few (a round trip each costs more than the rows), else with a
     /// multi-row statement per table.
     async fn write(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
-        let changed = self.sagas.values().filter(|(_, d)| d.is_some()).count();
-        let few = |n: usize| n <= ONE_STATEMENT_ROWS;
-        if !crate::db::conn_is_sqlite(tx)
-            && few(changed)
-            && few(self.log.len())
-            && (1..=ONE_STATEMENT_ROWS).contains(&self.outbox.unwritten().len())
-        {
+        if !crate::db::conn_is_sqlite(tx) && self.fits_one_statement(false) {
             self.write_in_one_statement(tx, None).await?;
             return Ok(());
         }
         self.write_per_table(tx).await
     }
 
-    /// Whether [`Pending::write_in_one_statement`] can write what this transaction holds.
-    fn fits_one_statement(&self) -> bool {
+    /// Whether [`Pending::write_in_one_statement`] can write what this transaction holds
+    /// (`guarded`: with a row version, which covers exactly one changed saga).
+    fn fits_one_statement(&self, guarded: bool) -> bool {
         let changed = self.sagas.values().filter(|(_, d)| d.is_some()).count();
-        (1..=ONE_STATEMENT_ROWS).contains(&changed)
+        let sagas_fit = if guarded {
+            changed == 1
+        } else {
+            changed <= ONE_STATEMENT_ROWS
+        };
+        sagas_fit
             && self.log.len() <= ONE_STATEMENT_ROWS
             && (1..=ONE_STATEMENT_ROWS).contains(&self.outbox.unwritten().len())
     }
@@ -995,7 +995,7 @@ impl Orchestrator {
                 let mut pending = Pending::default();
                 pending.sagas.insert(saga.order_id, (saga, None));
                 span.in_scope(|| self.answer(&mut pending, env, now))?;
-                if !pending.fits_one_statement() {
+                if !pending.fits_one_statement(true) {
                     conn.reuse();
                     return Ok(false);
                 }
@@ -1411,7 +1411,7 @@ mod tests {
                 let mut pending = Pending::default();
                 pending.sagas.insert(saga.order_id, (saga, None));
                 orch.answer(&mut pending, &done, now_ms()).unwrap();
-                assert!(pending.fits_one_statement());
+                assert!(pending.fits_one_statement(true));
                 let mut conn = orch.conns.get().await.unwrap();
                 pending
                     .write_in_one_statement(&mut conn, Some(&version))
