@@ -23,8 +23,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
-use sqlx::{Row, SqliteConnection};
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::bus::{BusError, Incoming, Outgoing};
@@ -438,40 +438,61 @@ async fn write_journal(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Journal
     pool.close().await;
 }
 
+/// Messages per journal statement. Each statement is a round trip to SQLite's worker thread,
+/// and one per message made the journal writer the embedded mode's bottleneck (about 1,500
+/// orders/s, with a quarter of the CPU idle). Not far more: sqlx looks up each bound
+/// parameter's name, at a cost that grows with the statement's number of parameters.
+const JOURNAL_CHUNK: usize = 100;
+
+/// Writes a gathered run of appends and forgets in one transaction, many rows a statement.
+/// Appends go first: a message is forgotten only after its append was sent.
 async fn apply(pool: &SqlitePool, ops: &[JournalOp]) -> Result<(), sqlx::Error> {
-    let mut tx = pool.begin().await?;
+    let mut appended: Vec<(&str, &Stored, String)> = Vec::new();
+    let mut forgotten: Vec<i64> = Vec::new();
     for op in ops {
         match op {
             JournalOp::Append(messages, _) => {
-                for (queue, m) in messages {
-                    insert(&mut tx, queue, m).await?;
-                }
+                appended.extend(messages.iter().map(|(queue, m)| {
+                    let headers =
+                        serde_json::to_string(&*m.headers).unwrap_or_else(|_| "[]".into());
+                    (queue.as_str(), m, headers)
+                }));
             }
             JournalOp::Forget(seqs) => {
-                for seq in seqs {
-                    sqlx::query("DELETE FROM messages WHERE seq = $1")
-                        .bind(i64::try_from(*seq).unwrap_or(i64::MAX))
-                        .execute(&mut *tx)
-                        .await?;
-                }
+                forgotten.extend(
+                    seqs.iter()
+                        .map(|seq| i64::try_from(*seq).unwrap_or(i64::MAX)),
+                );
             }
         }
     }
+    let mut tx = pool.begin().await?;
+    for chunk in appended.chunks(JOURNAL_CHUNK) {
+        let mut sql = String::from(
+            "INSERT OR REPLACE INTO messages (seq, queue, message_id, payload, headers) ",
+        );
+        crate::db::push_values(&mut sql, 1, 5, chunk.len());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (queue, m, headers) in chunk {
+            query = query
+                .bind(i64::try_from(m.seq).unwrap_or(i64::MAX))
+                .bind(*queue)
+                .bind(m.message_id.as_str())
+                .bind(&*m.payload)
+                .bind(headers.as_str());
+        }
+        query.execute(&mut *tx).await?;
+    }
+    for chunk in forgotten.chunks(JOURNAL_CHUNK) {
+        let sql = format!(
+            "DELETE FROM messages WHERE seq IN ({})",
+            crate::db::placeholders(1, chunk.len())
+        );
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for seq in chunk {
+            query = query.bind(*seq);
+        }
+        query.execute(&mut *tx).await?;
+    }
     tx.commit().await
-}
-
-async fn insert(conn: &mut SqliteConnection, queue: &str, m: &Stored) -> Result<(), sqlx::Error> {
-    let headers = serde_json::to_string(&*m.headers).unwrap_or_else(|_| "[]".into());
-    sqlx::query(
-        "INSERT OR REPLACE INTO messages (seq, queue, message_id, payload, headers) \
-         VALUES ($1, $2, $3, $4, $5)",
-    )
-    .bind(i64::try_from(m.seq).unwrap_or(i64::MAX))
-    .bind(queue)
-    .bind(&m.message_id)
-    .bind(&*m.payload)
-    .bind(headers)
-    .execute(conn)
-    .await?;
-    Ok(())
 }

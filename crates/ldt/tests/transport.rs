@@ -315,6 +315,41 @@ async fn published_messages_outlive_the_publisher(f: Fixture) {
     }
 }
 
+/// Hundreds of messages published at once (the journal writes them many to a statement)
+/// and half of them acked: across a restart exactly the unacked half comes back, in order,
+/// ahead of what was published after the acks.
+async fn a_large_batch_outlives_the_publisher_less_what_was_acked(f: Fixture) {
+    const N: usize = 250;
+    let q = f.queue();
+    {
+        let bus = f.open(None).await;
+        let batch: Vec<Outgoing> = (0..N).map(|i| f.message(&q, i)).collect();
+        bus.publish(&batch).await.unwrap();
+        let mut sub = bus.subscribe(&q, N as u16).await.unwrap();
+        let mut held = Vec::new();
+        for i in 0..N {
+            let m = next(&mut sub).await;
+            assert_eq!(text(&m), format!("payload {i}"));
+            if i % 2 == 0 {
+                m.ack().await.unwrap();
+            } else {
+                held.push(m);
+            }
+        }
+        // Published after the acks: once it is in, so are they.
+        bus.publish(&[f.message(&q, N)]).await.unwrap();
+        sub.close().await;
+        drop(held);
+    }
+    let bus = f.open(None).await;
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    for i in (1..N).step_by(2).chain([N]) {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
 /// Runs each named scenario against each transport kind.
 macro_rules! conformance {
     ($($scenario:ident: [$($kind:ident),*];)*) => {
@@ -342,4 +377,5 @@ conformance! {
     a_full_queue_refuses_publishes_until_it_drains: [Amqp, Journaled, Memory];
     // In memory, nothing outlives the process: that is what `--ephemeral` means.
     published_messages_outlive_the_publisher: [Amqp, Journaled];
+    a_large_batch_outlives_the_publisher_less_what_was_acked: [Amqp, Journaled];
 }
