@@ -494,13 +494,13 @@ const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 /// default rules: dead rows past 50 + 20 % of the rows, changes since the last analyze past
 /// 50 + 10 % (a never-analyzed table counts as empty).
 const DUE_FOR_MAINTENANCE: &str = "\
-    SELECT s.relname::text AS name, \
-           s.n_dead_tup > 50 + 0.2 * GREATEST(c.reltuples, 0) AS vacuum, \
-           s.n_mod_since_analyze > 50 + 0.1 * GREATEST(c.reltuples, 0) AS analyze \
-      FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
-     WHERE s.schemaname = current_schema() \
-       AND (s.n_dead_tup > 50 + 0.2 * GREATEST(c.reltuples, 0) \
-            OR s.n_mod_since_analyze > 50 + 0.1 * GREATEST(c.reltuples, 0))";
+    SELECT name, due_vacuum, due_analyze FROM ( \
+        SELECT s.relname::text AS name, \
+               s.n_dead_tup > 50 + 0.2 * GREATEST(c.reltuples, 0) AS due_vacuum, \
+               s.n_mod_since_analyze > 50 + 0.1 * GREATEST(c.reltuples, 0) AS due_analyze \
+          FROM pg_stat_user_tables s JOIN pg_class c ON c.oid = s.relid \
+         WHERE s.schemaname = current_schema()) t \
+     WHERE due_vacuum OR due_analyze";
 
 /// Does autovacuum's work for a service's PostgreSQL database when the server has it turned
 /// off, table by table, when each has changed enough (see [`maintain`]). With autovacuum on
