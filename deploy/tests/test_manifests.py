@@ -230,7 +230,7 @@ def test_settings_and_secrets(overlay, service):
     known = {"LDT_HTTP_ADDR", "LDT_AMQP_URL", "LDT_DATABASE_URL", "LDT_NAMESPACE",
              "LDT_INITIAL_CREDITS", "LDT_INITIAL_STOCK", "LDT_STEP_TIMEOUT_MS", "LDT_STALL_MS",
              "LDT_PREFETCH", "LDT_DB_POOL_SIZE", "LDT_STARTUP_TIMEOUT_S", "LDT_LOG_FORMAT",
-             "LDT_QUEUE_TYPE", "LDT_FAULT_INJECTION", "LDT_ADMIN_TOKEN"}
+             "LDT_QUEUE_TYPE", "LDT_FAULT_INJECTION", "LDT_ADMIN_TOKEN", "LDT_BUNDLE_MAX"}
     assert {k for k in env if k.startswith("LDT_")} <= known
     # Test-only knobs (crash points, duplicate injection, expiring queues) stay out of clusters.
     assert not {"LDT_CRASH_POINT", "LDT_CHAOS_DUPLICATE_EVERY", "LDT_QUEUE_EXPIRES_MS"} & set(env)

@@ -123,6 +123,14 @@ pub struct Settings {
     #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub batches_in_flight: u16,
 
+    /// Most messages for one queue a service's outbox relay sends as one broker message (a
+    /// bundle; the receiver takes it apart). The broker's cost is per message, so bundles
+    /// free CPU under load; when idle, messages go one by one anyway. 1 sends no bundles: use
+    /// it while replicas of a version older than bundles still consume (they would park a
+    /// bundle as a dead letter).
+    #[arg(long, env = "LDT_BUNDLE_MAX", default_value_t = DEFAULT_BUNDLE_MAX, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    pub bundle_max: u16,
+
     /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
     /// `Retry-After`: bounds the backlog, so accepted orders stay fast under overload.
     #[arg(long, env = "LDT_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(i64).range(1..))]
@@ -189,6 +197,9 @@ pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
 /// (saga p99 about 0.35–0.55 s) none are shed, and under overload the backlog clears
 /// within about half a second (BENCHMARKS.md).
 pub const DEFAULT_MAX_PENDING: i64 = 600;
+
+/// Default `--bundle-max`: a consumer's batch takes up to 100 deliveries, so a bundle fits in one.
+pub const DEFAULT_BUNDLE_MAX: u16 = 64;
 
 /// The default stall of a `timeout` fault, in step timeouts: past the deadline of a slip of
 /// every step (one step timeout each), so the stalled order ends TIMEOUT.
@@ -271,6 +282,7 @@ impl Settings {
             stall_ms: None,
             prefetch: 200,
             batches_in_flight: 1,
+            bundle_max: DEFAULT_BUNDLE_MAX,
             max_pending: DEFAULT_MAX_PENDING,
             target_latency_ms: 0,
             db_pool_size: 8,

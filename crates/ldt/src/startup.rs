@@ -106,6 +106,7 @@ impl Context {
             service: service.as_str(),
             crash: self.crash(service),
             duplicate_every: self.settings.chaos_duplicate_every,
+            bundle_max: usize::from(self.settings.bundle_max),
             published: Default::default(),
             metrics: self.metrics.clone(),
         };

@@ -3,8 +3,9 @@
 //! embedded mode) and the in-process bus in memory (`--ephemeral`).
 //!
 //! At-least-once delivery, explicit ack and nack with requeue, per-queue FIFO, prefetch,
-//! dead-lettering of poison messages, back-pressure from a bounded queue, and (for the
-//! durable transports) messages that outlive the process that published them.
+//! dead-lettering of poison messages, back-pressure from a bounded queue, bundles (several
+//! messages in one, taken apart on delivery and settled as one), and (for the durable
+//! transports) messages that outlive the process that published them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -350,6 +351,139 @@ async fn a_large_batch_outlives_the_publisher_less_what_was_acked(f: Fixture) {
     }
 }
 
+/// Three parts in one bus message ([`Outgoing::bundle`]), then a message on its own.
+fn bundle_and_one_more(f: &Fixture, q: &str) -> Vec<Outgoing> {
+    let parts: Vec<Outgoing> = (1..=3).map(|i| f.message(q, i)).collect();
+    vec![Outgoing::bundle(q, &parts).unwrap(), f.message(q, 4)]
+}
+
+async fn a_bundle_arrives_as_its_parts_and_goes_back_whole_if_one_part_does(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    bus.publish(&bundle_and_one_more(&f, &q)).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let mut got = Vec::new();
+    for i in 1..=4 {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        assert_eq!(m.message_id, Some(format!("m{i}")));
+        assert_eq!(m.headers.get("x-test"), Some(&format!("h{i}")));
+        assert!(!m.redelivered);
+        got.push(m);
+    }
+    // The lone message and two parts acked, one part given back: the bundle comes back
+    // whole, the lone message does not.
+    got[3].ack().await.unwrap();
+    got[0].ack().await.unwrap();
+    got[1].nack_requeue(Duration::ZERO).await.unwrap();
+    got[2].ack().await.unwrap();
+    for i in 1..=3 {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        assert!(m.redelivered);
+        m.ack().await.unwrap();
+    }
+    // Everything acked: what comes next is what is published next.
+    bus.publish(&[f.message(&q, 5)]).await.unwrap();
+    assert_eq!(text(&next(&mut sub).await), "payload 5");
+}
+
+async fn a_bundle_is_acked_only_with_its_last_part(f: Fixture) {
+    let q = f.queue();
+    {
+        let bus = f.open(None).await;
+        bus.publish(&bundle_and_one_more(&f, &q)).await.unwrap();
+        let mut sub = bus.subscribe(&q, 10).await.unwrap();
+        // Two of the three parts and the lone message acked; the third part never is.
+        for i in 1..=4 {
+            let m = next(&mut sub).await;
+            if i != 3 {
+                m.ack().await.unwrap();
+            }
+        }
+        // Published after the acks: once it is in, so are they.
+        bus.publish(&[f.message(&q, 5)]).await.unwrap();
+        sub.close().await;
+    }
+    let bus = f.open(None).await;
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    for i in [1, 2, 3, 5] {
+        let m = next(&mut sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
+async fn a_poison_part_is_parked_alone_and_its_bundle_acked(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let dlq = f.queues.dead_letters();
+    let handler = Arc::new(Picky {
+        handled: Mutex::new(Vec::new()),
+    });
+    let shutdown = CancellationToken::new();
+    let consumer = tokio::spawn(messaging::consume(
+        Consumer {
+            bus: bus.clone(),
+            queues: f.queues.clone(),
+            queue: q.clone(),
+            service: "test",
+            prefetch: 8,
+            batches_in_flight: 1,
+            metrics: Metrics::default(),
+        },
+        handler.clone(),
+        shutdown.clone(),
+    ));
+    let mut parts: Vec<Outgoing> = (1..=3).map(|i| f.message(&q, i)).collect();
+    parts[1].payload = b"poison pill".to_vec();
+    bus.publish(&[Outgoing::bundle(&q, &parts).unwrap()])
+        .await
+        .unwrap();
+    let mut dead = bus.subscribe(&dlq, 10).await.unwrap();
+    let parked = next(&mut dead).await;
+    assert_eq!(text(&parked), "poison pill");
+    assert_eq!(parked.message_id.as_deref(), Some("m2"));
+    assert_eq!(parked.headers.get(ORIGIN_QUEUE_HEADER), Some(&q));
+    assert_eq!(parked.headers.get("x-test").map(String::as_str), Some("h2"));
+    assert!(!parked.headers.contains_key(ldt::bus::BUNDLE_HEADER));
+    parked.ack().await.unwrap();
+    let started = std::time::Instant::now();
+    while handler.handled.lock().unwrap().len() < 2 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the good parts were not handled"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The bundle was acked: stopping the consumer gives nothing back to the queue.
+    shutdown.cancel();
+    consumer.await.unwrap();
+    bus.publish(&[f.message(&q, 4)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    assert_eq!(text(&next(&mut sub).await), "payload 4");
+    assert_eq!(
+        *handler.handled.lock().unwrap(),
+        vec!["payload 1".to_owned(), "payload 3".to_owned()]
+    );
+}
+
+async fn a_malformed_bundle_is_delivered_whole(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let mut bad = f.message(&q, 1);
+    bad.headers
+        .push((ldt::bus::BUNDLE_HEADER.to_owned(), "1".to_owned()));
+    bus.publish(&[bad]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 1");
+    assert_eq!(m.message_id.as_deref(), Some("m1"));
+    m.ack().await.unwrap();
+    bus.publish(&[f.message(&q, 2)]).await.unwrap();
+    assert_eq!(text(&next(&mut sub).await), "payload 2");
+}
+
 /// Runs each named scenario against each transport kind.
 macro_rules! conformance {
     ($($scenario:ident: [$($kind:ident),*];)*) => {
@@ -378,4 +512,8 @@ conformance! {
     // In memory, nothing outlives the process: that is what `--ephemeral` means.
     published_messages_outlive_the_publisher: [Amqp, Journaled];
     a_large_batch_outlives_the_publisher_less_what_was_acked: [Amqp, Journaled];
+    a_bundle_arrives_as_its_parts_and_goes_back_whole_if_one_part_does: [Amqp, Journaled, Memory];
+    a_bundle_is_acked_only_with_its_last_part: [Amqp, Journaled];
+    a_poison_part_is_parked_alone_and_its_bundle_acked: [Amqp, Journaled, Memory];
+    a_malformed_bundle_is_delivered_whole: [Amqp, Journaled, Memory];
 }
