@@ -194,9 +194,10 @@ pub struct Settings {
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
 
 /// Orders in flight by default before new ones are shed: at 1,000 orders/s on two cores
-/// (saga p99 about 0.35–0.55 s) none are shed, and under overload the backlog clears
-/// within about half a second (BENCHMARKS.md).
-pub const DEFAULT_MAX_PENDING: i64 = 600;
+/// (saga p99 about 0.15–0.25 s with bundles) none are shed, and under overload the accepted
+/// orders' p99 stays under a second. With bundles, 350–450 completed more under overload
+/// than 600 (1,412–1,499 against 1,344–1,380 orders/s) with a lower p99 (BENCHMARKS.md).
+pub const DEFAULT_MAX_PENDING: i64 = 400;
 
 /// Default `--bundle-max`: a consumer's batch takes up to 100 deliveries, so a bundle fits in one.
 pub const DEFAULT_BUNDLE_MAX: u16 = 64;
