@@ -506,4 +506,19 @@ async fn one_trace_per_order_across_every_service_with_logs_and_metrics() {
             .keys()
             .any(|k| k.starts_with("ldt_step_latency_ms_bucket"))
     );
+    // Every command and answer went out through the relay, some perhaps in bundles.
+    let published = |name: &str| {
+        orchestrator
+            .get(&format!("{name}{{service=\"orchestrator\"}}"))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    let (messages, broker) = (
+        published("ldt_messages_published_total"),
+        published("ldt_bus_messages_published_total"),
+    );
+    assert!(
+        messages >= 3.0 && broker >= 1.0 && broker <= messages,
+        "{orchestrator:?}"
+    );
 }

@@ -583,8 +583,23 @@ impl Relay {
             }
             batch.push(out);
         }
-        self.bus.publish(&bundled(batch, self.bundle_max)).await?;
+        let messages = batch.len();
+        let batch = bundled(batch, self.bundle_max);
+        self.bus.publish(&batch).await?;
         drop(spans);
+        let labels = [("service", self.service)];
+        self.metrics.inc(
+            "ldt_messages_published_total",
+            "Messages published by the outbox relay (each part of a bundle counts).",
+            &labels,
+            messages as u64,
+        );
+        self.metrics.inc(
+            "ldt_bus_messages_published_total",
+            "Broker messages the outbox relay published (a bundle counts once).",
+            &labels,
+            batch.len() as u64,
+        );
         self.crash.at(crate::crash::Point::AfterPublish);
         Ok(())
     }
