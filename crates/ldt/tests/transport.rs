@@ -227,27 +227,65 @@ impl Handler for Picky {
     }
 }
 
+/// The consumer loop on the fixture's first queue, with a [`Picky`] handler.
+struct PickyConsumer {
+    handler: Arc<Picky>,
+    shutdown: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PickyConsumer {
+    fn start(f: &Fixture, bus: &Bus, batches_in_flight: usize) -> PickyConsumer {
+        let handler = Arc::new(Picky {
+            handled: Mutex::new(Vec::new()),
+        });
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(messaging::consume(
+            Consumer {
+                bus: bus.clone(),
+                queues: f.queues.clone(),
+                queue: f.queue(),
+                service: "test",
+                prefetch: 8,
+                batches_in_flight,
+                metrics: Metrics::default(),
+            },
+            handler.clone(),
+            shutdown.clone(),
+        ));
+        PickyConsumer {
+            handler,
+            shutdown,
+            task,
+        }
+    }
+
+    /// What was handled, once `n` messages were (within 10 s).
+    async fn handled(&self, n: usize) -> Vec<String> {
+        let started = std::time::Instant::now();
+        while self.handler.handled.lock().unwrap().len() < n {
+            assert!(
+                started.elapsed() < Duration::from_secs(10),
+                "only {:?} handled",
+                self.handler.handled.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.handler.handled.lock().unwrap().clone()
+    }
+
+    /// Stops the loop once its in-flight batches are settled.
+    async fn stop(self) {
+        self.shutdown.cancel();
+        self.task.await.unwrap();
+    }
+}
+
 async fn poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows(f: Fixture) {
     let bus = f.open(None).await;
     let q = f.queue();
     let dlq = f.queues.dead_letters();
-    let handler = Arc::new(Picky {
-        handled: Mutex::new(Vec::new()),
-    });
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn(messaging::consume(
-        Consumer {
-            bus: bus.clone(),
-            queues: f.queues.clone(),
-            queue: q.clone(),
-            service: "test",
-            prefetch: 8,
-            batches_in_flight: 2,
-            metrics: Metrics::default(),
-        },
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let consumer = PickyConsumer::start(&f, &bus, 2);
     let mut poison = f.message(&q, 1);
     poison.payload = b"poison pill".to_vec();
     bus.publish(&[poison, f.message(&q, 2)]).await.unwrap();
@@ -259,20 +297,8 @@ async fn poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows(f: Fixture
     assert!(parked.headers[REASON_HEADER].contains("cannot read"));
     assert_eq!(parked.headers.get("x-test").map(String::as_str), Some("h1"));
     parked.ack().await.unwrap();
-    let started = std::time::Instant::now();
-    while handler.handled.lock().unwrap().is_empty() {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the good message was not handled"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    assert_eq!(
-        *handler.handled.lock().unwrap(),
-        vec!["payload 2".to_owned()]
-    );
-    shutdown.cancel();
-    consumer.await.unwrap();
+    assert_eq!(consumer.handled(1).await, vec!["payload 2".to_owned()]);
+    consumer.stop().await;
 }
 
 async fn a_full_queue_refuses_publishes_until_it_drains(f: Fixture) {
@@ -418,23 +444,7 @@ async fn a_poison_part_is_parked_alone_and_its_bundle_acked(f: Fixture) {
     let bus = f.open(None).await;
     let q = f.queue();
     let dlq = f.queues.dead_letters();
-    let handler = Arc::new(Picky {
-        handled: Mutex::new(Vec::new()),
-    });
-    let shutdown = CancellationToken::new();
-    let consumer = tokio::spawn(messaging::consume(
-        Consumer {
-            bus: bus.clone(),
-            queues: f.queues.clone(),
-            queue: q.clone(),
-            service: "test",
-            prefetch: 8,
-            batches_in_flight: 1,
-            metrics: Metrics::default(),
-        },
-        handler.clone(),
-        shutdown.clone(),
-    ));
+    let consumer = PickyConsumer::start(&f, &bus, 1);
     let mut parts: Vec<Outgoing> = (1..=3).map(|i| f.message(&q, i)).collect();
     parts[1].payload = b"poison pill".to_vec();
     bus.publish(&[Outgoing::bundle(&q, &parts).unwrap()])
@@ -448,24 +458,15 @@ async fn a_poison_part_is_parked_alone_and_its_bundle_acked(f: Fixture) {
     assert_eq!(parked.headers.get("x-test").map(String::as_str), Some("h2"));
     assert!(!parked.headers.contains_key(ldt::bus::BUNDLE_HEADER));
     parked.ack().await.unwrap();
-    let started = std::time::Instant::now();
-    while handler.handled.lock().unwrap().len() < 2 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the good parts were not handled"
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert_eq!(
+        consumer.handled(2).await,
+        vec!["payload 1".to_owned(), "payload 3".to_owned()]
+    );
     // The bundle was acked: stopping the consumer gives nothing back to the queue.
-    shutdown.cancel();
-    consumer.await.unwrap();
+    consumer.stop().await;
     bus.publish(&[f.message(&q, 4)]).await.unwrap();
     let mut sub = bus.subscribe(&q, 10).await.unwrap();
     assert_eq!(text(&next(&mut sub).await), "payload 4");
-    assert_eq!(
-        *handler.handled.lock().unwrap(),
-        vec!["payload 1".to_owned(), "payload 3".to_owned()]
-    );
 }
 
 async fn a_malformed_bundle_is_delivered_whole(f: Fixture) {
