@@ -63,6 +63,11 @@ async fn a_short_bench_reports_its_figures_and_checks_the_invariants() {
         );
         assert!(0.0 < p50 && p50 <= p99 && p99 <= max, "{key}: {l}");
     }
+    // The machine's speed, measured before the run, comes with the figures.
+    for key in ["compute_ms", "wake_us"] {
+        let v = report["machine"][key].as_f64();
+        assert!(v.is_some_and(|v| v > 0.0), "machine.{key}: {report}");
+    }
     let statuses = report["statuses"].as_object().unwrap();
     for status in [
         "SUCCESS",

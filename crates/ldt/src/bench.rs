@@ -24,6 +24,7 @@ use serde_json::json;
 use tokio::sync::Mutex;
 
 use crate::check::{Checker, Endpoints};
+use crate::probe::MachineProbe;
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -165,6 +166,8 @@ pub struct Report {
     pub lost: u64,
     pub invariants: Vec<String>,
     pub invariants_ok: bool,
+    /// The machine's speed just before the measured load ([`crate::probe`]).
+    pub machine: MachineProbe,
 }
 
 struct Mix {
@@ -459,6 +462,8 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         load(&args, &endpoints, &client, span, shared).await?;
     }
 
+    // Right before the load, while the marketplace is idle: what state the machine is in.
+    let machine = crate::probe::measure_async().await?;
     let shared = Shared::new();
     let span = Span {
         orders,
@@ -549,6 +554,7 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         lost: accepted.len() as u64 - found,
         invariants,
         invariants_ok,
+        machine,
     })
 }
 
@@ -570,7 +576,7 @@ impl Report {
             .map(|(k, v)| format!("{k}={v}"))
             .collect();
         let mut out = format!(
-            "mode            {}{}\nsent            {} in {:.1} s ({:.0}/s)\naccepted        {}   shed (429/503) {}   errors {}   lost {}\nthroughput      {:.1} final orders/s\nstatuses        {}\nHTTP ms         {}\nsaga ms         {}\n",
+            "mode            {}{}\nsent            {} in {:.1} s ({:.0}/s)\naccepted        {}   shed (429/503) {}   errors {}   lost {}\nthroughput      {:.1} final orders/s\nstatuses        {}\nHTTP ms         {}\nsaga ms         {}\nmachine         compute {:.1} ms  wake-up round trip {:.1} µs (measured before the run)\n",
             self.mode,
             match (self.offered_rate, self.concurrency) {
                 (Some(r), _) => format!(" loop at {r}/s"),
@@ -588,6 +594,8 @@ impl Report {
             statuses.join(" "),
             lat(&self.http_ms),
             lat(&self.saga_ms),
+            self.machine.compute_ms,
+            self.machine.wake_us,
         );
         for line in &self.invariants {
             out.push_str(line);

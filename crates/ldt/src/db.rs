@@ -498,7 +498,7 @@ const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 ///   between a sequential scan and an index, which changes while a table grows from nothing
 ///   and then no more: analyzing at each doubling catches that with a handful of `ANALYZE`s.
 ///   Autovacuum's 10 % rule, checked every 2 s, analyzed every growing table every few
-///   seconds — a tenth of PostgreSQL's CPU at 300 orders/s, plus replanning every cached
+///   seconds — an eighth of PostgreSQL's CPU at 300 orders/s (perf), plus replanning every cached
 ///   statement of the table after each — and the outbox, always nearly empty and never read
 ///   by a cached plan that could go wrong, at every round.
 const DUE_FOR_MAINTENANCE: &str = "\

@@ -15,6 +15,7 @@ pub mod embedded_bus;
 pub mod http;
 pub mod messaging;
 pub mod metrics;
+pub mod probe;
 pub mod services;
 pub mod startup;
 pub mod step;
