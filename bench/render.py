@@ -24,6 +24,9 @@ for rate in rates:
     for line in open(f"{work}/rss-{rate}"):
         name, kb = line.split()
         rss[name] = max(rss.get(name, 0), int(kb))
+    try: ckpt = open(f"{work}/checkpoints-{rate}").read().strip()
+    except OSError: ckpt = "–"
+    r["checkpoints"] = ckpt
     rows.append((rate, r, rss))
 lines = []
 lines.append(f"## {datetime.date.today()} — mode `{mode}`, commit `{commit}`\n")
@@ -31,17 +34,19 @@ if mode == "embedded":
     lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {rustc}. Release build, `ldt up` embedded: a SQLite file per service and the in-process bus's journal (WAL, synchronous=NORMAL: survives a killed process, not a power cut).\n")
 else:
     lines.append(f"Machine: {cores} cores ({cpu}), {mem}; {rustc}; PostgreSQL {pg}; RabbitMQ {rabbit}. Release build, persistent messages, publisher confirms, fsync on.\n")
-lines.append("| offered/s | sent | accepted | shed | lost | final/s | not SUCCESS | saga p50 | p90 | p99 | p99.9 | max | HTTP p50 | p99 | invariants | peak RSS MiB |")
-lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+lines.append("| offered/s | sent | accepted | shed | lost | final/s | not SUCCESS | saga p50 | p90 | p99 | p99.9 | max | HTTP p50 | p99 | invariants | peak RSS MiB | machine: compute ms, wake-up µs | PG checkpoints |")
+lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for rate, r, rss in rows:
     if r is None:
-        lines.append(f"| {rate} | run failed | | | | | | | | | | | | | | |"); continue
+        lines.append(f"| {rate} | run failed | | | | | | | | | | | | | | | | |"); continue
     s, h = r["saga_ms"], r["http_ms"]
+    m = r.get("machine") or {}
+    machine = f"{m['compute_ms']:.0f}, {m['wake_us']:.0f}" if m else "–"
     peak = ", ".join(f"{k} {v/1024:.0f}" for k, v in sorted(rss.items()))
     # With no fault injected every accepted order should succeed: any other final status
     # (TIMEOUT from queueing past the step timeout, most of all) is a failure of the run.
     other = ", ".join(f"{k} {v}" for k, v in sorted((r.get("statuses") or {}).items()) if k != "SUCCESS") or "0"
-    lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} |")
+    lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
 lines.append("")
 text = "\n".join(lines) + "\n"
 header = "# Benchmarks\n\nWritten by `bench/run.sh` (newest first). Saga latency is POST → final status from the orders' own timestamps; HTTP latency counts from when each request was due (open loop, no coordinated omission). Figures are for this machine; see the notes at the end for what each change bought.\n\n"

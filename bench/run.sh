@@ -70,6 +70,14 @@ done
 sampler=$!
 pids+=($sampler)
 
+# PostgreSQL checkpoints so far (none in embedded mode): one inside a run explains a hiccup
+# in its tail.
+checkpoints() {
+  [ "$mode" = embedded ] && return 0
+  psql "${LDT_DATABASE_URL%/}/postgres" -Atc \
+    "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter" 2>/dev/null || true
+}
+
 common=(--url http://127.0.0.1:18100 "${urls[@]}" --users 1000 --initial-credits "$credits" --json)
 echo "bench: warming up (10 s at 200/s)" >&2
 "$bin" bench "${common[@]}" --rate 200 --duration 10 --no-check >/dev/null
@@ -78,7 +86,10 @@ for rate in $rates; do
   d=$duration; [ "$rate" -ge 2000 ] && d=$(( duration < 30 ? duration : 30 ))
   echo "bench: $rate orders/s for $d s" >&2
   : >"$work/rss"
+  before=$(checkpoints)
   "$bin" bench "${common[@]}" --rate "$rate" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
+  after=$(checkpoints)
+  [ -n "$before" ] && [ -n "$after" ] && echo $(( after - before )) >"$work/checkpoints-$rate"
   cp "$work/rss" "$work/rss-$rate"
   results+=("$rate")
 done
