@@ -282,6 +282,14 @@ impl Bus {
         }
     }
 
+    /// Waits until what this process has settled is durable with the bus: the embedded
+    /// bus's acks are journaled in the background (RabbitMQ takes them as they come).
+    pub async fn flush(&self) {
+        if let Bus::Embedded(b) = self {
+            b.flush().await;
+        }
+    }
+
     /// Deletes the queues (test clean-up).
     pub async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
         match self {

@@ -200,6 +200,16 @@ impl EmbeddedBus {
     pub fn healthy(&self) -> bool {
         self.shared.journal.as_ref().is_none_or(Journal::alive)
     }
+
+    /// Waits until every ack taken so far is in the journal. Acks are written in the
+    /// background; at shutdown, without this, the last of them were lost with the process and
+    /// their messages delivered again at the next start (harmless duplicates, but each one
+    /// handled and logged again).
+    pub async fn flush(&self) {
+        if let Some(journal) = &self.shared.journal {
+            journal.flush().await;
+        }
+    }
 }
 
 /// What a subscription holds: the deliveries not yet settled.
@@ -323,6 +333,8 @@ struct Journal {
 enum JournalOp {
     Append(Vec<(String, Stored)>, oneshot::Sender<Result<(), String>>),
     Forget(Vec<u64>),
+    /// Answered once everything sent before it has been written (or has failed to be).
+    Flush(oneshot::Sender<()>),
 }
 
 impl Journal {
@@ -406,6 +418,13 @@ impl Journal {
         }
     }
 
+    async fn flush(&self) {
+        let (done, flushed) = oneshot::channel();
+        if self.tx.send(JournalOp::Flush(done)).is_ok() {
+            let _ = flushed.await;
+        }
+    }
+
     fn alive(&self) -> bool {
         !self.tx.is_closed()
     }
@@ -430,8 +449,14 @@ async fn write_journal(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Journal
             }
         };
         for op in ops.drain(..) {
-            if let JournalOp::Append(_, done) = op {
-                let _ = done.send(result.clone());
+            match op {
+                JournalOp::Append(_, done) => {
+                    let _ = done.send(result.clone());
+                }
+                JournalOp::Flush(done) => {
+                    let _ = done.send(());
+                }
+                JournalOp::Forget(_) => {}
             }
         }
     }
@@ -464,6 +489,7 @@ async fn apply(pool: &SqlitePool, ops: &[JournalOp]) -> Result<(), sqlx::Error> 
                         .map(|seq| i64::try_from(*seq).unwrap_or(i64::MAX)),
                 );
             }
+            JournalOp::Flush(_) => {}
         }
     }
     let mut tx = pool.begin().await?;

@@ -452,6 +452,16 @@ impl Application {
         {
             tracing::warn!("background work did not finish within 25 s; exiting anyway");
         }
+        // The consumers have stopped: their last acks go into the embedded bus's journal
+        // before the process ends.
+        if tokio::time::timeout(Duration::from_secs(5), self.bus.flush())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the bus journal did not take the last acks within 5 s; their messages will be delivered again"
+            );
+        }
         served.context("HTTP server failed")
     }
 }

@@ -377,6 +377,39 @@ async fn a_large_batch_outlives_the_publisher_less_what_was_acked(f: Fixture) {
     }
 }
 
+/// Acks are durable once the bus is flushed, as a service flushes it when it stops: after a
+/// restart none of the acked messages comes back ahead of a new one. The first life runs on
+/// a runtime of its own that is dropped when it ends, as a process ends: whatever the bus
+/// still meant to do in the background is lost with it.
+async fn acks_are_kept_across_a_restart_once_flushed(f: Fixture) {
+    let q = f.queue();
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                let runtime = tokio::runtime::Runtime::new().unwrap();
+                runtime.block_on(async {
+                    let bus = f.open(None).await;
+                    let batch: Vec<Outgoing> = (0..3).map(|i| f.message(&q, i)).collect();
+                    bus.publish(&batch).await.unwrap();
+                    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+                    for _ in 0..3 {
+                        next(&mut sub).await.ack().await.unwrap();
+                    }
+                    sub.close().await;
+                    bus.flush().await;
+                });
+            })
+            .join()
+            .unwrap();
+    });
+    let bus = f.open(None).await;
+    bus.publish(&[f.message(&q, 9)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(text(&m), "payload 9", "an acked message came back");
+    m.ack().await.unwrap();
+}
+
 /// Three parts in one bus message ([`Outgoing::bundle`]), then a message on its own.
 fn bundle_and_one_more(f: &Fixture, q: &str) -> Vec<Outgoing> {
     let parts: Vec<Outgoing> = (1..=3).map(|i| f.message(q, i)).collect();
@@ -513,6 +546,7 @@ conformance! {
     // In memory, nothing outlives the process: that is what `--ephemeral` means.
     published_messages_outlive_the_publisher: [Amqp, Journaled];
     a_large_batch_outlives_the_publisher_less_what_was_acked: [Amqp, Journaled];
+    acks_are_kept_across_a_restart_once_flushed: [Amqp, Journaled];
     a_bundle_arrives_as_its_parts_and_goes_back_whole_if_one_part_does: [Amqp, Journaled, Memory];
     a_bundle_is_acked_only_with_its_last_part: [Amqp, Journaled];
     a_poison_part_is_parked_alone_and_its_bundle_acked: [Amqp, Journaled, Memory];
