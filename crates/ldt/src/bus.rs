@@ -135,6 +135,18 @@ pub(crate) fn unbundle(payload: &[u8]) -> Option<(Part, Vec<Part>)> {
     r.0.is_empty().then_some((first, rest))
 }
 
+/// The parts of a message that is a bundle this build reads, by its headers and payload;
+/// `None` for any other message.
+pub(crate) fn bundle_parts(
+    headers: &BTreeMap<String, String>,
+    payload: &[u8],
+) -> Option<(Part, Vec<Part>)> {
+    match headers.get(BUNDLE_HEADER) {
+        Some(format) if format == BUNDLE_FORMAT => unbundle(payload),
+        _ => None,
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
     #[error("broker unavailable: {0}")]
@@ -525,10 +537,7 @@ impl Subscription {
     /// The first part of a bundle, keeping the others for the next calls; any other message
     /// as it is.
     fn split(&mut self, msg: Incoming) -> Incoming {
-        let parts = match msg.headers.get(BUNDLE_HEADER) {
-            Some(format) if format == BUNDLE_FORMAT => unbundle(&msg.payload),
-            _ => None,
-        };
+        let parts = bundle_parts(&msg.headers, &msg.payload);
         let Some(parts) = parts else {
             return msg;
         };
@@ -541,15 +550,31 @@ impl Subscription {
             left: AtomicUsize::new(1 + rest.len()),
             requeue: AtomicBool::new(false),
         });
-        let part = |(id, headers, payload): Part| Incoming {
-            payload,
-            message_id: Some(id),
-            headers,
-            redelivered: msg.redelivered,
-            acker: Settle::Part {
-                bundle: bundle.clone(),
-                settled: AtomicBool::new(false),
-            },
+        // A part keeps its own headers and takes its bundle's where it has none of that
+        // name: a bundle parked whole as a dead letter (by a replica from before bundles)
+        // lends each part where it came from and why, so each is a dead letter that can be
+        // replayed.
+        let outer: Vec<(&String, &String)> = msg
+            .headers
+            .iter()
+            .filter(|(name, _)| name.as_str() != BUNDLE_HEADER)
+            .collect();
+        let part = |(id, mut headers, payload): Part| {
+            for (name, value) in &outer {
+                if !headers.contains_key(*name) {
+                    headers.insert((*name).clone(), (*value).clone());
+                }
+            }
+            Incoming {
+                payload,
+                message_id: Some(id),
+                headers,
+                redelivered: msg.redelivered,
+                acker: Settle::Part {
+                    bundle: bundle.clone(),
+                    settled: AtomicBool::new(false),
+                },
+            }
         };
         self.parts.extend(rest.into_iter().map(part));
         part(first)

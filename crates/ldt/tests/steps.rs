@@ -9,6 +9,7 @@ use std::time::Duration;
 use common::{Stack, TestApp, spawn_on};
 use ldt::bus::{Bus, Outgoing, Subscription};
 use ldt::contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
+use ldt::messaging::{ORIGIN_QUEUE_HEADER, REASON_HEADER};
 use uuid::Uuid;
 
 struct Driver {
@@ -547,6 +548,83 @@ async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working
     assert_eq!(resp.status(), 404);
 }
 
+/// A bundle parked whole, as a replica from before bundles parks one during a rollout,
+/// becomes one dead letter per part, each with where it came from and why; replayed, each
+/// is handled.
+async fn a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
+    let mut driver = Driver::new(&app).await;
+    let payment = driver.queues.of(Service::Payment);
+    let debits = [
+        debit(Uuid::now_v7(), "bundled-a", 3),
+        debit(Uuid::now_v7(), "bundled-b", 4),
+    ];
+    let parts: Vec<Outgoing> = debits
+        .iter()
+        .map(|env| Outgoing {
+            queue: payment.clone(),
+            message_id: env.id.to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        })
+        .collect();
+    let bundle = Outgoing::bundle(&payment, &parts).unwrap();
+    let mut headers = bundle.headers.clone();
+    headers.push((ORIGIN_QUEUE_HEADER.to_owned(), payment.clone()));
+    headers.push((REASON_HEADER.to_owned(), "not an envelope".to_owned()));
+    let parked = Outgoing {
+        queue: driver.queues.dead_letters(),
+        message_id: "a-bundle".to_owned(),
+        payload: bundle.payload,
+        headers,
+    };
+    driver.bus.publish(&[parked]).await.unwrap();
+    let ids: Vec<String> = debits.iter().map(|d| d.id.to_string()).collect();
+    let letters = app
+        .eventually(
+            Duration::from_secs(10),
+            "a dead letter per part",
+            || async {
+                let dl = app.dead_letters().await;
+                ids.iter()
+                    .map(|id| dl.iter().find(|d| d["id"] == id.as_str()).cloned())
+                    .collect::<Option<Vec<_>>>()
+            },
+        )
+        .await;
+    for letter in &letters {
+        assert_eq!(letter["origin_queue"], payment.as_str(), "{letter}");
+        assert_eq!(letter["reason"], "not an envelope", "{letter}");
+    }
+    for id in &ids {
+        let resp = app
+            .client
+            .post(app.url(&format!("/api/v1/dead-letters/{id}/replay")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+    let mut answered = std::collections::BTreeSet::new();
+    for _ in 0..2 {
+        let a = driver.answer().await;
+        assert!(
+            matches!(
+                a.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Done,
+                    ..
+                }
+            ),
+            "{:?}",
+            a.body
+        );
+        answered.insert(a.order_id);
+    }
+    let expected: std::collections::BTreeSet<_> = debits.iter().map(|d| d.order_id).collect();
+    assert_eq!(answered, expected);
+}
+
 on_every_stack!(
     a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
     a_step_sends_its_slip_on_only_when_it_succeeds,
@@ -554,4 +632,5 @@ on_every_stack!(
     a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order,
     bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover,
     poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
+    a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part,
 );
