@@ -48,6 +48,28 @@ impl Driver {
         self.bus.publish(&[out]).await.unwrap();
     }
 
+    /// The orders answered, reading answers until `n` orders have one (a duplicate answer
+    /// counts once), each of them a success.
+    async fn successes(&mut self, n: usize) -> std::collections::HashSet<Uuid> {
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < n {
+            let a = self.answer().await;
+            assert!(
+                matches!(
+                    a.body,
+                    Message::StepResult {
+                        outcome: StepOutcome::Done,
+                        ..
+                    }
+                ),
+                "{:?}",
+                a.body
+            );
+            answered.insert(a.order_id);
+        }
+        answered
+    }
+
     /// The next answer on the orchestrator's queue.
     async fn answer(&mut self) -> Envelope {
         let msg = tokio::time::timeout(Duration::from_secs(10), self.answers.next())
@@ -462,22 +484,7 @@ async fn answers_the_bus_refuses_stay_in_the_outbox_until_there_is_room() {
         }
     }
     let mut driver = Driver::new(&app).await;
-    let mut answered = std::collections::HashSet::new();
-    while answered.len() < orders.len() {
-        let a = driver.answer().await;
-        assert!(
-            matches!(
-                a.body,
-                Message::StepResult {
-                    outcome: StepOutcome::Done,
-                    ..
-                }
-            ),
-            "{:?}",
-            a.body
-        );
-        answered.insert(a.order_id);
-    }
+    let answered = driver.successes(orders.len()).await;
     assert_eq!(answered, orders.into_iter().collect());
 }
 
@@ -605,24 +612,8 @@ async fn a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part(stack
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let mut answered = std::collections::BTreeSet::new();
-    for _ in 0..2 {
-        let a = driver.answer().await;
-        assert!(
-            matches!(
-                a.body,
-                Message::StepResult {
-                    outcome: StepOutcome::Done,
-                    ..
-                }
-            ),
-            "{:?}",
-            a.body
-        );
-        answered.insert(a.order_id);
-    }
-    let expected: std::collections::BTreeSet<_> = debits.iter().map(|d| d.order_id).collect();
-    assert_eq!(answered, expected);
+    let answered = driver.successes(2).await;
+    assert_eq!(answered, debits.iter().map(|d| d.order_id).collect());
 }
 
 on_every_stack!(
