@@ -120,6 +120,16 @@ fn text(m: &Incoming) -> String {
     String::from_utf8(m.payload.clone()).unwrap()
 }
 
+/// Takes the next deliveries, expecting the messages numbered `expected` in that order, and
+/// acks each.
+async fn ack_in_order(sub: &mut Subscription, expected: impl IntoIterator<Item = usize>) {
+    for i in expected {
+        let m = next(sub).await;
+        assert_eq!(text(&m), format!("payload {i}"));
+        m.ack().await.unwrap();
+    }
+}
+
 async fn round_trip_keeps_id_headers_and_payload(f: Fixture) {
     let bus = f.open(None).await;
     let q = f.queue();
@@ -141,11 +151,7 @@ async fn each_queue_is_first_in_first_out(f: Fixture) {
         bus.publish(&batch).await.unwrap();
     }
     let mut sub = bus.subscribe(&q, 50).await.unwrap();
-    for i in 0..200 {
-        let m = next(&mut sub).await;
-        assert_eq!(text(&m), format!("payload {i}"));
-        m.ack().await.unwrap();
-    }
+    ack_in_order(&mut sub, 0..200).await;
 }
 
 async fn a_nacked_message_is_delivered_again_and_an_acked_one_is_not(f: Fixture) {
@@ -314,11 +320,7 @@ async fn a_full_queue_refuses_publishes_until_it_drains(f: Fixture) {
     assert_eq!(text(&m), "payload 0");
     m.ack().await.unwrap();
     bus.publish(&[f.message(&q, 6)]).await.unwrap();
-    for i in [1, 2, 3, 4, 6] {
-        let m = next(&mut sub).await;
-        assert_eq!(text(&m), format!("payload {i}"));
-        m.ack().await.unwrap();
-    }
+    ack_in_order(&mut sub, [1, 2, 3, 4, 6]).await;
 }
 
 async fn published_messages_outlive_the_publisher(f: Fixture) {
@@ -335,11 +337,7 @@ async fn published_messages_outlive_the_publisher(f: Fixture) {
     }
     let bus = f.open(None).await;
     let mut sub = bus.subscribe(&q, 10).await.unwrap();
-    for i in 0..3 {
-        let m = next(&mut sub).await;
-        assert_eq!(text(&m), format!("payload {i}"));
-        m.ack().await.unwrap();
-    }
+    ack_in_order(&mut sub, 0..3).await;
 }
 
 /// Hundreds of messages published at once (the journal writes them many to a statement)
@@ -370,11 +368,7 @@ async fn a_large_batch_outlives_the_publisher_less_what_was_acked(f: Fixture) {
     }
     let bus = f.open(None).await;
     let mut sub = bus.subscribe(&q, 10).await.unwrap();
-    for i in (1..N).step_by(2).chain([N]) {
-        let m = next(&mut sub).await;
-        assert_eq!(text(&m), format!("payload {i}"));
-        m.ack().await.unwrap();
-    }
+    ack_in_order(&mut sub, (1..N).step_by(2).chain([N])).await;
 }
 
 /// Acks are durable once the bus is flushed, as a service flushes it when it stops: after a
@@ -466,11 +460,7 @@ async fn a_bundle_is_acked_only_with_its_last_part(f: Fixture) {
     }
     let bus = f.open(None).await;
     let mut sub = bus.subscribe(&q, 10).await.unwrap();
-    for i in [1, 2, 3, 5] {
-        let m = next(&mut sub).await;
-        assert_eq!(text(&m), format!("payload {i}"));
-        m.ack().await.unwrap();
-    }
+    ack_in_order(&mut sub, [1, 2, 3, 5]).await;
 }
 
 async fn a_poison_part_is_parked_alone_and_its_bundle_acked(f: Fixture) {
