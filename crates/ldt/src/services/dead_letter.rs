@@ -79,24 +79,7 @@ impl Handler for DeadLetters {
             .get(REASON_HEADER)
             .cloned()
             .unwrap_or_else(|| "no reason given".into());
-        let headers = serde_json::to_string(&msg.headers).unwrap_or_default();
-        // A message parked again (after a replay, or a redelivery) is one dead letter.
-        self.crash.at(Point::BeforeCommit);
-        sqlx::query(
-            "INSERT INTO dead_letters (id, origin_queue, reason, payload, headers, parked_ms) \
-             VALUES ($1, $2, $3, $4, $5, $6) \
-             ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_ms = EXCLUDED.parked_ms, \
-             times_parked = dead_letters.times_parked + 1, replayed_ms = NULL",
-        )
-        .bind(&id)
-        .bind(&origin)
-        .bind(&reason)
-        .bind(&msg.payload)
-        .bind(headers)
-        .bind(now_ms())
-        .execute(&self.pool)
-        .await?;
-        self.crash.at(Point::AfterCommit);
+        self.park(&id, &origin, &reason, msg).await?;
         self.metrics.inc(
             "ldt_dead_letters_total",
             "Messages parked as dead letters, by the queue they came from.",
@@ -105,6 +88,100 @@ impl Handler for DeadLetters {
         );
         tracing::warn!(dead_letter = %id, %origin, %reason, "dead letter parked");
         Ok(())
+    }
+}
+
+// The dead-letter service's storage: its `dead_letters` table, and the outbox a replay goes
+// through.
+
+/// What a replay found.
+enum Replay {
+    Missing,
+    /// Parked from this queue, which is not one of this marketplace's.
+    Foreign(String),
+    /// Put in the outbox for its queue, marked replayed.
+    Done(DeadLetter, messaging::OutboxBatch),
+}
+
+impl DeadLetters {
+    /// Stores a dead letter. A message parked again (after a replay, or a redelivery) is
+    /// still one dead letter: it counts the times and forgets the replay.
+    async fn park(
+        &self,
+        id: &str,
+        origin: &str,
+        reason: &str,
+        msg: &Incoming,
+    ) -> Result<(), sqlx::Error> {
+        let headers = serde_json::to_string(&msg.headers).unwrap_or_default();
+        self.crash.at(Point::BeforeCommit);
+        sqlx::query(
+            "INSERT INTO dead_letters (id, origin_queue, reason, payload, headers, parked_ms) \
+             VALUES ($1, $2, $3, $4, $5, $6) \
+             ON CONFLICT (id) DO UPDATE SET reason = EXCLUDED.reason, parked_ms = EXCLUDED.parked_ms, \
+             times_parked = dead_letters.times_parked + 1, replayed_ms = NULL",
+        )
+        .bind(id)
+        .bind(origin)
+        .bind(reason)
+        .bind(&msg.payload)
+        .bind(headers)
+        .bind(now_ms())
+        .execute(&self.pool)
+        .await?;
+        self.crash.at(Point::AfterCommit);
+        Ok(())
+    }
+
+    /// The `limit` most recently parked, oldest first.
+    async fn recent(&self, limit: i64) -> Result<Vec<DeadLetter>, sqlx::Error> {
+        let rows = sqlx::query(
+            "SELECT * FROM (SELECT * FROM dead_letters ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
+        )
+        .bind(limit)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.iter().map(dead_letter_from_row).collect()
+    }
+
+    /// Puts dead letter `id` back in the outbox for the queue it came from and marks it
+    /// replayed, in one transaction (the row is locked meanwhile, so two replays at once
+    /// send it once each, one after the other, never half).
+    async fn replay(&self, id: &str) -> Result<Replay, sqlx::Error> {
+        let mut tx = self.pool.begin().await?;
+        let Some(row) = sqlx::query(LOCK_DEAD_LETTER.on(&tx))
+            .bind(id)
+            .fetch_optional(&mut *tx)
+            .await?
+        else {
+            return Ok(Replay::Missing);
+        };
+        let origin: String = row.try_get("origin_queue")?;
+        // Only replay into this marketplace's own queues.
+        if !self.queues.all().contains(&origin) {
+            return Ok(Replay::Foreign(origin));
+        }
+        let payload: Vec<u8> = row.try_get("payload")?;
+        let headers: String = row.try_get("headers")?;
+        let traceparent =
+            serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
+                .ok()
+                .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
+        let mut outbox = messaging::OutboxBatch::default();
+        outbox.push_row(messaging::OutboxRow {
+            queue: origin,
+            message_id: id.to_owned(),
+            payload,
+            traceparent,
+        });
+        outbox.write(&mut tx).await?;
+        let row = sqlx::query("UPDATE dead_letters SET replayed_ms = $2 WHERE id = $1 RETURNING *")
+            .bind(id)
+            .bind(now_ms())
+            .fetch_one(&mut *tx)
+            .await?;
+        self.crash.commit(tx).await?;
+        Ok(Replay::Done(dead_letter_from_row(&row)?, outbox))
     }
 }
 
@@ -150,17 +227,7 @@ async fn list_dead_letters(
     Query(q): Query<DeadLetterQuery>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     let limit = page_limit(q.limit, 100)?;
-    let rows = sqlx::query(
-        "SELECT * FROM (SELECT * FROM dead_letters ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
-    )
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    Ok(Json(
-        rows.iter()
-            .map(dead_letter_from_row)
-            .collect::<Result<_, _>>()?,
-    ))
+    Ok(Json(state.recent(limit).await?))
 }
 
 /// Sends a parked message back to the queue it came from.
@@ -174,39 +241,15 @@ async fn replay_dead_letter(
     Path(id): Path<String>,
 ) -> Result<Json<DeadLetter>, ApiError> {
     crate::http::require_admin(state.admin_token.as_deref(), &headers)?;
-    let mut tx = state.pool.begin().await?;
-    let row = sqlx::query(LOCK_DEAD_LETTER.on(&tx))
-        .bind(&id)
-        .fetch_optional(&mut *tx)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no dead letter {id:?}")))?;
-    let origin: String = row.try_get("origin_queue")?;
-    // Only replay into this marketplace's own queues.
-    if !state.queues.all().contains(&origin) {
-        return Err(ApiError::Invalid(format!(
+    match state.replay(&id).await? {
+        Replay::Missing => Err(ApiError::NotFound(format!("no dead letter {id:?}"))),
+        Replay::Foreign(origin) => Err(ApiError::Invalid(format!(
             "dead letter {id:?} came from {origin:?}, which is not a queue of this marketplace"
-        )));
+        ))),
+        Replay::Done(letter, outbox) => {
+            state.signal.committed(outbox);
+            tracing::info!(dead_letter = %id, origin = %letter.origin_queue, "dead letter replayed");
+            Ok(Json(letter))
+        }
     }
-    let payload: Vec<u8> = row.try_get("payload")?;
-    let headers: String = row.try_get("headers")?;
-    let traceparent = serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
-        .ok()
-        .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
-    let mut outbox = messaging::OutboxBatch::default();
-    outbox.push_row(messaging::OutboxRow {
-        queue: origin.clone(),
-        message_id: id.clone(),
-        payload,
-        traceparent,
-    });
-    outbox.write(&mut tx).await?;
-    let row = sqlx::query("UPDATE dead_letters SET replayed_ms = $2 WHERE id = $1 RETURNING *")
-        .bind(&id)
-        .bind(now_ms())
-        .fetch_one(&mut *tx)
-        .await?;
-    state.crash.commit(tx).await?;
-    state.signal.committed(outbox);
-    tracing::info!(dead_letter = %id, %origin, "dead letter replayed");
-    Ok(Json(dead_letter_from_row(&row)?))
 }

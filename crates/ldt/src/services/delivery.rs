@@ -101,17 +101,24 @@ async fn list_deliveries(
     Query(q): Query<DeliveryQuery>,
 ) -> Result<Json<Vec<Delivery>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;
+    Ok(Json(recent_deliveries(&pool, &q.username, limit).await?))
+}
+
+/// A user's last `limit` deliveries, oldest first.
+async fn recent_deliveries(
+    pool: &Pool,
+    username: &str,
+    limit: i64,
+) -> Result<Vec<Delivery>, sqlx::Error> {
     let rows = sqlx::query(
         "SELECT * FROM (SELECT * FROM ledger WHERE username = $1 AND outcome <> 'PENDING' \
          ORDER BY created_ms DESC, order_id DESC LIMIT $2) recent ORDER BY created_ms, order_id",
     )
-    .bind(&q.username)
+    .bind(username)
     .bind(limit)
-    .fetch_all(&pool)
+    .fetch_all(pool)
     .await?;
-    let mut out = Vec::with_capacity(rows.len());
-    for row in &rows {
-        out.push(Delivery::from(LedgerRow::from_row(row)?));
-    }
-    Ok(Json(out))
+    rows.iter()
+        .map(|row| LedgerRow::from_row(row).map(Delivery::from))
+        .collect()
 }

@@ -96,13 +96,7 @@ impl StepEffect for Stock {
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let pool = ctx.open_db(Service::Inventory, &MIGRATORS).await?;
-    // Seeded once: a restart (or a second replica) finds the row and leaves it alone.
-    sqlx::query(
-        "INSERT INTO stock (id, initial, available) VALUES (1, $1, $1) ON CONFLICT (id) DO NOTHING",
-    )
-    .bind(ctx.settings.initial_stock)
-    .execute(&pool)
-    .await?;
+    seed(&pool, ctx.settings.initial_stock).await?;
     let signal = ctx.spawn_relay(Service::Inventory, pool.clone());
     let handler = StepService::new(Stock, ctx, pool.clone(), signal);
     ctx.spawn_consumer(Service::Inventory, handler);
@@ -131,7 +125,18 @@ pub struct Inventory {
     pub restocked: i64,
 }
 
-async fn read(pool: &Pool) -> Result<Inventory, ApiError> {
+/// Seeds the stock once: a restart (or a second replica) finds the row and leaves it alone.
+async fn seed(pool: &Pool, initial: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "INSERT INTO stock (id, initial, available) VALUES (1, $1, $1) ON CONFLICT (id) DO NOTHING",
+    )
+    .bind(initial)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+async fn read(pool: &Pool) -> Result<Inventory, sqlx::Error> {
     let row = sqlx::query("SELECT available, initial, restocked FROM stock WHERE id = 1")
         .fetch_one(pool)
         .await?;
@@ -173,17 +178,23 @@ async fn restock(
             body.amount
         )));
     }
-    let result = sqlx::query(
-        "UPDATE stock SET available = available + $1, restocked = restocked + $1 WHERE id = 1",
-    )
-    .bind(body.amount)
-    .execute(&pool)
-    .await;
-    match result {
-        Ok(_) => Ok(Json(read(&pool).await?)),
+    match add(&pool, body.amount).await {
+        Ok(()) => Ok(Json(read(&pool).await?)),
         Err(e) if crate::db::is_out_of_range(&e) => Err(ApiError::Invalid(
             "restocking that much would overflow the stock counter".into(),
         )),
         Err(e) => Err(e.into()),
     }
+}
+
+/// Adds `amount` tokens; a sum past `BIGINT` fails with an out-of-range error and changes
+/// nothing.
+async fn add(pool: &Pool, amount: i64) -> Result<(), sqlx::Error> {
+    sqlx::query(
+        "UPDATE stock SET available = available + $1, restocked = restocked + $1 WHERE id = 1",
+    )
+    .bind(amount)
+    .execute(pool)
+    .await?;
+    Ok(())
 }

@@ -1238,21 +1238,31 @@ async fn get_saga(
     State(pool): State<Pool>,
     Path(order_id): Path<String>,
 ) -> Result<Json<SagaView>, ApiError> {
-    let row = sqlx::query(
+    saga_view(&pool, &order_id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id:?}")))
+}
+
+/// An order's saga and its log, if the orchestrator has seen the order.
+async fn saga_view(pool: &Pool, order_id: &str) -> Result<Option<SagaView>, sqlx::Error> {
+    let Some(row) = sqlx::query(
         "SELECT order_id, phase, step, status, pending_comp FROM sagas WHERE order_id = $1",
     )
-    .bind(&order_id)
-    .fetch_optional(&pool)
+    .bind(order_id)
+    .fetch_optional(pool)
     .await?
-    .ok_or_else(|| ApiError::NotFound(format!("no saga for order {order_id:?}")))?;
+    else {
+        return Ok(None);
+    };
     let log = sqlx::query(
         "SELECT step, kind, event, at_ms FROM saga_log WHERE order_id = $1 ORDER BY id",
     )
-    .bind(&order_id)
-    .fetch_all(&pool)
+    .bind(order_id)
+    .fetch_all(pool)
     .await?;
     let pending: String = row.try_get("pending_comp")?;
-    Ok(Json(SagaView {
+    Ok(Some(SagaView {
         order_id: row.try_get("order_id")?,
         phase: row.try_get("phase")?,
         step: row.try_get("step")?,

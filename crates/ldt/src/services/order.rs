@@ -616,17 +616,22 @@ impl OrderState {
             }
         };
         if !inserted {
-            let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
-                .bind(idempotency_key)
-                .fetch_one(&self.pool)
-                .await?;
-            let hash: Option<String> = row.try_get("request_hash")?;
+            // The key was taken, so its order exists (orders are never deleted).
+            let (order, hash) = match idempotency_key {
+                Some(key) => find_by_idempotency_key(&self.pool, key).await?,
+                None => None,
+            }
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!(
+                    "an order insert was refused but no order holds its idempotency key"
+                ))
+            })?;
             if hash.as_deref() != Some(fingerprint.as_str()) {
                 return Err(ApiError::Conflict(
                     "this Idempotency-Key was already used with a different request body".into(),
                 ));
             }
-            return Ok(Created::Replayed(order_from_row(&row)?));
+            return Ok(Created::Replayed(order));
         }
         Ok(Created::New(Order {
             id,
@@ -702,15 +707,10 @@ impl OrderState {
         if let Err(overloaded) = self.admission.admit() {
             // A retry of an order already taken is answered even when full.
             if let Some(key) = idempotency_key
-                && let Some(row) = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
-                    .bind(key)
-                    .fetch_optional(&self.pool)
-                    .await?
+                && let Some((order, hash)) = find_by_idempotency_key(&self.pool, key).await?
+                && hash.as_deref() == Some(new.fingerprint().as_str())
             {
-                let hash: Option<String> = row.try_get("request_hash")?;
-                if hash.as_deref() == Some(new.fingerprint().as_str()) {
-                    return Ok(Created::Replayed(order_from_row(&row)?));
-                }
+                return Ok(Created::Replayed(order));
             }
             return Err(overloaded);
         }
@@ -727,22 +727,90 @@ impl OrderState {
     }
 }
 
-fn order_from_row(row: &crate::db::DbRow) -> Result<Order, ApiError> {
+// The order service's reads of its `orders` table. (Its writes go in with their outbox rows:
+// `OrderState::insert_in_one_statement`, `IntakeWriter::insert`, `OrderState::finish_all`.)
+
+fn order_from_row(row: &crate::db::DbRow) -> Result<Order, sqlx::Error> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     let faults: String = row.try_get("faults")?;
     Ok(Order {
-        id: Uuid::parse_str(&id).map_err(|e| ApiError::Internal(e.into()))?,
+        id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(e.into()))?,
         username: row.try_get("username")?,
         price: row.try_get("price")?,
         amount: row.try_get("amount")?,
         status: OrderStatus::parse(&status).ok_or_else(|| {
-            ApiError::Internal(anyhow::anyhow!("bad status {status:?} in orders"))
+            sqlx::Error::Decode(format!("bad status {status:?} in orders").into())
         })?,
         faults: serde_json::from_str(&faults).unwrap_or_default(),
         created_at_ms: row.try_get("created_ms")?,
         finished_at_ms: row.try_get("finished_ms")?,
     })
+}
+
+/// The order holding an idempotency key, with the fingerprint of the request that made it.
+async fn find_by_idempotency_key(
+    pool: &Pool,
+    key: &str,
+) -> Result<Option<(Order, Option<String>)>, sqlx::Error> {
+    let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| Ok((order_from_row(&row)?, row.try_get("request_hash")?)))
+        .transpose()
+}
+
+async fn find_order(pool: &Pool, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(order_from_row).transpose()
+}
+
+/// The `limit` most recent orders, oldest first.
+async fn recent_orders(pool: &Pool, limit: i64) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM orders ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(order_from_row).collect()
+}
+
+/// Which orders a page shows.
+struct OrderFilter<'a> {
+    /// Only orders after this cursor (`seq`).
+    after: i64,
+    username: Option<&'a str>,
+    status: Option<OrderStatus>,
+    limit: i64,
+}
+
+/// A page of orders, oldest first, with the cursor of the next page if there is one.
+async fn orders_page(pool: &Pool, filter: OrderFilter<'_>) -> Result<OrderPage, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM orders WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
+         AND (CAST($3 AS TEXT) IS NULL OR status = $3) ORDER BY seq LIMIT $4",
+    )
+    .bind(filter.after)
+    .bind(filter.username)
+    .bind(filter.status.map(OrderStatus::as_str))
+    .bind(filter.limit.saturating_add(1))
+    .fetch_all(pool)
+    .await?;
+    let page = &rows[..rows.len().min(usize::try_from(filter.limit).unwrap_or(0))];
+    let next = if rows.len() > page.len() {
+        page.last()
+            .map(|r| r.try_get::<i64, _>("seq"))
+            .transpose()?
+    } else {
+        None
+    };
+    let orders = page.iter().map(order_from_row).collect::<Result<_, _>>()?;
+    Ok(OrderPage { orders, next })
 }
 
 /// Legacy: place an order (answers at once; the saga runs after).
@@ -786,16 +854,7 @@ async fn legacy_all_transactions(
     Query(q): Query<AllTransactionsQuery>,
 ) -> Result<Json<Vec<Order>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;
-    let rows = sqlx::query(
-        "SELECT * FROM (SELECT * FROM orders ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
-    )
-    .bind(limit)
-    .fetch_all(&state.pool)
-    .await?;
-    rows.iter()
-        .map(order_from_row)
-        .collect::<Result<_, _>>()
-        .map(Json)
+    Ok(Json(recent_orders(&state.pool, limit).await?))
 }
 
 /// Place an order. Answers `202` at once with the PENDING order; poll its `Location`.
@@ -851,14 +910,10 @@ async fn get_order(
 ) -> Result<Json<Order>, ApiError> {
     let id =
         Uuid::parse_str(&id).map_err(|_| ApiError::NotFound(format!("no order with id {id:?}")))?;
-    let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
-        .bind(id.to_string())
-        .fetch_optional(&state.pool)
-        .await?;
-    match row {
-        Some(row) => Ok(Json(order_from_row(&row)?)),
-        None => Err(ApiError::NotFound(format!("no order with id {id}"))),
-    }
+    find_order(&state.pool, id)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no order with id {id}")))
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
@@ -893,31 +948,16 @@ async fn list_orders(
         None => None,
         Some(s) => Some(
             OrderStatus::parse(s)
-                .ok_or_else(|| ApiError::Invalid(format!("unknown status {s:?}")))?
-                .as_str(),
+                .ok_or_else(|| ApiError::Invalid(format!("unknown status {s:?}")))?,
         ),
     };
-    let rows = sqlx::query(
-        "SELECT * FROM orders WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
-         AND (CAST($3 AS TEXT) IS NULL OR status = $3) ORDER BY seq LIMIT $4",
-    )
-    .bind(q.after.unwrap_or(0))
-    .bind(q.username)
-    .bind(status)
-    .bind(limit + 1)
-    .fetch_all(&state.pool)
-    .await?;
-    let more = rows.len() as i64 > limit;
-    let page = &rows[..rows.len().min(limit as usize)];
-    let next = if more {
-        page.last()
-            .map(|r| r.try_get::<i64, _>("seq"))
-            .transpose()?
-    } else {
-        None
+    let filter = OrderFilter {
+        after: q.after.unwrap_or(0),
+        username: q.username.as_deref(),
+        status,
+        limit,
     };
-    let orders = page.iter().map(order_from_row).collect::<Result<_, _>>()?;
-    Ok(Json(OrderPage { orders, next }))
+    Ok(Json(orders_page(&state.pool, filter).await?))
 }
 
 impl OrderState {

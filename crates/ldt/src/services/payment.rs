@@ -211,15 +211,23 @@ async fn get_user(
     State(pool): State<Pool>,
     Path(username): Path<String>,
 ) -> Result<Json<User>, ApiError> {
-    let row = sqlx::query("SELECT username, credits FROM users WHERE username = $1")
-        .bind(&username)
-        .fetch_optional(&pool)
-        .await?;
-    match row {
-        Some(row) => Ok(Json(User {
-            username: row.try_get("username")?,
-            credits: row.try_get("credits")?,
-        })),
-        None => Err(ApiError::NotFound(format!("no user named {username:?}"))),
-    }
+    find_user(&pool, &username)
+        .await?
+        .map(Json)
+        .ok_or_else(|| ApiError::NotFound(format!("no user named {username:?}")))
+}
+
+/// A user's row, if the user has one (users are made by their first debit).
+async fn find_user(pool: &Pool, username: &str) -> Result<Option<User>, sqlx::Error> {
+    let Some(row) = sqlx::query("SELECT username, credits FROM users WHERE username = $1")
+        .bind(username)
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(User {
+        username: row.try_get("username")?,
+        credits: row.try_get("credits")?,
+    }))
 }
