@@ -314,9 +314,11 @@ async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbErr
 /// transaction. At a few hundred small transactions a second on two cores those wake-ups
 /// cost more than the transactions. A connection kept here skips both. One whose work did
 /// not end well (an error, a transaction left open) is not kept: it goes back to the pool,
-/// whose ping finds out whether it is still alive and rolls back what it left open. (The
-/// price: after a database restart, each kept connection fails its next use once; a message
-/// is then redelivered, a request answered with a 500.)
+/// whose ping finds out whether it is still alive and rolls back what it left open, and so
+/// do all the idle kept ones: work that failed may mean the database restarted, which ends
+/// every connection at once. (The price: after a database restart, the first use of a kept
+/// connection fails; its message is redelivered, or its request answered with a 500. The
+/// others are pinged by the pool and replaced before they are used.)
 ///
 /// SQLite keeps nothing here: its pool has one connection, which everyone shares.
 pub struct Held {
@@ -393,6 +395,12 @@ impl Drop for HeldConn<'_> {
     fn drop(&mut self) {
         let Some(conn) = self.conn.take() else { return };
         if !self.reusable {
+            // Back to the pool with it, to be pinged before they are lent again.
+            let kept = match self.held.idle.lock() {
+                Ok(mut idle) => std::mem::take(&mut *idle),
+                Err(_) => Vec::new(),
+            };
+            drop(kept);
             return;
         }
         if let Ok(mut idle) = self.held.idle.lock()
@@ -623,6 +631,62 @@ mod tests {
         assert_eq!(idle(&held), 2);
         // The pool never lent more than its size, and got back what was not kept.
         assert!(pool.size() <= 8);
+        drop(held);
+        pool.close().await;
+    }
+
+    /// A database restart ends every connection: the first use of a kept one fails, and the
+    /// failure sends the other kept ones back to the pool, whose ping replaces them, so the
+    /// uses after it succeed.
+    #[tokio::test]
+    async fn after_the_database_ends_its_connections_only_the_first_use_fails() {
+        let pool = postgres_pool(8).await;
+        let held = Held::new(&pool, 3);
+        let mut pids = Vec::new();
+        {
+            let mut conns = Vec::new();
+            for _ in 0..3 {
+                let mut conn = held.get().await.unwrap();
+                let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                    .fetch_one(&mut *conn)
+                    .await
+                    .unwrap();
+                pids.push(pid);
+                conn.reuse();
+                conns.push(conn);
+            }
+        }
+        assert_eq!(idle(&held), 3);
+        // What a restart does to them (only these three: other tests share the server).
+        for pid in &pids {
+            let ended: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+            assert!(ended, "backend {pid} was not running");
+        }
+        let mut first = held.get().await.unwrap();
+        let failed = sqlx::query("SELECT 1").execute(&mut *first).await;
+        assert!(
+            failed.is_err(),
+            "a connection whose backend ended still worked"
+        );
+        drop(first);
+        assert_eq!(
+            idle(&held),
+            0,
+            "the other kept connections went back to the pool"
+        );
+        for i in 0..3 {
+            let mut conn = held.get().await.unwrap();
+            let one: i32 = sqlx::query_scalar("SELECT 1")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap_or_else(|e| panic!("use {} after the first failed: {e}", i + 2));
+            assert_eq!(one, 1);
+            conn.reuse();
+        }
         drop(held);
         pool.close().await;
     }
