@@ -15,14 +15,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
-};
-use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
-use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use tokio::sync::Mutex;
+
+use crate::amqp::{BasicProperties, Channel, Connection, Declare};
 
 pub use crate::embedded_bus::EmbeddedBus;
 use crate::embedded_bus::{EmbeddedAcker, EmbeddedSubscription};
@@ -164,25 +160,20 @@ impl BusError {
     }
 }
 
-impl From<lapin::Error> for BusError {
-    fn from(e: lapin::Error) -> Self {
-        BusError::Unavailable(e.to_string())
-    }
-}
-
-/// The longest the broker may take to confirm a publish, take an ack or close a connection.
-/// When a connection dies, lapin may never settle what was in flight on it: past this, the
-/// operation counts as failed (the outbox keeps the rows; an unacked delivery is redelivered)
-/// instead of holding up its caller for good.
+/// The longest the broker may take to answer: confirm a publish, take an ack, open a channel.
+/// A broker that stops answering without closing the socket (paused, partitioned) would
+/// otherwise hold up its caller until the heartbeat check ends the connection: past this,
+/// the operation counts as failed (the outbox keeps the rows; an unacked delivery is
+/// redelivered).
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// `fut`, or `Unavailable` once [`BROKER_TIMEOUT`] has passed.
 async fn within<T>(
     what: &str,
-    fut: impl std::future::Future<Output = Result<T, lapin::Error>>,
+    fut: impl std::future::Future<Output = Result<T, BusError>>,
 ) -> Result<T, BusError> {
     match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
-        Ok(result) => Ok(result?),
+        Ok(result) => result,
         Err(_) => Err(BusError::Unavailable(format!(
             "the broker did not answer a {what} within {BROKER_TIMEOUT:?}"
         ))),
@@ -316,13 +307,11 @@ pub struct AmqpBus {
     queues: Vec<String>,
     options: QueueOptions,
     /// The shared connection and the confirm-mode channel used for publishing.
-    state: Mutex<Option<(Arc<Connection>, Channel)>>,
+    state: Mutex<Option<(Connection, Channel)>>,
 }
 
 impl AmqpBus {
-    async fn connect(&self) -> Result<(Arc<Connection>, Channel), BusError> {
-        let conn = Arc::new(Connection::connect(&self.url, ConnectionProperties::default()).await?);
-        let channel = conn.create_channel().await?;
+    fn queue_arguments(&self) -> FieldTable {
         let mut args = FieldTable::default();
         if let Some(ms) = self.options.expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
@@ -342,32 +331,34 @@ impl AmqpBus {
                 AMQPValue::LongString(LongString::from("reject-publish")),
             );
         }
+        args
+    }
+
+    async fn connect(&self) -> Result<(Connection, Channel), BusError> {
+        let conn = Connection::connect(&self.url).await?;
+        let channel = conn.open_channel().await?;
+        let args = self.queue_arguments();
+        let durable = Declare {
+            durable: true,
+            passive: false,
+        };
         for queue in &self.queues {
-            channel
-                .queue_declare(
-                    queue.as_str().into(),
-                    QueueDeclareOptions::durable(),
-                    args.clone(),
-                )
-                .await?;
+            channel.queue_declare(queue, durable, args.clone()).await?;
         }
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
+        channel.confirm_select().await?;
         Ok((conn, channel))
     }
 
     /// The live connection and publishing channel, reconnecting when the old one died.
-    async fn publisher(&self) -> Result<(Arc<Connection>, Channel), BusError> {
+    async fn publisher(&self) -> Result<(Connection, Channel), BusError> {
         let mut state = self.state.lock().await;
         if let Some((conn, channel)) = state.as_ref()
-            && conn.status().connected()
-            && channel.status().connected()
+            && channel.is_open()
         {
             return Ok((conn.clone(), channel.clone()));
         }
         if let Some((conn, _)) = state.take() {
-            let _ = within("connection close", conn.close(0, "reconnecting".into())).await;
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, conn.close()).await;
         }
         let fresh = match tokio::time::timeout(BROKER_TIMEOUT, self.connect()).await {
             Ok(fresh) => fresh?,
@@ -386,44 +377,45 @@ impl AmqpBus {
             return Ok(());
         }
         let (_, channel) = self.publisher().await?;
-        // Pipeline: send the whole batch, then wait for the confirms, never one at a time.
-        let mut confirms = Vec::with_capacity(batch.len());
-        for msg in batch {
-            let mut headers = FieldTable::default();
-            for (k, v) in &msg.headers {
-                headers.insert(
-                    k.as_str().into(),
-                    AMQPValue::LongString(LongString::from(v.as_str())),
-                );
-            }
-            let props = BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_content_type("application/json".into())
-                .with_message_id(msg.message_id.as_str().into())
-                .with_headers(headers);
-            let confirm = within(
-                "publish",
-                channel.basic_publish(
-                    "".into(),
-                    msg.queue.as_str().into(),
-                    BasicPublishOptions::default(),
-                    &msg.payload,
-                    props,
-                ),
-            )
-            .await;
-            match confirm {
-                Ok(c) => confirms.push((c, &msg.message_id)),
-                Err(e) => {
-                    self.forget_channel().await;
-                    return Err(e);
+        let props: Vec<BasicProperties> = batch
+            .iter()
+            .map(|msg| {
+                let mut headers = FieldTable::default();
+                for (k, v) in &msg.headers {
+                    headers.insert(
+                        k.as_str().into(),
+                        AMQPValue::LongString(LongString::from(v.as_str())),
+                    );
                 }
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_content_type("application/json".into())
+                    .with_message_id(msg.message_id.as_str().into())
+                    .with_headers(headers)
+            })
+            .collect();
+        // Pipeline: the whole batch goes out in one write, then the confirms are awaited.
+        let sent = within(
+            "publish",
+            channel.publish(
+                batch
+                    .iter()
+                    .zip(&props)
+                    .map(|(msg, p)| (msg.queue.as_str(), p, msg.payload.as_slice())),
+            ),
+        )
+        .await;
+        let confirms = match sent {
+            Ok(confirms) => confirms,
+            Err(e) => {
+                self.forget_channel().await;
+                return Err(e);
             }
-        }
-        for (confirm, id) in confirms {
-            match within("publisher confirm", confirm).await {
-                Ok(c) if c.is_ack() => {}
-                Ok(_) => return Err(BusError::Nacked(id.clone())),
+        };
+        for (confirm, msg) in confirms.into_iter().zip(batch) {
+            match within("publisher confirm", confirm.wait()).await {
+                Ok(true) => {}
+                Ok(false) => return Err(BusError::Nacked(msg.message_id.clone())),
                 Err(e) => {
                     self.forget_channel().await;
                     return Err(e);
@@ -438,58 +430,41 @@ impl AmqpBus {
         // timeout, and every publisher and subscriber needs the lock meanwhile.
         let forgotten = self.state.lock().await.take();
         if let Some((conn, _)) = forgotten {
-            let _ = within("connection close", conn.close(0, "publish failed".into())).await;
+            let _ = tokio::time::timeout(BROKER_TIMEOUT, conn.close()).await;
         }
     }
 
     async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
         let (conn, _) = self.publisher().await?;
-        let channel = within("channel open", conn.create_channel()).await?;
-        within(
-            "basic.qos",
-            channel.basic_qos(prefetch, BasicQosOptions::default()),
-        )
-        .await?;
-        let consumer = within(
-            "basic.consume",
-            channel.basic_consume(
-                queue.into(),
-                ShortString::from(""),
-                BasicConsumeOptions::default(),
-                FieldTable::default(),
-            ),
-        )
-        .await?;
-        Ok(Subscription::new(Source::Amqp {
-            channel,
-            consumer: Box::new(consumer),
-        }))
+        let channel = within("channel open", conn.open_channel()).await?;
+        within("basic.qos", channel.qos(prefetch)).await?;
+        let consumer = within("basic.consume", channel.consume(queue)).await?;
+        Ok(Subscription::new(Source::Amqp { channel, consumer }))
     }
 
     async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
         let (conn, _) = self.publisher().await?;
         // A channel of its own: a passive declare of a missing queue closes its channel.
-        let channel = conn.create_channel().await?;
-        let q = channel
-            .queue_declare(
-                queue.into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
-            .await;
-        let _ = channel.close(200, "done".into()).await;
-        Ok(q?.message_count())
+        let channel = within("channel open", conn.open_channel()).await?;
+        let passive = Declare {
+            durable: false,
+            passive: true,
+        };
+        let q = within(
+            "queue.declare",
+            channel.queue_declare(queue, passive, FieldTable::default()),
+        )
+        .await;
+        if channel.is_open() {
+            let _ = within("channel close", channel.close()).await;
+        }
+        Ok(q?.message_count)
     }
 
     async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
         let (_, channel) = self.publisher().await?;
         for q in queues {
-            channel
-                .queue_delete(q.as_str().into(), QueueDeleteOptions::default())
-                .await?;
+            within("queue.delete", channel.queue_delete(q)).await?;
         }
         Ok(())
     }
@@ -506,7 +481,7 @@ pub struct Subscription {
 enum Source {
     Amqp {
         channel: Channel,
-        consumer: Box<lapin::Consumer>,
+        consumer: crate::amqp::Consumer,
     },
     Embedded(EmbeddedSubscription),
 }
@@ -525,10 +500,7 @@ impl Subscription {
             return Some(Ok(part));
         }
         let next = match &mut self.source {
-            Source::Amqp { consumer, .. } => match consumer.next().await? {
-                Ok(delivery) => Ok(Incoming::from_amqp(delivery)),
-                Err(e) => Err(e.into()),
-            },
+            Source::Amqp { consumer, .. } => Ok(Incoming::from_amqp(consumer.next().await?)),
             Source::Embedded(s) => s.next().await?,
         };
         Some(next.map(|msg| self.split(msg)))
@@ -584,7 +556,7 @@ impl Subscription {
     pub async fn close(self) {
         match self.source {
             Source::Amqp { channel, .. } => {
-                let _ = within("channel close", channel.close(200, "shutting down".into())).await;
+                let _ = within("channel close", channel.close()).await;
             }
             Source::Embedded(s) => s.close(),
         }
@@ -620,16 +592,14 @@ struct Bundle {
 }
 
 enum Acker {
-    Amqp(lapin::Acker),
+    Amqp(crate::amqp::Acker),
     Embedded(EmbeddedAcker),
 }
 
 impl Acker {
     async fn ack(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => within("ack", a.ack(BasicAckOptions::default()))
-                .await
-                .map(|_| ())?,
+            Acker::Amqp(a) => within("ack", a.ack()).await?,
             Acker::Embedded(a) => a.ack()?,
         }
         Ok(())
@@ -637,15 +607,7 @@ impl Acker {
 
     async fn nack_requeue(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => within(
-                "nack",
-                a.nack(BasicNackOptions {
-                    requeue: true,
-                    multiple: false,
-                }),
-            )
-            .await
-            .map(|_| ())?,
+            Acker::Amqp(a) => within("nack", a.nack(true)).await?,
             Acker::Embedded(a) => a.nack_requeue()?,
         }
         Ok(())
@@ -669,7 +631,7 @@ impl Incoming {
         }
     }
 
-    fn from_amqp(d: lapin::message::Delivery) -> Incoming {
+    fn from_amqp(d: crate::amqp::Delivery) -> Incoming {
         let mut headers = BTreeMap::new();
         if let Some(table) = d.properties.headers() {
             for (k, v) in table.inner() {
@@ -687,7 +649,7 @@ impl Incoming {
                 .message_id()
                 .as_ref()
                 .map(|s| s.as_str().to_owned()),
-            payload: d.data,
+            payload: d.body,
             headers,
             redelivered: d.redelivered,
             acker: Settle::Whole(Acker::Amqp(d.acker)),

@@ -180,7 +180,7 @@ impl Fleet {
                 "LDT_CHAOS_DUPLICATE_EVERY",
                 self.args.duplicate_every.to_string(),
             )
-            .env("RUST_LOG", "info,sqlx=warn,lapin=error,amq_protocol=error")
+            .env("RUST_LOG", "info,sqlx=warn,amq_protocol=error")
             .env_remove("LDT_CRASH_POINT")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -3,6 +3,7 @@
 //! One binary, many roles: every service lives in [`services`] and is started by
 //! [`startup::Application`] in whatever combination the command line asks for.
 
+pub mod amqp;
 pub mod bench;
 pub mod bus;
 pub mod chaos;
