@@ -168,6 +168,9 @@ impl Drop for Keep {
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Shared {
+    /// Frames encoded and not written yet, in the order they go on the wire.
+    pending: Mutex<Vec<u8>>,
+    /// The socket's sending half, and a spare buffer to swap with `pending`.
     writer: tokio::sync::Mutex<Writer>,
     channels: Mutex<Channels>,
     frame_max: u32,
@@ -183,7 +186,7 @@ struct Shared {
 
 struct Writer {
     socket: OwnedWriteHalf,
-    buf: Vec<u8>,
+    spare: Vec<u8>,
 }
 
 struct Channels {
@@ -292,11 +295,52 @@ impl Shared {
         lock(&self.channels).open.get(&id).cloned()
     }
 
-    /// Writes frames already encoded in the writer's buffer; a failed write ends the
-    /// connection (the broker may have seen part of it).
-    async fn flush(&self, w: &mut Writer) -> Result<(), BusError> {
-        let result = w.socket.write_all(&w.buf).await;
-        w.buf.clear();
+    /// Appends frames to what is pending; `encode` runs under the lock, so what it writes
+    /// stays in one piece and in order.
+    fn queue<T>(
+        &self,
+        encode: impl FnOnce(&mut Vec<u8>) -> Result<T, BusError>,
+    ) -> Result<T, BusError> {
+        let mut pending = lock(&self.pending);
+        if !self.connected.load(Ordering::Acquire) {
+            return Err(unavailable(self.why_ended()));
+        }
+        let mark = pending.len();
+        match encode(&mut pending) {
+            Ok(t) => Ok(t),
+            Err(e) => {
+                if pending.len() != mark {
+                    // Cut short after a part was encoded (publishes may have taken their
+                    // sequence numbers): the connection cannot go on consistently.
+                    pending.truncate(mark);
+                    drop(pending);
+                    self.end(e.to_string());
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes what is pending, together with whatever other tasks queued meanwhile: first
+    /// it lets the tasks that are ready run (a relay about to publish, the other acks of a
+    /// batch), so that their frames leave in the same write, one system call for the broker
+    /// to read instead of several. Returns once the frames queued before it are written. A
+    /// failed write ends the connection (the broker may have seen part of it).
+    async fn flush(&self) -> Result<(), BusError> {
+        tokio::task::yield_now().await;
+        let mut w = self.writer.lock().await;
+        let Writer { socket, spare } = &mut *w;
+        std::mem::swap(&mut *lock(&self.pending), spare);
+        if spare.is_empty() {
+            // Another task wrote ours with its own.
+            return if self.connected.load(Ordering::Acquire) {
+                Ok(())
+            } else {
+                Err(unavailable(self.why_ended()))
+            };
+        }
+        let result = socket.write_all(spare).await;
+        spare.clear();
         if let Err(e) = result {
             let why = format!("writing to the broker failed: {e}");
             self.end(why.clone());
@@ -306,22 +350,29 @@ impl Shared {
     }
 
     async fn send(&self, frames: &[AMQPFrame]) -> Result<(), BusError> {
-        let mut w = self.writer.lock().await;
-        if !self.connected.load(Ordering::Acquire) {
-            return Err(unavailable(self.why_ended()));
-        }
-        for frame in frames {
-            encode(&mut w.buf, frame)?;
-        }
-        self.flush(&mut w).await
+        self.queue(|buf| {
+            for frame in frames {
+                encode(buf, frame)?;
+            }
+            Ok(())
+        })?;
+        self.flush().await
     }
 }
 
 fn encode(buf: &mut Vec<u8>, frame: &AMQPFrame) -> Result<(), BusError> {
-    let ctx = gen_frame(frame)(WriteContext::from(std::mem::take(buf)))
-        .map_err(|e| unavailable(format!("could not encode a frame: {e}")))?;
-    *buf = ctx.write;
-    Ok(())
+    let mark = buf.len();
+    let encoded = gen_frame(frame)(WriteContext::from(std::mem::take(buf)));
+    match encoded {
+        Ok(ctx) => {
+            *buf = ctx.write;
+            Ok(())
+        }
+        // Never with a growable buffer; and a frame cut short must not reach the wire.
+        Err(e) => Err(unavailable(format!(
+            "could not encode a frame ({e}); {mark} bytes pending were dropped"
+        ))),
+    }
 }
 
 /// A body frame, written directly: the payload is copied once, into the write buffer.
@@ -526,9 +577,10 @@ impl Connection {
 
         let epoch = Instant::now();
         let shared = Arc::new(Shared {
+            pending: Mutex::new(Vec::with_capacity(8192)),
             writer: tokio::sync::Mutex::new(Writer {
                 socket: wr,
-                buf: Vec::with_capacity(8192),
+                spare: Vec::with_capacity(8192),
             }),
             channels: Mutex::new(Channels {
                 open: HashMap::from([(0, Arc::new(ChannelState::new(0)))]),
@@ -841,47 +893,50 @@ impl Channel {
         messages: impl IntoIterator<Item = (&'a str, &'a BasicProperties, &'a [u8])>,
     ) -> Result<Vec<Confirm>, BusError> {
         let shared = self.shared();
-        let mut w = shared.writer.lock().await;
-        if !self.is_open() {
-            return Err(self.state.why_closed());
-        }
-        let mut confirms = Vec::new();
-        for (routing_key, properties, body) in messages {
-            encode(
-                &mut w.buf,
-                &AMQPFrame::Method(
-                    self.state.id,
-                    AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
-                        exchange: short(""),
-                        routing_key: short(routing_key),
-                        mandatory: false,
-                        immediate: false,
-                    })),
-                ),
-            )?;
-            encode(
-                &mut w.buf,
-                &AMQPFrame::Header(
-                    self.state.id,
-                    AMQPContentHeader {
-                        class_id: BASIC_CLASS,
-                        body_size: body.len() as u64,
-                        properties: properties.clone(),
-                    },
-                ),
-            )?;
-            encode_body(&mut w.buf, self.state.id, body, shared.frame_max);
-            // The sequence number is the order in which the broker reads the publishes:
-            // taken under the writer's lock, which orders them on the socket.
-            let mut state = lock(&self.state.confirms);
-            if let Some(seq) = state.next {
-                let (tx, rx) = oneshot::channel();
-                state.waiting.insert(seq, tx);
-                state.next = Some(seq + 1);
-                confirms.push(Confirm(rx, self.state.clone()));
+        let id = self.state.id;
+        let confirms = shared.queue(|buf| {
+            if !self.state.open.load(Ordering::Acquire) {
+                return Err(self.state.why_closed());
             }
-        }
-        shared.flush(&mut w).await?;
+            let mut confirms = Vec::new();
+            for (routing_key, properties, body) in messages {
+                encode(
+                    buf,
+                    &AMQPFrame::Method(
+                        id,
+                        AMQPClass::Basic(basic::AMQPMethod::Publish(basic::Publish {
+                            exchange: short(""),
+                            routing_key: short(routing_key),
+                            mandatory: false,
+                            immediate: false,
+                        })),
+                    ),
+                )?;
+                encode(
+                    buf,
+                    &AMQPFrame::Header(
+                        id,
+                        AMQPContentHeader {
+                            class_id: BASIC_CLASS,
+                            body_size: body.len() as u64,
+                            properties: properties.clone(),
+                        },
+                    ),
+                )?;
+                encode_body(buf, id, body, shared.frame_max);
+                // The sequence number is the order in which the broker reads the
+                // publishes: taken under the lock that orders them on the wire.
+                let mut state = lock(&self.state.confirms);
+                if let Some(seq) = state.next {
+                    let (tx, rx) = oneshot::channel();
+                    state.waiting.insert(seq, tx);
+                    state.next = Some(seq + 1);
+                    confirms.push(Confirm(rx, self.state.clone()));
+                }
+            }
+            Ok(confirms)
+        })?;
+        shared.flush().await?;
         Ok(confirms)
     }
 
@@ -1209,5 +1264,76 @@ async fn heartbeats(shared: Arc<Shared>, every: Duration) {
         if shared.send(&[AMQPFrame::Heartbeat]).await.is_err() {
             return;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broker_url_gives_host_port_login_and_vhost() {
+        let a = Address::parse("amqp://user:p%40ss@10.0.0.7:5673/%2f?heartbeat=5").unwrap();
+        assert_eq!(
+            a,
+            Address {
+                host: "10.0.0.7".into(),
+                port: 5673,
+                username: "user".into(),
+                password: "p@ss".into(),
+                vhost: "/".into(),
+                heartbeat: Some(5),
+            }
+        );
+        let d = Address::parse("amqp://rabbit").unwrap();
+        assert_eq!(
+            (
+                d.host.as_str(),
+                d.port,
+                d.username.as_str(),
+                d.vhost.as_str()
+            ),
+            ("rabbit", 5672, "guest", "/")
+        );
+        assert_eq!(Address::parse("amqp://h/shop").unwrap().vhost, "shop");
+    }
+
+    #[test]
+    fn a_broker_url_this_client_cannot_use_is_refused_with_the_reason() {
+        for (url, why) in [
+            ("amqps://h/", "TLS"),
+            ("http://h/", "scheme"),
+            ("not a url", "not a URL"),
+            ("amqp://h/?heartbeat=-1", "heartbeat"),
+        ] {
+            let err = Address::parse(url).unwrap_err().to_string();
+            assert!(err.contains(why), "{url}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_body_is_cut_into_frames_that_fit_and_read_back_whole() {
+        let body: Vec<u8> = (0..25u8).collect();
+        let mut buf = Vec::new();
+        encode_body(&mut buf, 3, &body, 18);
+        // Frames of at most 18 bytes: 10 of payload each, so 10 + 10 + 5.
+        let mut at = 0;
+        let mut back = Vec::new();
+        while let Some(len) = whole_frame(&buf[at..]) {
+            assert!(len <= 18);
+            match parse(&buf[at..at + len]).unwrap() {
+                AMQPFrame::Body(3, part) => back.extend(part),
+                other => panic!("not a body frame on channel 3: {other}"),
+            }
+            at += len;
+        }
+        assert_eq!(at, buf.len());
+        assert_eq!(back, body);
+        assert_eq!(whole_frame(&buf[..buf.len() - 1 - 5 - 8 + 1]), Some(18));
+        assert_eq!(
+            whole_frame(&buf[..6]),
+            None,
+            "a header cut short is no frame"
+        );
     }
 }

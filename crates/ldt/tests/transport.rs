@@ -508,6 +508,144 @@ async fn a_malformed_bundle_is_delivered_whole(f: Fixture) {
     assert_eq!(text(&next(&mut sub).await), "payload 2");
 }
 
+async fn a_dropped_subscription_gives_back_its_unacked_messages(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let batch: Vec<Outgoing> = (0..3).map(|i| f.message(&q, i)).collect();
+    bus.publish(&batch).await.unwrap();
+    let mut first = bus.subscribe(&q, 10).await.unwrap();
+    let held = [next(&mut first).await, next(&mut first).await];
+    // Neither closed nor acked: a consumer loop that ended by an error drops its
+    // subscription, and what it held must not stay stuck with it.
+    drop(first);
+    drop(held);
+    let mut second = bus.subscribe(&q, 10).await.unwrap();
+    ack_in_order(&mut second, 0..3).await;
+}
+
+async fn a_message_larger_than_a_frame_arrives_whole(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    // RabbitMQ's frames carry at most 128 KiB: this body takes three, cut mid-pattern.
+    let payload: Vec<u8> = (0..300_001u32).map(|i| (i % 251) as u8).collect();
+    let big = Outgoing {
+        payload: payload.clone(),
+        ..f.message(&q, 1)
+    };
+    bus.publish(&[big, f.message(&q, 2)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut sub).await;
+    assert_eq!(m.payload.len(), payload.len());
+    assert!(m.payload == payload, "the large body came back changed");
+    assert_eq!(m.message_id.as_deref(), Some("m1"));
+    m.ack().await.unwrap();
+    ack_in_order(&mut sub, [2]).await;
+}
+
+async fn a_missing_queue_has_no_depth_and_the_bus_goes_on(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    let missing = format!("{q}-missing");
+    let err = bus.queue_depth(&missing).await.unwrap_err();
+    assert!(
+        err.to_string().contains("NOT_FOUND"),
+        "the broker's reason is kept: {err}"
+    );
+    bus.publish(&[f.message(&q, 1)]).await.unwrap();
+    assert_eq!(bus.queue_depth(&q).await.unwrap(), 1);
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    ack_in_order(&mut sub, [1]).await;
+}
+
+/// A TCP relay to the broker whose connections the test can cut, as a network failure or
+/// a broker that died would.
+struct Relay {
+    url: String,
+    pipes: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl Relay {
+    async fn start() -> Relay {
+        let broker = ldt::amqp::Address::parse(&common::amqp_url()).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let pipes: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let target = (broker.host.clone(), broker.port);
+        let held = pipes.clone();
+        tokio::spawn(async move {
+            while let Ok((mut client, _)) = listener.accept().await {
+                let target = target.clone();
+                let pipe = tokio::spawn(async move {
+                    let mut upstream = tokio::net::TcpStream::connect(target).await.unwrap();
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
+                });
+                held.lock().unwrap().push(pipe.abort_handle());
+            }
+        });
+        let vhost = if broker.vhost == "/" {
+            "%2f".to_owned()
+        } else {
+            broker.vhost.clone()
+        };
+        Relay {
+            url: format!(
+                "amqp://{}:{}@127.0.0.1:{port}/{vhost}",
+                broker.username, broker.password
+            ),
+            pipes,
+        }
+    }
+
+    /// Cuts every connection made so far (both ends see the socket close).
+    fn cut(&self) {
+        for pipe in self.pipes.lock().unwrap().drain(..) {
+            pipe.abort();
+        }
+    }
+}
+
+/// When the connection to the broker is cut, consumers see their subscription end, nothing
+/// waits forever, and the bus connects again on its next use; what was delivered and not
+/// acked before the cut is delivered again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_a_cut_connection_ends_subscriptions_and_the_bus_reconnects() {
+    let f = Fixture::new(Kind::Amqp);
+    let relay = Relay::start().await;
+    let bus = Bus::amqp_with(&relay.url, f.names(), QueueOptions::default())
+        .await
+        .unwrap();
+    let q = f.queue();
+    bus.publish(&[f.message(&q, 1)]).await.unwrap();
+    let mut sub = bus.subscribe(&q, 10).await.unwrap();
+    let held = next(&mut sub).await;
+    relay.cut();
+    let ended = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("the subscription ends within 10 s of the cut");
+    assert!(
+        !matches!(ended, Some(Ok(_))),
+        "no delivery after the cut, the subscription ends"
+    );
+    assert!(
+        held.ack().await.is_err(),
+        "an ack on the cut connection fails"
+    );
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while let Err(e) = bus.publish(&[f.message(&q, 2)]).await {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bus did not reconnect within 10 s: {e}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut again = bus.subscribe(&q, 10).await.unwrap();
+    let m = next(&mut again).await;
+    assert_eq!(text(&m), "payload 1");
+    assert!(m.redelivered);
+    m.ack().await.unwrap();
+    ack_in_order(&mut again, [2]).await;
+}
+
 /// Runs each named scenario against each transport kind.
 macro_rules! conformance {
     ($($scenario:ident: [$($kind:ident),*];)*) => {
@@ -541,4 +679,8 @@ conformance! {
     a_bundle_is_acked_only_with_its_last_part: [Amqp, Journaled];
     a_poison_part_is_parked_alone_and_its_bundle_acked: [Amqp, Journaled, Memory];
     a_malformed_bundle_is_delivered_whole: [Amqp, Journaled, Memory];
+    a_dropped_subscription_gives_back_its_unacked_messages: [Amqp, Journaled, Memory];
+    a_message_larger_than_a_frame_arrives_whole: [Amqp, Journaled, Memory];
+    // The in-process bus knows every queue it was opened with and no other.
+    a_missing_queue_has_no_depth_and_the_bus_goes_on: [Amqp];
 }
