@@ -406,10 +406,24 @@ fn parse(bytes: &[u8]) -> Result<AMQPFrame, BusError> {
 /// Reads one frame during the handshake (before the reader task runs).
 async fn read_frame(socket: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<AMQPFrame, BusError> {
     loop {
+        if buf.starts_with(b"AMQP") && buf.len() >= 8 {
+            // The broker's answer to a protocol header it does not take: its own version.
+            return Err(unavailable(format!(
+                "the broker does not speak AMQP 0-9-1 (it offers {}.{}.{})",
+                buf[5], buf[6], buf[7]
+            )));
+        }
         if let Some(len) = whole_frame(buf) {
             let frame = parse(&buf[..len])?;
             buf.drain(..len);
             return Ok(frame);
+        }
+        if buf.len() >= FRAME_HEADER
+            && u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) > FRAME_MAX
+        {
+            return Err(unavailable(
+                "the server at the broker's address does not answer in AMQP 0-9-1 frames",
+            ));
         }
         buf.reserve(4096);
         match socket.read_buf(buf).await {
@@ -1335,5 +1349,45 @@ mod tests {
             None,
             "a header cut short is no frame"
         );
+    }
+
+    /// A server on the broker's address that answers `reply` to anything, and keeps the
+    /// connection open.
+    async fn server_answering(reply: &'static [u8]) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut hello = [0u8; 8];
+                    let _ = socket.read_exact(&mut hello).await;
+                    let _ = socket.write_all(reply).await;
+                    tokio::time::sleep(Duration::from_secs(30)).await;
+                });
+            }
+        });
+        format!("amqp://127.0.0.1:{port}/")
+    }
+
+    #[tokio::test]
+    async fn a_server_that_is_not_an_amqp_0_9_1_broker_is_named_as_such_at_once() {
+        for (reply, why) in [
+            (
+                &b"AMQP\x00\x00\x08\x00"[..],
+                "does not speak AMQP 0-9-1 (it offers 0.8.0)",
+            ),
+            (
+                &b"HTTP/1.1 400 Bad Request\r\n\r\n"[..],
+                "does not answer in AMQP 0-9-1 frames",
+            ),
+        ] {
+            let url = server_answering(reply).await;
+            let err = tokio::time::timeout(Duration::from_secs(5), Connection::connect(&url))
+                .await
+                .expect("an answer, not a wait")
+                .err()
+                .expect("no connection");
+            assert!(err.to_string().contains(why), "{err}");
+        }
     }
 }

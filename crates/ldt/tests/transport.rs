@@ -646,6 +646,35 @@ async fn amqp_a_cut_connection_ends_subscriptions_and_the_bus_reconnects() {
     ack_in_order(&mut again, [2]).await;
 }
 
+/// A login or virtual host the broker refuses is an error that says why, at once.
+#[tokio::test]
+async fn amqp_a_refused_login_or_vhost_is_reported_with_the_broker_s_reason() {
+    let broker = ldt::amqp::Address::parse(&common::amqp_url()).unwrap();
+    let base = format!("127.0.0.1:{}", broker.port);
+    for (url, why) in [
+        (
+            format!("amqp://{}:not-the-password@{base}/%2f", broker.username),
+            "ACCESS_REFUSED",
+        ),
+        (
+            format!(
+                "amqp://{}:{}@{base}/no-such-vhost-{}",
+                broker.username,
+                broker.password,
+                uuid::Uuid::new_v4().simple()
+            ),
+            "NOT_ALLOWED",
+        ),
+    ] {
+        let err = tokio::time::timeout(Duration::from_secs(10), Bus::amqp(&url, Vec::new(), None))
+            .await
+            .expect("an answer within 10 s")
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains(why), "{url}: {err}");
+    }
+}
+
 /// Runs each named scenario against each transport kind.
 macro_rules! conformance {
     ($($scenario:ident: [$($kind:ident),*];)*) => {
