@@ -2,10 +2,10 @@
 //!
 //! [`Bus`] is what the services see: publish a batch (returns once the broker confirmed every
 //! message), subscribe to a queue (at-least-once deliveries, explicit ack / nack). It is an
-//! enum rather than a trait object so that no future is boxed: RabbitMQ (lapin) for real
-//! deployments, and the in-process [`EmbeddedBus`] for `ldt up` without a broker. The
-//! services cannot tell them apart; `tests/transport.rs` runs one conformance suite
-//! against both.
+//! enum rather than a trait object so that no future is boxed: RabbitMQ (through the
+//! client in [`crate::amqp`]) for real deployments, and the in-process [`EmbeddedBus`] for
+//! `ldt up` without a broker. The services cannot tell them apart; `tests/transport.rs` runs
+//! one conformance suite against both.
 //!
 //! Connections are re-established lazily: a publish or subscribe after the broker restarted
 //! reconnects, and the callers (the outbox relay and the consumer loops) retry with backoff.
