@@ -675,6 +675,31 @@ async fn amqp_a_refused_login_or_vhost_is_reported_with_the_broker_s_reason() {
     }
 }
 
+/// Queues declared again with other arguments than they have: the broker refuses, and the
+/// error says so instead of a bare "channel closed".
+#[tokio::test]
+async fn amqp_a_queue_declared_with_other_arguments_is_refused_with_the_reason() {
+    let f = Fixture::new(Kind::Amqp);
+    let _first = f.open(None).await;
+    let err = Bus::amqp_with(
+        &common::amqp_url(),
+        f.names(),
+        QueueOptions {
+            expires_ms: Some(600_000),
+            queue_type: None,
+            max_length: Some(5),
+        },
+    )
+    .await
+    .err()
+    .expect("refused");
+    let text = err.to_string();
+    assert!(
+        text.contains("PRECONDITION_FAILED") && text.contains("x-max-length"),
+        "{text}"
+    );
+}
+
 /// Runs each named scenario against each transport kind.
 macro_rules! conformance {
     ($($scenario:ident: [$($kind:ident),*];)*) => {
