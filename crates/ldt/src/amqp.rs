@@ -803,11 +803,12 @@ impl Channel {
     async fn rpc(&self, method: AMQPClass) -> Result<AMQPClass, BusError> {
         let _one = self.state.rpc.lock().await;
         let (tx, rx) = oneshot::channel();
-        {
-            if !self.state.open.load(Ordering::Acquire) {
-                return Err(self.state.why_closed());
-            }
-            *lock(&self.state.reply) = Some(tx);
+        *lock(&self.state.reply) = Some(tx);
+        // Checked after the reply slot is set: a channel failing meanwhile either found the
+        // slot and answered it, or is seen closed here.
+        if !self.state.open.load(Ordering::Acquire) {
+            lock(&self.state.reply).take();
+            return Err(self.state.why_closed());
         }
         self.shared()
             .send(&[AMQPFrame::Method(self.state.id, method)])
@@ -943,7 +944,11 @@ impl Channel {
                 let mut state = lock(&self.state.confirms);
                 if let Some(seq) = state.next {
                     let (tx, rx) = oneshot::channel();
-                    state.waiting.insert(seq, tx);
+                    // A channel that failed meanwhile has cleared its waiters already: this
+                    // one's sender is dropped, and its wait fails at once with the reason.
+                    if self.state.open.load(Ordering::Acquire) {
+                        state.waiting.insert(seq, tx);
+                    }
                     state.next = Some(seq + 1);
                     confirms.push(Confirm(rx, self.state.clone()));
                 }
