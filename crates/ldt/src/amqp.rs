@@ -620,10 +620,6 @@ impl Connection {
         })
     }
 
-    pub fn is_connected(&self) -> bool {
-        self.keep.shared.connected.load(Ordering::Acquire)
-    }
-
     /// Opens a new channel.
     pub async fn open_channel(&self) -> Result<Channel, BusError> {
         let shared = &self.keep.shared;
@@ -1017,9 +1013,10 @@ impl Acker {
     }
 }
 
-/// A delivery whose header and body frames are still to come.
+/// A delivery whose header and body frames are still to come (`None`: returned content,
+/// read and dropped).
 struct Partial {
-    deliver: basic::Deliver,
+    deliver: Option<basic::Deliver>,
     properties: Option<BasicProperties>,
     size: u64,
     body: Vec<u8>,
@@ -1094,7 +1091,7 @@ async fn dispatch(
             partial.insert(
                 id,
                 Partial {
-                    deliver,
+                    deliver: Some(deliver),
                     properties: None,
                     size: 0,
                     body: Vec::new(),
@@ -1132,8 +1129,18 @@ async fn dispatch(
                 lock(&c.consumer).take();
             }
         }
-        AMQPFrame::Method(_, AMQPClass::Basic(basic::AMQPMethod::Return(_))) => {
-            // Publishes are never mandatory: a return cannot come; its content is skipped.
+        AMQPFrame::Method(id, AMQPClass::Basic(basic::AMQPMethod::Return(_))) => {
+            // Publishes are never mandatory, so no return should come; if one does, its
+            // content is read and dropped rather than taken for a protocol error.
+            partial.insert(
+                id,
+                Partial {
+                    deliver: None,
+                    properties: None,
+                    size: 0,
+                    body: Vec::new(),
+                },
+            );
         }
         AMQPFrame::Method(id, AMQPClass::Channel(channel::AMQPMethod::Close(close))) => {
             let why = format!(
@@ -1240,7 +1247,13 @@ fn body(
 
 /// Hands a completed delivery to its channel's consumer.
 fn deliver(shared: &Arc<Shared>, id: u16, partial: &mut HashMap<u16, Partial>) {
-    let Some(p) = partial.remove(&id) else {
+    let Some(Partial {
+        deliver: Some(deliver),
+        properties,
+        body,
+        ..
+    }) = partial.remove(&id)
+    else {
         return;
     };
     let Some(state) = shared.channel(id) else {
@@ -1253,13 +1266,13 @@ fn deliver(shared: &Arc<Shared>, id: u16, partial: &mut HashMap<u16, Partial>) {
         return;
     };
     let _ = consumer.send(Delivery {
-        redelivered: p.deliver.redelivered,
-        properties: p.properties.unwrap_or_default(),
-        body: p.body,
+        redelivered: deliver.redelivered,
+        properties: properties.unwrap_or_default(),
+        body,
         acker: Acker {
             shared: shared.clone(),
             state,
-            tag: p.deliver.delivery_tag,
+            tag: deliver.delivery_tag,
         },
     });
 }
