@@ -387,10 +387,14 @@ fn encode_body(buf: &mut Vec<u8>, channel: u16, body: &[u8], frame_max: u32) {
     }
 }
 
+/// The payload size the first frame in `buf` announces, once its header is in.
+fn frame_size(buf: &[u8]) -> Option<usize> {
+    Some(u32::from_be_bytes(buf.get(3..7)?.try_into().ok()?) as usize)
+}
+
 /// The length of the first whole frame in `buf`, if it holds one.
 fn whole_frame(buf: &[u8]) -> Option<usize> {
-    let size = u32::from_be_bytes(buf.get(3..7)?.try_into().ok()?) as usize;
-    let len = FRAME_HEADER + size + 1;
+    let len = FRAME_HEADER + frame_size(buf)? + 1;
     (buf.len() >= len).then_some(len)
 }
 
@@ -418,9 +422,7 @@ async fn read_frame(socket: &mut OwnedReadHalf, buf: &mut Vec<u8>) -> Result<AMQ
             buf.drain(..len);
             return Ok(frame);
         }
-        if buf.len() >= FRAME_HEADER
-            && u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) > FRAME_MAX
-        {
+        if frame_size(buf).is_some_and(|size| size > FRAME_MAX as usize) {
             return Err(unavailable(
                 "the server at the broker's address does not answer in AMQP 0-9-1 frames",
             ));
@@ -1054,14 +1056,13 @@ async fn read_frames(
             }
         }
         buf.drain(..at);
-        if buf.len() >= FRAME_HEADER && whole_frame(buf).is_none() {
-            let size = u32::from_be_bytes([buf[3], buf[4], buf[5], buf[6]]) as usize;
-            if size + FRAME_HEADER + 1 > limit {
-                return Err(format!(
-                    "the broker sent a frame of {size} bytes, over the agreed maximum of {}",
-                    shared.frame_max
-                ));
-            }
+        if let Some(size) = frame_size(buf)
+            && size + FRAME_HEADER + 1 > limit
+        {
+            return Err(format!(
+                "the broker sent a frame of {size} bytes, over the agreed maximum of {}",
+                shared.frame_max
+            ));
         }
         buf.reserve(32 * 1024);
         let read = tokio::select! {
