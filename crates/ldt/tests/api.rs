@@ -232,6 +232,32 @@ async fn a_full_marketplace_sheds_new_orders_with_retry_after(stack: Stack) {
     assert_eq!(all.as_array().unwrap().len(), 3);
 }
 
+async fn concurrent_orders_never_overshoot_the_admission_limit(stack: Stack) {
+    // Twenty orders sent at once to a marketplace that admits three in flight: before any of
+    // them commits, each would see room, so the place must be taken at the door.
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &["--max-pending", "3", "--step-timeout-ms", "5000"],
+    )
+    .await;
+    let statuses = futures_util::future::join_all((0..20).map(|i| {
+        app.client
+            .post(app.url("/api/v1/orders"))
+            .json(&json!({"username": format!("c{i}"), "price": 1, "amount": 1, "faults": {"payment": "timeout"}}))
+            .send()
+    }))
+    .await
+    .into_iter()
+    .map(|r| r.unwrap().status().as_u16())
+    .collect::<Vec<_>>();
+    let accepted = statuses.iter().filter(|s| **s == 202).count();
+    let shed = statuses.iter().filter(|s| **s == 503).count();
+    assert_eq!((accepted, shed), (3, 17), "{statuses:?}");
+    let (_, all) = app.get("/api/all-transaction").await;
+    assert_eq!(all.as_array().unwrap().len(), 3);
+}
+
 async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack: Stack) {
     let app = spawn_on(
         stack,
@@ -285,5 +311,6 @@ on_every_stack!(
     health_openapi_and_swagger_are_served,
     restock_adds_to_the_stock,
     a_full_marketplace_sheds_new_orders_with_retry_after,
+    concurrent_orders_never_overshoot_the_admission_limit,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
 );

@@ -81,6 +81,22 @@ struct AdmissionState {
     gate: tokio::sync::RwLock<()>,
     /// The current limit.
     limit: std::sync::atomic::AtomicI64,
+    /// Requests admitted and not yet answered. Until its order commits, an admitted request
+    /// is in no count: without this, while commits are slow (a recount holds the gate, the
+    /// database is busy) every request that arrived meanwhile would be admitted.
+    admitting: std::sync::atomic::AtomicI64,
+}
+
+/// An admitted request's place in the in-flight estimate, given back when it is dropped
+/// (answered, failed, or its client went away).
+struct Admitted(Arc<AdmissionState>);
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        self.0
+            .admitting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
 }
 
 impl Admission {
@@ -117,8 +133,20 @@ impl Admission {
 
     /// The orders in flight: the last count, plus what this process committed since, minus
     /// what it finished since (without the finishes, the estimate would grow by the whole
-    /// intake between two counts and shed orders that fit).
+    /// intake between two counts and shed orders that fit), plus the requests admitted and
+    /// not yet committed (an order is counted twice between its commit and its answer: a
+    /// moment, on the safe side). [`Admission::admit`] reads it in two parts.
+    #[cfg(test)]
     fn estimate(&self) -> i64 {
+        let admitting = self
+            .state
+            .admitting
+            .load(std::sync::atomic::Ordering::Acquire);
+        self.estimate_committed().saturating_add(admitting.max(0))
+    }
+
+    /// The estimate without the requests not yet committed.
+    fn estimate_committed(&self) -> i64 {
         let (count, committed_then, finished_then) = *self
             .state
             .snapshot
@@ -138,15 +166,29 @@ impl Admission {
             .max(0)
     }
 
-    fn admit(&self) -> Result<(), ApiError> {
-        let now = self.estimate();
-        let limit = self.state.limit.load(std::sync::atomic::Ordering::Relaxed);
-        if now >= limit {
-            return Err(ApiError::Overloaded(format!(
-                "overloaded: {now} orders in flight (limit {limit}); retry after 1 s"
-            )));
+    /// Takes a place in flight for a new order, or refuses it when the limit is reached.
+    /// Compare-and-swap: of concurrent requests that see the last place free, one gets it.
+    fn admit(&self) -> Result<Admitted, ApiError> {
+        use std::sync::atomic::Ordering;
+        let limit = self.state.limit.load(Ordering::Relaxed);
+        let mut admitting = self.state.admitting.load(Ordering::Acquire);
+        loop {
+            let now = self.estimate_committed().saturating_add(admitting.max(0));
+            if now >= limit {
+                return Err(ApiError::Overloaded(format!(
+                    "overloaded: {now} orders in flight (limit {limit}); retry after 1 s"
+                )));
+            }
+            match self.state.admitting.compare_exchange_weak(
+                admitting,
+                admitting.saturating_add(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Ok(Admitted(self.state.clone())),
+                Err(current) => admitting = current,
+            }
         }
-        Ok(())
     }
 
     /// Called after an order's transaction committed.
@@ -704,16 +746,20 @@ impl OrderState {
                     .into(),
             ));
         }
-        if let Err(overloaded) = self.admission.admit() {
-            // A retry of an order already taken is answered even when full.
-            if let Some(key) = idempotency_key
-                && let Some((order, hash)) = find_by_idempotency_key(&self.pool, key).await?
-                && hash.as_deref() == Some(new.fingerprint().as_str())
-            {
-                return Ok(Created::Replayed(order));
+        // Held until the order is answered: see `AdmissionState::admitting`.
+        let _admitted = match self.admission.admit() {
+            Ok(admitted) => admitted,
+            Err(overloaded) => {
+                // A retry of an order already taken is answered even when full.
+                if let Some(key) = idempotency_key
+                    && let Some((order, hash)) = find_by_idempotency_key(&self.pool, key).await?
+                    && hash.as_deref() == Some(new.fingerprint().as_str())
+                {
+                    return Ok(Created::Replayed(order));
+                }
+                return Err(overloaded);
             }
-            return Err(overloaded);
-        }
+        };
         if new.kill_create {
             tracing::info!(username = %new.username, "injected fault kill_create: the order is not stored");
             return Err(ApiError::Injected(
@@ -1126,6 +1172,28 @@ mod tests {
         );
         // Finishes of orders another replica took can outrun this one's commits.
         a.finished(5);
+        assert_eq!(a.estimate(), 0);
+    }
+
+    #[test]
+    fn an_admitted_request_holds_its_place_until_it_is_answered() {
+        let a = super::Admission::new(2, std::time::Duration::ZERO);
+        let first = a.admit().expect("room for two");
+        let second = a.admit().expect("room for two");
+        assert_eq!(
+            a.estimate(),
+            2,
+            "admitted, not yet committed, still in flight"
+        );
+        assert!(
+            a.admit().is_err(),
+            "two admitted requests fill a limit of two before either commits"
+        );
+        assert_eq!(a.estimate(), 2, "a refused request takes no place");
+        drop(first);
+        assert_eq!(a.estimate(), 1);
+        let third = a.admit().expect("an answered request makes room");
+        drop((second, third));
         assert_eq!(a.estimate(), 0);
     }
 
