@@ -4,7 +4,9 @@
 mod common;
 
 use common::{ALL, Stack, spawn_on};
+use futures_util::FutureExt;
 use serde_json::json;
+use std::time::Duration;
 
 async fn bad_orders_are_rejected_with_a_reason_and_store_nothing(stack: Stack) {
     let app = spawn_on(stack, &ALL, &[]).await;
@@ -258,6 +260,49 @@ async fn concurrent_orders_never_overshoot_the_admission_limit(stack: Stack) {
     assert_eq!(all.as_array().unwrap().len(), 3);
 }
 
+async fn a_burst_of_orders_is_stored_once_each_and_completes(stack: Stack) {
+    // Sixty orders at once: the intake writes those that arrive together in one
+    // transaction. Ten repeat an earlier request's Idempotency-Key, so a group may hold both
+    // copies of a key: the order is stored once and both answers carry it.
+    let app = spawn_on(stack, &ALL, &[]).await;
+    let user = common::user("burst");
+    let requests = (0..60).map(|i| {
+        let key = format!("k{}", if i < 50 { i } else { i - 50 });
+        app.client
+            .post(app.url("/api/v1/orders"))
+            .header("Idempotency-Key", key.clone())
+            .json(&common::order_body(&user, 1, 1))
+            .send()
+            .map(move |r| (key, r))
+    });
+    let mut ids_by_key: std::collections::HashMap<String, Vec<(u16, String)>> = Default::default();
+    for (key, resp) in futures_util::future::join_all(requests).await {
+        let resp = resp.unwrap();
+        let status = resp.status().as_u16();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        let id = body["id"].as_str().unwrap_or_default().to_owned();
+        ids_by_key.entry(key).or_default().push((status, id));
+    }
+    assert_eq!(ids_by_key.len(), 50);
+    for (key, answers) in &ids_by_key {
+        let created = answers.iter().filter(|(s, _)| *s == 202).count();
+        assert_eq!(created, 1, "{key}: {answers:?}");
+        assert!(
+            answers
+                .iter()
+                .all(|(s, id)| (*s == 202 || *s == 200) && *id == answers[0].1),
+            "{key}: {answers:?}"
+        );
+    }
+    for answers in ids_by_key.values() {
+        let order = app.wait_final(&answers[0].1, Duration::from_secs(30)).await;
+        assert_eq!(order["status"], "SUCCESS", "{order}");
+    }
+    let (_, all) = app.get("/api/all-transaction").await;
+    assert_eq!(all.as_array().unwrap().len(), 50);
+    assert_eq!(app.credits(&user).await, Some(500 - 50));
+}
+
 async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack: Stack) {
     let app = spawn_on(
         stack,
@@ -312,5 +357,6 @@ on_every_stack!(
     restock_adds_to_the_stock,
     a_full_marketplace_sheds_new_orders_with_retry_after,
     concurrent_orders_never_overshoot_the_admission_limit,
+    a_burst_of_orders_is_stored_once_each_and_completes,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
 );
