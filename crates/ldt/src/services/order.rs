@@ -547,16 +547,11 @@ impl IntakeWriter {
                     Err(_) => break,
                 }
             }
-            if self.writers == 1 {
-                self.writes.write(group).await;
+            let writes = self.writes.clone();
+            tokio::spawn(async move {
+                writes.write(group).await;
                 drop(permit);
-            } else {
-                let writes = self.writes.clone();
-                tokio::spawn(async move {
-                    writes.write(group).await;
-                    drop(permit);
-                });
-            }
+            });
         }
         // Every permit back: no write in flight.
         let all = u32::try_from(self.writers).unwrap_or(u32::MAX);
