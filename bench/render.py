@@ -48,6 +48,11 @@ for rate, r, rss in rows:
     other = ", ".join(f"{k} {v}" for k, v in sorted((r.get("statuses") or {}).items()) if k != "SUCCESS") or "0"
     lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
 lines.append("")
+floor = open(f"{work}/floor.md").read().strip() if os.path.exists(f"{work}/floor.md") else ""
+if floor:
+    lines.append("The machine's floor in the same sitting, just before (`bench/limits.sh` at 300/s: pgbench at an order's seven durable commits, and six persistent, confirmed broker hops without and with a durable insert each; CPU in % of one core):\n")
+    lines.append(floor)
+    lines.append("")
 text = "\n".join(lines) + "\n"
 header = "# Benchmarks\n\nWritten by `bench/run.sh` (newest first). Saga latency is POST → final status from the orders' own timestamps; HTTP latency counts from when each request was due (open loop, no coordinated omission). Figures are for this machine; see the notes at the end for what each change bought.\n\n"
 old = open(out).read() if os.path.exists(out) else header
