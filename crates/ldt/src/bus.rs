@@ -2,8 +2,8 @@
 //!
 //! [`Bus`] is what the services see: publish a batch (returns once the broker confirmed every
 //! message), subscribe to a queue (at-least-once deliveries, explicit ack / nack). It is an
-//! enum rather than a trait object so that no future is boxed: RabbitMQ (through the
-//! client in [`crate::amqp`]) for real deployments, and the in-process [`EmbeddedBus`] for
+//! enum rather than a trait object so that no future is boxed: RabbitMQ (through lapin, in
+//! [`crate::rabbitmq`]) for real deployments, and the in-process [`EmbeddedBus`] for
 //! `ldt up` without a broker. The services cannot tell them apart; `tests/transport.rs` runs
 //! one conformance suite against both.
 //!
@@ -15,10 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
 
-use amq_protocol::types::{AMQPValue, FieldTable, LongString};
-use tokio::sync::Mutex;
+use futures_util::StreamExt;
 
-use crate::amqp::{BasicProperties, Channel, Connection, Declare};
+use crate::rabbitmq::AmqpBus;
 
 pub use crate::embedded_bus::EmbeddedBus;
 use crate::embedded_bus::{EmbeddedAcker, EmbeddedSubscription};
@@ -151,32 +150,18 @@ pub enum BusError {
     Nacked(String),
     #[error("queue {0} is full; publish again later")]
     Full(String),
+    /// The broker refuses publishes for now (`connection.blocked`: a memory or disk alarm).
+    #[error("the broker blocks publishing: {0}")]
+    Blocked(String),
+    /// A message no queue took (its queue was deleted): it came back instead of being lost.
+    #[error("a message for queue {queue} came back unroutable ({reason})")]
+    Returned { queue: String, reason: String },
 }
 
 impl BusError {
     /// Whether the broker refused the publish (a full queue) rather than being unreachable.
     pub fn is_refused(&self) -> bool {
         matches!(self, BusError::Nacked(_) | BusError::Full(_))
-    }
-}
-
-/// The longest the broker may take to answer: confirm a publish, take an ack, open a channel.
-/// A broker that stops answering without closing the socket (paused, partitioned) would
-/// otherwise hold up its caller until the heartbeat check ends the connection: past this,
-/// the operation counts as failed (the outbox keeps the rows; an unacked delivery is
-/// redelivered).
-const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// `fut`, or `Unavailable` once [`BROKER_TIMEOUT`] has passed.
-async fn within<T>(
-    what: &str,
-    fut: impl std::future::Future<Output = Result<T, BusError>>,
-) -> Result<T, BusError> {
-    match tokio::time::timeout(BROKER_TIMEOUT, fut).await {
-        Ok(result) => result,
-        Err(_) => Err(BusError::Unavailable(format!(
-            "the broker did not answer a {what} within {BROKER_TIMEOUT:?}"
-        ))),
     }
 }
 
@@ -227,20 +212,22 @@ impl Bus {
         ))
     }
 
-    /// Like [`amqp`](Bus::amqp), declaring the queues with `options`.
+    /// Like [`amqp`](Bus::amqp), declaring the queues with `options`. `url` may list several
+    /// addresses of one cluster, separated by commas.
     pub async fn amqp_with(
         url: &str,
         queues: Vec<String>,
         options: QueueOptions,
     ) -> Result<Bus, BusError> {
-        let bus = AmqpBus {
-            url: url.to_owned(),
-            queues,
-            options,
-            state: Mutex::new(None),
-        };
-        bus.publisher().await?;
-        Ok(Bus::Amqp(Arc::new(bus)))
+        let urls: Vec<String> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|u| !u.is_empty())
+            .map(str::to_owned)
+            .collect();
+        Ok(Bus::Amqp(Arc::new(
+            AmqpBus::connect(&urls, queues, options).await?,
+        )))
     }
 
     /// The `messaging.system` of spans: `rabbitmq`, or `ldt_embedded` for the in-process bus.
@@ -262,18 +249,30 @@ impl Bus {
     /// Starts consuming `queue`, at most `prefetch` deliveries unacknowledged at once.
     pub async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
         match self {
-            Bus::Amqp(b) => b.subscribe(queue, prefetch).await,
+            Bus::Amqp(b) => {
+                let (channel, consumer) = b.subscribe(queue, prefetch).await?;
+                Ok(Subscription::new(Source::Amqp {
+                    channel,
+                    consumer: Box::new(consumer),
+                }))
+            }
             Bus::Embedded(b) => Ok(Subscription::new(Source::Embedded(
                 b.subscribe(queue, prefetch),
             ))),
         }
     }
 
-    /// Whether the broker answers now (for `/readyz`).
+    /// Whether the broker takes messages now (for `/readyz`).
     pub async fn ping(&self) -> bool {
+        self.problem().await.is_none()
+    }
+
+    /// Why the bus would not take a message now, if it would not: the broker unreachable, or
+    /// blocking publishes (for `/readyz`).
+    pub async fn problem(&self) -> Option<String> {
         match self {
-            Bus::Amqp(b) => b.publisher().await.is_ok(),
-            Bus::Embedded(b) => b.healthy(),
+            Bus::Amqp(b) => b.problem().await,
+            Bus::Embedded(b) => (!b.healthy()).then(|| "the in-process bus has stopped".into()),
         }
     }
 
@@ -302,174 +301,6 @@ impl Bus {
     }
 }
 
-pub struct AmqpBus {
-    url: String,
-    queues: Vec<String>,
-    options: QueueOptions,
-    /// The shared connection and the confirm-mode channel used for publishing.
-    state: Mutex<Option<(Connection, Channel)>>,
-}
-
-impl AmqpBus {
-    fn queue_arguments(&self) -> FieldTable {
-        let mut args = FieldTable::default();
-        if let Some(ms) = self.options.expires_ms {
-            args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
-        }
-        if let Some(queue_type) = self.options.queue_type.as_deref()
-            && queue_type != "classic"
-        {
-            args.insert(
-                "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(queue_type)),
-            );
-        }
-        if let Some(max) = self.options.max_length {
-            args.insert("x-max-length".into(), AMQPValue::LongUInt(max));
-            args.insert(
-                "x-overflow".into(),
-                AMQPValue::LongString(LongString::from("reject-publish")),
-            );
-        }
-        args
-    }
-
-    async fn connect(&self) -> Result<(Connection, Channel), BusError> {
-        let conn = Connection::connect(&self.url).await?;
-        let channel = conn.open_channel().await?;
-        let args = self.queue_arguments();
-        let durable = Declare {
-            durable: true,
-            passive: false,
-        };
-        for queue in &self.queues {
-            channel.queue_declare(queue, durable, args.clone()).await?;
-        }
-        channel.confirm_select().await?;
-        Ok((conn, channel))
-    }
-
-    /// The live connection and publishing channel, reconnecting when the old one died.
-    async fn publisher(&self) -> Result<(Connection, Channel), BusError> {
-        let mut state = self.state.lock().await;
-        if let Some((conn, channel)) = state.as_ref()
-            && channel.is_open()
-        {
-            return Ok((conn.clone(), channel.clone()));
-        }
-        if let Some((conn, _)) = state.take() {
-            let _ = tokio::time::timeout(BROKER_TIMEOUT, conn.close()).await;
-        }
-        let fresh = match tokio::time::timeout(BROKER_TIMEOUT, self.connect()).await {
-            Ok(fresh) => fresh?,
-            Err(_) => {
-                return Err(BusError::Unavailable(format!(
-                    "no connection to the broker within {BROKER_TIMEOUT:?}"
-                )));
-            }
-        };
-        *state = Some(fresh.clone());
-        Ok(fresh)
-    }
-
-    async fn publish(&self, batch: &[Outgoing]) -> Result<(), BusError> {
-        if batch.is_empty() {
-            return Ok(());
-        }
-        let (_, channel) = self.publisher().await?;
-        let props: Vec<BasicProperties> = batch
-            .iter()
-            .map(|msg| {
-                let mut headers = FieldTable::default();
-                for (k, v) in &msg.headers {
-                    headers.insert(
-                        k.as_str().into(),
-                        AMQPValue::LongString(LongString::from(v.as_str())),
-                    );
-                }
-                BasicProperties::default()
-                    .with_delivery_mode(2)
-                    .with_content_type("application/json".into())
-                    .with_message_id(msg.message_id.as_str().into())
-                    .with_headers(headers)
-            })
-            .collect();
-        // Pipeline: the whole batch goes out in one write, then the confirms are awaited.
-        let sent = within(
-            "publish",
-            channel.publish(
-                batch
-                    .iter()
-                    .zip(&props)
-                    .map(|(msg, p)| (msg.queue.as_str(), p, msg.payload.as_slice())),
-            ),
-        )
-        .await;
-        let confirms = match sent {
-            Ok(confirms) => confirms,
-            Err(e) => {
-                self.forget_channel().await;
-                return Err(e);
-            }
-        };
-        for (confirm, msg) in confirms.into_iter().zip(batch) {
-            match within("publisher confirm", confirm.wait()).await {
-                Ok(true) => {}
-                Ok(false) => return Err(BusError::Nacked(msg.message_id.clone())),
-                Err(e) => {
-                    self.forget_channel().await;
-                    return Err(e);
-                }
-            }
-        }
-        Ok(())
-    }
-
-    async fn forget_channel(&self) {
-        // Not holding the lock while closing: closing a broken connection may take until the
-        // timeout, and every publisher and subscriber needs the lock meanwhile.
-        let forgotten = self.state.lock().await.take();
-        if let Some((conn, _)) = forgotten {
-            let _ = tokio::time::timeout(BROKER_TIMEOUT, conn.close()).await;
-        }
-    }
-
-    async fn subscribe(&self, queue: &str, prefetch: u16) -> Result<Subscription, BusError> {
-        let (conn, _) = self.publisher().await?;
-        let channel = within("channel open", conn.open_channel()).await?;
-        within("basic.qos", channel.qos(prefetch)).await?;
-        let consumer = within("basic.consume", channel.consume(queue)).await?;
-        Ok(Subscription::new(Source::Amqp { channel, consumer }))
-    }
-
-    async fn queue_depth(&self, queue: &str) -> Result<u32, BusError> {
-        let (conn, _) = self.publisher().await?;
-        // A channel of its own: a passive declare of a missing queue closes its channel.
-        let channel = within("channel open", conn.open_channel()).await?;
-        let passive = Declare {
-            durable: false,
-            passive: true,
-        };
-        let q = within(
-            "queue.declare",
-            channel.queue_declare(queue, passive, FieldTable::default()),
-        )
-        .await;
-        if channel.is_open() {
-            let _ = within("channel close", channel.close()).await;
-        }
-        Ok(q?.message_count)
-    }
-
-    async fn delete_queues(&self, queues: &[String]) -> Result<(), BusError> {
-        let (_, channel) = self.publisher().await?;
-        for q in queues {
-            within("queue.delete", channel.queue_delete(q)).await?;
-        }
-        Ok(())
-    }
-}
-
 /// A stream of deliveries from one queue. A bundle ([`Outgoing::bundle`]) comes out as its
 /// parts, one delivery each.
 pub struct Subscription {
@@ -480,8 +311,8 @@ pub struct Subscription {
 
 enum Source {
     Amqp {
-        channel: Channel,
-        consumer: crate::amqp::Consumer,
+        channel: lapin::Channel,
+        consumer: Box<lapin::Consumer>,
     },
     Embedded(EmbeddedSubscription),
 }
@@ -500,7 +331,10 @@ impl Subscription {
             return Some(Ok(part));
         }
         let next = match &mut self.source {
-            Source::Amqp { consumer, .. } => Ok(Incoming::from_amqp(consumer.next().await?)),
+            Source::Amqp { consumer, .. } => match consumer.next().await? {
+                Ok(delivery) => Ok(Incoming::from_amqp(delivery)),
+                Err(e) => Err(BusError::Unavailable(format!("delivery: {e}"))),
+            },
             Source::Embedded(s) => s.next().await?,
         };
         Some(next.map(|msg| self.split(msg)))
@@ -555,9 +389,7 @@ impl Subscription {
     /// Stops the subscription; unacknowledged deliveries go back to the queue.
     pub async fn close(self) {
         match self.source {
-            Source::Amqp { channel, .. } => {
-                let _ = within("channel close", channel.close()).await;
-            }
+            Source::Amqp { channel, .. } => crate::rabbitmq::close_channel(channel).await,
             Source::Embedded(s) => s.close(),
         }
     }
@@ -592,14 +424,14 @@ struct Bundle {
 }
 
 enum Acker {
-    Amqp(crate::amqp::Acker),
+    Amqp(lapin::Acker),
     Embedded(EmbeddedAcker),
 }
 
 impl Acker {
     async fn ack(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => within("ack", a.ack()).await?,
+            Acker::Amqp(a) => crate::rabbitmq::ack(a).await?,
             Acker::Embedded(a) => a.ack()?,
         }
         Ok(())
@@ -607,7 +439,7 @@ impl Acker {
 
     async fn nack_requeue(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => within("nack", a.nack(true)).await?,
+            Acker::Amqp(a) => crate::rabbitmq::nack_requeue(a).await?,
             Acker::Embedded(a) => a.nack_requeue()?,
         }
         Ok(())
@@ -631,26 +463,15 @@ impl Incoming {
         }
     }
 
-    fn from_amqp(d: crate::amqp::Delivery) -> Incoming {
-        let mut headers = BTreeMap::new();
-        if let Some(table) = d.properties.headers() {
-            for (k, v) in table.inner() {
-                let text = match v {
-                    AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
-                    AMQPValue::ShortString(s) => s.as_str().to_owned(),
-                    other => format!("{other:?}"),
-                };
-                headers.insert(k.as_str().to_owned(), text);
-            }
-        }
+    fn from_amqp(d: lapin::message::Delivery) -> Incoming {
         Incoming {
             message_id: d
                 .properties
                 .message_id()
                 .as_ref()
                 .map(|s| s.as_str().to_owned()),
-            payload: d.body,
-            headers,
+            headers: crate::rabbitmq::headers_of(&d.properties),
+            payload: d.data,
             redelivered: d.redelivered,
             acker: Settle::Whole(Acker::Amqp(d.acker)),
         }

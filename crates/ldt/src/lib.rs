@@ -3,7 +3,6 @@
 //! One binary, many roles: every service lives in [`services`] and is started by
 //! [`startup::Application`] in whatever combination the command line asks for.
 
-pub mod amqp;
 pub mod bench;
 pub mod bus;
 pub mod chaos;
@@ -17,6 +16,7 @@ pub mod http;
 pub mod messaging;
 pub mod metrics;
 pub mod probe;
+pub mod rabbitmq;
 pub mod services;
 pub mod startup;
 pub mod step;

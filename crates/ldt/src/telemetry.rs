@@ -131,7 +131,7 @@ impl Telemetry {
         let meter = meter.build();
 
         let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            EnvFilter::new("info,sqlx=warn,amq_protocol=warn,h2=warn,tonic=warn,hyper=warn,opentelemetry=warn,opentelemetry_sdk=warn")
+            EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn,h2=warn,tonic=warn,hyper=warn,opentelemetry=warn,opentelemetry_sdk=warn")
         });
         let otel_traces = tracing_opentelemetry::layer()
             .with_tracer(tracer.tracer("ldt"))
@@ -185,7 +185,7 @@ impl Telemetry {
 /// Logging only, for the client commands (`chaos`, `bench`, `purge`): no spans exported.
 pub fn init_plain(format: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,amq_protocol=warn"));
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

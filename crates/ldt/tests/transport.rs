@@ -557,6 +557,31 @@ async fn a_missing_queue_has_no_depth_and_the_bus_goes_on(f: Fixture) {
     ack_in_order(&mut sub, [1]).await;
 }
 
+/// The parts of the test broker's URL.
+struct Broker {
+    host: String,
+    port: u16,
+    username: String,
+    password: String,
+    vhost: String,
+}
+
+impl Broker {
+    fn parse(url: &str) -> Broker {
+        let u = url::Url::parse(url).unwrap();
+        let vhost = percent_encoding::percent_decode_str(u.path().trim_start_matches('/'))
+            .decode_utf8_lossy()
+            .into_owned();
+        Broker {
+            host: u.host_str().unwrap().to_owned(),
+            port: u.port().unwrap_or(5672),
+            username: u.username().to_owned(),
+            password: u.password().unwrap_or("").to_owned(),
+            vhost: if vhost.is_empty() { "/".into() } else { vhost },
+        }
+    }
+}
+
 /// A TCP relay to the broker whose connections the test can cut, as a network failure or
 /// a broker that died would.
 struct Relay {
@@ -566,7 +591,7 @@ struct Relay {
 
 impl Relay {
     async fn start() -> Relay {
-        let broker = ldt::amqp::Address::parse(&common::amqp_url()).unwrap();
+        let broker = Broker::parse(&common::amqp_url());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let port = listener.local_addr().unwrap().port();
         let pipes: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
@@ -649,7 +674,7 @@ async fn amqp_a_cut_connection_ends_subscriptions_and_the_bus_reconnects() {
 /// A login or virtual host the broker refuses is an error that says why, at once.
 #[tokio::test]
 async fn amqp_a_refused_login_or_vhost_is_reported_with_the_broker_s_reason() {
-    let broker = ldt::amqp::Address::parse(&common::amqp_url()).unwrap();
+    let broker = Broker::parse(&common::amqp_url());
     let base = format!("127.0.0.1:{}", broker.port);
     for (url, why) in [
         (
