@@ -4,7 +4,7 @@
 #
 #   - pgbench: durable single-row inserts, each its own transaction (an order makes seven),
 #     at the rate 300 orders/s asks for, then as fast as 8 clients go;
-#   - the hop probe (crates/ldt/examples/hop_probe.rs): chains of 6 broker hops (an order's
+#   - the hop probe (crates/tools/examples/hop_probe.rs): chains of 6 broker hops (an order's
 #     hops), each a persistent message published with a confirm and acked, without and with
 #     one durable insert per hop: what an order costs at the least, with no HTTP, JSON,
 #     tracing, outbox or saga logic.
@@ -20,7 +20,7 @@ duration=${LIMITS_DURATION:-30}
 db_url=${LDT_DATABASE_URL:-postgres://postgres@127.0.0.1:5432}
 amqp_url=${LDT_AMQP_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}
 scripts/ensure-services.sh
-cargo build --release --locked --example hop_probe
+cargo build --release --locked -p ldt-tools --example hop_probe
 probe=target/release/examples/hop_probe
 work=$(mktemp -d -t ldt-limits.XXXXXX)
 db="limits_$(date +%s)"

@@ -2,10 +2,13 @@
 
 use std::process::ExitCode;
 
+mod cli;
+
 use clap::Parser;
-use ldt::configuration::{Cli, Command};
-use ldt::contract::Service;
-use ldt::startup::{Application, shutdown_signal};
+use cli::{Cli, Command};
+use ldt::startup::Application;
+use ldt_contract::Service;
+use ldt_runtime::signal::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> ExitCode {
@@ -25,8 +28,8 @@ async fn main() -> ExitCode {
             (services, settings)
         }
         Command::Chaos(args) => {
-            ldt::telemetry::init_plain("text");
-            return match ldt::chaos::run(args).await {
+            ldt_runtime::telemetry::init_plain("text");
+            return match ldt_tools::chaos::run(args).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
                 Err(e) => {
@@ -36,9 +39,9 @@ async fn main() -> ExitCode {
             };
         }
         Command::Bench(args) => {
-            ldt::telemetry::init_plain("text");
+            ldt_runtime::telemetry::init_plain("text");
             let json = args.json;
-            return match ldt::bench::run(args).await {
+            return match ldt_tools::bench::run(args).await {
                 Ok(report) => {
                     if json {
                         println!(
@@ -61,7 +64,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Purge { yes, settings } => {
-            ldt::telemetry::init_plain(&settings.log_format);
+            ldt_runtime::telemetry::init_plain(&settings.log_format);
             if !yes {
                 eprintln!(
                     "ldt: error: purge deletes every order, user and token of namespace {:?}; pass --yes to confirm",
@@ -69,7 +72,7 @@ async fn main() -> ExitCode {
                 );
                 return ExitCode::FAILURE;
             }
-            return match ldt::startup::purge(&settings).await {
+            return match ldt_runtime::namespace::purge(&settings).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("ldt: error: {e:#}");
@@ -83,8 +86,8 @@ async fn main() -> ExitCode {
         [one] => format!("ldt-{}", one.as_str()),
         _ => "ldt".to_owned(),
     };
-    let telemetry = ldt::telemetry::Telemetry::init(&settings.log_format, &name);
-    let metrics = ldt::metrics::Metrics::with_meter(telemetry.meter());
+    let telemetry = ldt_runtime::telemetry::Telemetry::init(&settings.log_format, &name);
+    let metrics = ldt_runtime::metrics::Metrics::with_meter(telemetry.meter());
     let result = run(&services, settings, metrics).await;
     telemetry.shutdown();
     match result {
@@ -98,8 +101,8 @@ async fn main() -> ExitCode {
 
 async fn run(
     services: &[Service],
-    settings: ldt::configuration::Settings,
-    metrics: ldt::metrics::Metrics,
+    settings: ldt_runtime::configuration::Settings,
+    metrics: ldt_runtime::metrics::Metrics,
 ) -> anyhow::Result<()> {
     let addr = settings.http_addr;
     let settings_summary = (

@@ -8,10 +8,8 @@ mod common;
 use std::time::Duration;
 
 use common::{Stack, TestApp, order_body, spawn_on, user};
-use ldt::bus::{Bus, Outgoing, Subscription};
-use ldt::contract::{
-    Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome,
-};
+use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome};
+use ldt_runtime::bus::{Bus, Outgoing, Subscription};
 use uuid::Uuid;
 
 struct Driver {

@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use common::{Stack, TestApp, spawn_on};
-use ldt::bus::{Bus, Outgoing, Subscription};
-use ldt::contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
-use ldt::messaging::{ORIGIN_QUEUE_HEADER, REASON_HEADER};
+use ldt_contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
+use ldt_runtime::bus::{Bus, Outgoing, Subscription};
+use ldt_runtime::consumer::{ORIGIN_QUEUE_HEADER, REASON_HEADER};
 use uuid::Uuid;
 
 struct Driver {

@@ -9,8 +9,8 @@ mod common;
 
 use std::collections::BTreeSet;
 
-use ldt::contract::Service;
-use ldt::db::{self, Backend, Pool};
+use ldt_contract::Service;
+use ldt_runtime::db::{self, Backend, Pool};
 use sqlx::Row;
 
 /// A fresh place for each backend; removed on drop.

@@ -14,10 +14,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use ldt::bus::{Bus, Incoming, Outgoing, QueueOptions, Subscription};
-use ldt::contract::Queues;
-use ldt::messaging::{self, Consumer, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER};
-use ldt::metrics::Metrics;
+use ldt_contract::Queues;
+use ldt_runtime::bus::{Bus, Incoming, Outgoing, QueueOptions, Subscription};
+use ldt_runtime::consumer::{Consumer, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER};
+use ldt_runtime::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -70,14 +70,14 @@ impl Fixture {
             Kind::Journaled => Bus::embedded(
                 Some(&self.dir.join("bus.db")),
                 self.names(),
-                capacity.unwrap_or(ldt::embedded_bus::DEFAULT_CAPACITY),
+                capacity.unwrap_or(ldt_runtime::bus::embedded::DEFAULT_CAPACITY),
             )
             .await
             .unwrap(),
             Kind::Memory => Bus::embedded(
                 None,
                 self.names(),
-                capacity.unwrap_or(ldt::embedded_bus::DEFAULT_CAPACITY),
+                capacity.unwrap_or(ldt_runtime::bus::embedded::DEFAULT_CAPACITY),
             )
             .await
             .unwrap(),
@@ -246,7 +246,7 @@ impl PickyConsumer {
             handled: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
-        let task = tokio::spawn(messaging::consume(
+        let task = tokio::spawn(ldt_runtime::consumer::consume(
             Consumer {
                 bus: bus.clone(),
                 queues: f.queues.clone(),
@@ -479,7 +479,7 @@ async fn a_poison_part_is_parked_alone_and_its_bundle_acked(f: Fixture) {
     assert_eq!(parked.message_id.as_deref(), Some("m2"));
     assert_eq!(parked.headers.get(ORIGIN_QUEUE_HEADER), Some(&q));
     assert_eq!(parked.headers.get("x-test").map(String::as_str), Some("h2"));
-    assert!(!parked.headers.contains_key(ldt::bus::BUNDLE_HEADER));
+    assert!(!parked.headers.contains_key(ldt_runtime::bus::BUNDLE_HEADER));
     parked.ack().await.unwrap();
     assert_eq!(
         consumer.handled(2).await,
@@ -497,7 +497,7 @@ async fn a_malformed_bundle_is_delivered_whole(f: Fixture) {
     let q = f.queue();
     let mut bad = f.message(&q, 1);
     bad.headers
-        .push((ldt::bus::BUNDLE_HEADER.to_owned(), "1".to_owned()));
+        .push((ldt_runtime::bus::BUNDLE_HEADER.to_owned(), "1".to_owned()));
     bus.publish(&[bad]).await.unwrap();
     let mut sub = bus.subscribe(&q, 10).await.unwrap();
     let m = next(&mut sub).await;

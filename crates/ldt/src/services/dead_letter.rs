@@ -4,31 +4,30 @@
 
 use std::sync::Arc;
 
-use crate::db::Pool;
 use axum::Json;
 use axum::extract::{Path, Query, State};
+use ldt_runtime::db::Pool;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::bus::Incoming;
-use crate::contract::{Queues, Service, TRACEPARENT_HEADER};
-use crate::crash::{Crash, Point};
-use crate::db::now_ms;
-use crate::http::{ApiError, page_limit};
-use crate::messaging::{
-    self, HandleError, Handler, ORIGIN_QUEUE_HEADER, OutboxSignal, REASON_HEADER,
-};
-use crate::startup::{Context, Started};
+use ldt_contract::{Queues, Service, TRACEPARENT_HEADER};
+use ldt_runtime::bus::Incoming;
+use ldt_runtime::consumer::{HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER};
+use ldt_runtime::context::{Context, Started};
+use ldt_runtime::crash::{Crash, Point};
+use ldt_runtime::db::now_ms;
+use ldt_runtime::http::{ApiError, page_limit};
+use ldt_runtime::outbox::OutboxSignal;
 
 /// One dead letter, locked until the transaction ends (SQLite: its single writer does that).
-const LOCK_DEAD_LETTER: crate::db::Sql = crate::db::Sql {
+const LOCK_DEAD_LETTER: ldt_runtime::db::Sql = ldt_runtime::db::Sql {
     postgres: "SELECT * FROM dead_letters WHERE id = $1 FOR UPDATE",
     sqlite: "SELECT * FROM dead_letters WHERE id = $1",
 };
 
-pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/dead_letter"),
     sqlite: sqlx::migrate!("./migrations-sqlite/dead_letter"),
 };
@@ -40,7 +39,7 @@ pub struct DeadLetters {
     signal: OutboxSignal,
     crash: Crash,
     admin_token: Option<String>,
-    metrics: crate::metrics::Metrics,
+    metrics: ldt_runtime::metrics::Metrics,
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -100,7 +99,7 @@ enum Replay {
     /// Parked from this queue, which is not one of this marketplace's.
     Foreign(String),
     /// Put in the outbox for its queue, marked replayed.
-    Done(DeadLetter, messaging::OutboxBatch),
+    Done(DeadLetter, ldt_runtime::outbox::OutboxBatch),
 }
 
 impl DeadLetters {
@@ -167,8 +166,8 @@ impl DeadLetters {
             serde_json::from_str::<std::collections::BTreeMap<String, String>>(&headers)
                 .ok()
                 .and_then(|h| h.get(TRACEPARENT_HEADER).cloned());
-        let mut outbox = messaging::OutboxBatch::default();
-        outbox.push_row(messaging::OutboxRow {
+        let mut outbox = ldt_runtime::outbox::OutboxBatch::default();
+        outbox.push_row(ldt_runtime::outbox::OutboxRow {
             queue: origin,
             message_id: id.to_owned(),
             payload,
@@ -199,7 +198,7 @@ pub struct DeadLetter {
     pub replayed_at_ms: Option<i64>,
 }
 
-fn dead_letter_from_row(row: &crate::db::DbRow) -> Result<DeadLetter, sqlx::Error> {
+fn dead_letter_from_row(row: &ldt_runtime::db::DbRow) -> Result<DeadLetter, sqlx::Error> {
     let payload: Vec<u8> = row.try_get("payload")?;
     Ok(DeadLetter {
         id: row.try_get("id")?,
@@ -233,14 +232,14 @@ async fn list_dead_letters(
 /// Sends a parked message back to the queue it came from.
 #[utoipa::path(post, path = "/api/v1/dead-letters/{id}/replay", tag = "dead-letter",
     params(("id" = String, Path, description = "Dead letter id")),
-    responses((status = 200, body = DeadLetter), (status = 404, body = crate::http::ErrorBody),
-              (status = 422, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = DeadLetter), (status = 404, body = ldt_runtime::http::ErrorBody),
+              (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn replay_dead_letter(
     State(state): State<DeadLetters>,
     headers: axum::http::HeaderMap,
     Path(id): Path<String>,
 ) -> Result<Json<DeadLetter>, ApiError> {
-    crate::http::require_admin(state.admin_token.as_deref(), &headers)?;
+    ldt_runtime::http::require_admin(state.admin_token.as_deref(), &headers)?;
     match state.replay(&id).await? {
         Replay::Missing => Err(ApiError::NotFound(format!("no dead letter {id:?}"))),
         Replay::Foreign(origin) => Err(ApiError::Invalid(format!(

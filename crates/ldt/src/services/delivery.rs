@@ -1,19 +1,19 @@
 //! The delivery service: records the delivery of the tokens to the user (the saga's last
 //! step) and cancels it on revert. Its ledger *is* the delivery record.
 
-use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::{Query, State};
+use ldt_runtime::db::{Conn, Pool};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::contract::{Service, Step};
-use crate::http::{ApiError, page_limit};
-use crate::startup::{Context, Started};
-use crate::step::{self, Action, LedgerRow, StepEffect, StepService};
+use crate::services::step::{self, Action, LedgerRow, StepEffect, StepService};
+use ldt_contract::{Service, Step};
+use ldt_runtime::context::{Context, Started};
+use ldt_runtime::http::{ApiError, page_limit};
 
-pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/delivery"),
     sqlite: sqlx::migrate!("./migrations-sqlite/delivery"),
 };
@@ -95,7 +95,7 @@ pub struct DeliveryQuery {
 /// A user's deliveries, oldest first.
 #[utoipa::path(get, path = "/api/v1/deliveries", tag = "delivery",
     params(DeliveryQuery),
-    responses((status = 200, body = [Delivery]), (status = 422, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = [Delivery]), (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn list_deliveries(
     State(pool): State<Pool>,
     Query(q): Query<DeliveryQuery>,

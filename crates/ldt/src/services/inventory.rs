@@ -1,20 +1,20 @@
 //! The inventory service: the stock of tokens. The saga's inventory step reserves tokens and
 //! its undo releases them; an admin can restock.
 
-use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::State;
+use ldt_runtime::db::{Conn, Pool};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::contract::{Service, Step};
-use crate::http::{ApiError, ApiJson};
-use crate::startup::{Context, Started};
-use crate::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
+use crate::services::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
+use ldt_contract::{Service, Step};
+use ldt_runtime::context::{Context, Started};
+use ldt_runtime::http::{ApiError, ApiJson};
 
-pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/inventory"),
     sqlite: sqlx::migrate!("./migrations-sqlite/inventory"),
 };
@@ -23,7 +23,7 @@ pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
 pub struct Stock;
 
 /// The stock row, locked until the transaction ends (SQLite: its single writer does that).
-const LOCK_STOCK: crate::db::Sql = crate::db::Sql {
+const LOCK_STOCK: ldt_runtime::db::Sql = ldt_runtime::db::Sql {
     postgres: "SELECT available FROM stock WHERE id = 1 FOR UPDATE",
     sqlite: "SELECT available FROM stock WHERE id = 1",
 };
@@ -51,7 +51,7 @@ impl StepEffect for Stock {
         actions: &[&Action],
     ) -> Result<Vec<bool>, sqlx::Error> {
         if actions.len() < 2 {
-            return crate::step::apply_each(self, conn, actions).await;
+            return crate::services::step::apply_each(self, conn, actions).await;
         }
         let mut available: i64 = sqlx::query_scalar(LOCK_STOCK.on(conn))
             .fetch_one(&mut *conn)
@@ -164,14 +164,14 @@ pub struct Restock {
 /// Adds tokens to the stock.
 #[utoipa::path(post, path = "/api/v1/inventory/restock", tag = "inventory",
     request_body = Restock,
-    responses((status = 200, body = Inventory), (status = 401, body = crate::http::ErrorBody),
-              (status = 422, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = Inventory), (status = 401, body = ldt_runtime::http::ErrorBody),
+              (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn restock(
     State(InventoryState { pool, admin_token }): State<InventoryState>,
     headers: axum::http::HeaderMap,
     ApiJson(body): ApiJson<Restock>,
 ) -> Result<Json<Inventory>, ApiError> {
-    crate::http::require_admin(admin_token.as_deref(), &headers)?;
+    ldt_runtime::http::require_admin(admin_token.as_deref(), &headers)?;
     if body.amount <= 0 {
         return Err(ApiError::Invalid(format!(
             "amount must be positive, got {}",
@@ -180,7 +180,7 @@ async fn restock(
     }
     match add(&pool, body.amount).await {
         Ok(()) => Ok(Json(read(&pool).await?)),
-        Err(e) if crate::db::is_out_of_range(&e) => Err(ApiError::Invalid(
+        Err(e) if ldt_runtime::db::is_out_of_range(&e) => Err(ApiError::Invalid(
             "restocking that much would overflow the stock counter".into(),
         )),
         Err(e) => Err(e.into()),

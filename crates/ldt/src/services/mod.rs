@@ -7,11 +7,12 @@ pub mod inventory;
 pub mod orchestrator;
 pub mod order;
 pub mod payment;
+pub mod step;
 
-use crate::contract::Service;
+use ldt_contract::Service;
 
 /// A service's migrations, for both backends.
-pub fn migrators(service: Service) -> &'static crate::db::Migrators {
+pub fn migrators(service: Service) -> &'static ldt_runtime::db::Migrators {
     match service {
         Service::Order => &order::MIGRATORS,
         Service::Orchestrator => &orchestrator::MIGRATORS,

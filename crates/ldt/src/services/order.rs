@@ -4,11 +4,11 @@
 
 use std::sync::Arc;
 
-use crate::db::{Held, Pool};
 use axum::Json;
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use ldt_runtime::db::{Held, Pool};
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
 use tracing::Instrument;
@@ -16,15 +16,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 use uuid::Uuid;
 
-use crate::bus::Incoming;
-use crate::contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, Service};
-use crate::crash::{Crash, Point};
-use crate::db::now_ms;
-use crate::http::{ApiError, ApiJson, page_limit};
-use crate::messaging::{self, Delivery, HandleError, Handler, OutboxSignal};
-use crate::startup::{Context, Started};
+use ldt_contract::{Envelope, Fault, FaultPlan, Message, OrderStatus, Queues, Service};
+use ldt_runtime::bus::Incoming;
+use ldt_runtime::consumer::{Delivery, HandleError, Handler};
+use ldt_runtime::context::{Context, Started};
+use ldt_runtime::crash::{Crash, Point};
+use ldt_runtime::db::now_ms;
+use ldt_runtime::http::{ApiError, ApiJson, page_limit};
+use ldt_runtime::outbox::OutboxSignal;
 
-pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/order"),
     sqlite: sqlx::migrate!("./migrations-sqlite/order"),
 };
@@ -42,7 +43,7 @@ pub struct OrderState {
     crash: Crash,
     fault_injection: bool,
     admission: Admission,
-    metrics: crate::metrics::Metrics,
+    metrics: ldt_runtime::metrics::Metrics,
     /// The writers of new orders (`None` only in the writers' own copy).
     intake: Option<Intake>,
 }
@@ -286,7 +287,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     };
     // The writer's copy has no intake of its own: the queue closes when the last request
     // handler's copy is gone.
-    let writers = if crate::db::is_sqlite(&pool) {
+    let writers = if ldt_runtime::db::is_sqlite(&pool) {
         1
     } else {
         INTAKE_WRITERS_POSTGRES
@@ -452,7 +453,7 @@ struct Placement {
     created_ms: i64,
     idempotency_key: Option<String>,
     request_hash: Option<String>,
-    message: messaging::OutboxRow,
+    message: ldt_runtime::outbox::OutboxRow,
     /// The request's database span, for an order written on its own.
     span: tracing::Span,
 }
@@ -594,7 +595,7 @@ impl GroupWrites {
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
         let state = &self.state;
         if let [one] = group
-            && !crate::db::is_sqlite(&state.pool)
+            && !ldt_runtime::db::is_sqlite(&state.pool)
         {
             let stored = state
                 .insert_in_one_statement(one)
@@ -607,7 +608,7 @@ impl GroupWrites {
             });
         }
         let mut tx = state.pool.begin().await?;
-        let mut sql = crate::db::multi_row_insert(
+        let mut sql = ldt_runtime::db::multi_row_insert(
             "INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
              idempotency_key, request_hash)",
             9,
@@ -633,7 +634,7 @@ impl GroupWrites {
             .iter()
             .map(|row| row.try_get::<String, _>("id"))
             .collect::<Result<std::collections::HashSet<String>, _>>()?;
-        let mut outbox = messaging::OutboxBatch::default();
+        let mut outbox = ldt_runtime::outbox::OutboxBatch::default();
         for p in group.iter().filter(|p| stored.contains(&p.id)) {
             outbox.push_row(p.message.clone());
         }
@@ -706,7 +707,7 @@ impl OrderState {
                 created_ms: now,
                 idempotency_key: idempotency_key.map(str::to_owned),
                 request_hash: idempotency_key.map(|_| fingerprint.clone()),
-                message: messaging::OutboxRow::of(&self.queues, &placed),
+                message: ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
                 span: tracing::Span::current(),
             })
             .await?;
@@ -750,7 +751,7 @@ impl OrderState {
         // the gate.
         let mut conn = self.conns.get().await?;
         let _gate = self.admission.state.gate.read().await;
-        self.crash.at(crate::crash::Point::BeforeCommit);
+        self.crash.at(ldt_runtime::crash::Point::BeforeCommit);
         let query = sqlx::query(
             "WITH o AS (INSERT INTO orders (id, username, price, amount, faults, status, created_ms, \
              idempotency_key, request_hash) VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
@@ -775,9 +776,9 @@ impl OrderState {
         let Some(outbox_id) = outbox_id else {
             return Ok(false);
         };
-        self.crash.at(crate::crash::Point::AfterCommit);
+        self.crash.at(ldt_runtime::crash::Point::AfterCommit);
         self.admission.committed();
-        let mut outbox = messaging::OutboxBatch::default();
+        let mut outbox = ldt_runtime::outbox::OutboxBatch::default();
         outbox.push_written(outbox_id.try_get(0)?, p.message.clone());
         self.signal.committed(outbox);
         Ok(true)
@@ -816,7 +817,7 @@ impl OrderState {
             ));
         }
         self.place(new, idempotency_key)
-            .instrument(crate::db::span(&self.pool, "orders"))
+            .instrument(ldt_runtime::db::span(&self.pool, "orders"))
             .await
     }
 }
@@ -824,7 +825,7 @@ impl OrderState {
 // The order service's reads of its `orders` table. (Its writes go in with their outbox rows:
 // `OrderState::insert_in_one_statement`, `IntakeWriter::insert`, `OrderState::finish_all`.)
 
-fn order_from_row(row: &crate::db::DbRow) -> Result<Order, sqlx::Error> {
+fn order_from_row(row: &ldt_runtime::db::DbRow) -> Result<Order, sqlx::Error> {
     let id: String = row.try_get("id")?;
     let status: String = row.try_get("status")?;
     let faults: String = row.try_get("faults")?;
@@ -910,8 +911,8 @@ async fn orders_page(pool: &Pool, filter: OrderFilter<'_>) -> Result<OrderPage, 
 /// Legacy: place an order (answers at once; the saga runs after).
 #[utoipa::path(post, path = "/api/purchase", tag = "legacy",
     request_body = LegacyPurchase,
-    responses((status = 200, body = Order), (status = 400, body = crate::http::ErrorBody),
-              (status = 422, body = crate::http::ErrorBody), (status = 500, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = Order), (status = 400, body = ldt_runtime::http::ErrorBody),
+              (status = 422, body = ldt_runtime::http::ErrorBody), (status = 500, body = ldt_runtime::http::ErrorBody)))]
 async fn legacy_purchase(
     State(state): State<OrderState>,
     ApiJson(body): ApiJson<LegacyPurchase>,
@@ -924,8 +925,8 @@ async fn legacy_purchase(
 /// Legacy: the same, with the trailing slash the original clients use.
 #[utoipa::path(post, path = "/api/purchase/", tag = "legacy",
     request_body = LegacyPurchase,
-    responses((status = 200, body = Order), (status = 400, body = crate::http::ErrorBody),
-              (status = 422, body = crate::http::ErrorBody), (status = 500, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = Order), (status = 400, body = ldt_runtime::http::ErrorBody),
+              (status = 422, body = ldt_runtime::http::ErrorBody), (status = 500, body = ldt_runtime::http::ErrorBody)))]
 async fn legacy_purchase_slash(
     state: State<OrderState>,
     body: ApiJson<LegacyPurchase>,
@@ -958,8 +959,8 @@ async fn legacy_all_transactions(
     params(("Idempotency-Key" = Option<String>, Header, description = "Makes retries safe: same key and body, same order")),
     responses((status = 202, body = Order, headers(("Location" = String))),
               (status = 200, body = Order, description = "A retry of an earlier request: the original order"),
-              (status = 400, body = crate::http::ErrorBody), (status = 409, body = crate::http::ErrorBody),
-              (status = 422, body = crate::http::ErrorBody)))]
+              (status = 400, body = ldt_runtime::http::ErrorBody), (status = 409, body = ldt_runtime::http::ErrorBody),
+              (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn create_order(
     State(state): State<OrderState>,
     headers: HeaderMap,
@@ -997,7 +998,7 @@ async fn create_order(
 /// One order with its current status.
 #[utoipa::path(get, path = "/api/v1/orders/{id}", tag = "orders",
     params(("id" = Uuid, Path, description = "Order id")),
-    responses((status = 200, body = Order), (status = 404, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = Order), (status = 404, body = ldt_runtime::http::ErrorBody)))]
 async fn get_order(
     State(state): State<OrderState>,
     Path(id): Path<String>,
@@ -1032,7 +1033,7 @@ pub struct OrderPage {
 /// A page of orders, oldest first, filtered by user and status.
 #[utoipa::path(get, path = "/api/v1/orders", tag = "orders",
     params(ListQuery),
-    responses((status = 200, body = OrderPage), (status = 422, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = OrderPage), (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn list_orders(
     State(state): State<OrderState>,
     Query(q): Query<ListQuery>,
@@ -1057,7 +1058,7 @@ async fn list_orders(
 impl OrderState {
     /// The final status an `OrderFinished` delivery carries, or why it is poison.
     fn finished(msg: &Incoming) -> Result<(Uuid, OrderStatus), HandleError> {
-        let env = messaging::decode(msg)?;
+        let env = ldt_runtime::consumer::decode(msg)?;
         let Message::OrderFinished { status } = env.body else {
             return Err(HandleError::Poison(format!(
                 "the order service does not handle `{}` messages",
@@ -1078,8 +1079,11 @@ impl OrderState {
     async fn finish_all(&self, finished: &[(Uuid, OrderStatus)]) -> Result<Vec<bool>, HandleError> {
         self.crash.at(Point::BeforeCommit);
         let now = now_ms();
-        let mut sql =
-            crate::db::multi_row_insert("WITH v (id, status, finished_ms) AS (", 3, finished.len());
+        let mut sql = ldt_runtime::db::multi_row_insert(
+            "WITH v (id, status, finished_ms) AS (",
+            3,
+            finished.len(),
+        );
         sql.push_str(
             ") UPDATE orders SET status = v.status, finished_ms = v.finished_ms FROM v \
              WHERE orders.id = v.id AND orders.status = 'PENDING' \

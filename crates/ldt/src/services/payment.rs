@@ -1,21 +1,21 @@
 //! The payment service: users and their credits. A user first seen gets the initial credits;
 //! the saga's payment step debits price × amount and its undo refunds it.
 
-use crate::db::{Conn, Pool};
 use axum::Json;
 use axum::extract::{Path, State};
+use ldt_runtime::db::{Conn, Pool};
 use serde::Serialize;
 use sqlx::Row;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use crate::contract::{Service, Step};
-use crate::db::now_ms;
-use crate::http::ApiError;
-use crate::startup::{Context, Started};
-use crate::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
+use crate::services::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
+use ldt_contract::{Service, Step};
+use ldt_runtime::context::{Context, Started};
+use ldt_runtime::db::now_ms;
+use ldt_runtime::http::ApiError;
 
-pub static MIGRATORS: crate::db::Migrators = crate::db::Migrators {
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/payment"),
     sqlite: sqlx::migrate!("./migrations-sqlite/payment"),
 };
@@ -60,7 +60,7 @@ impl StepEffect for Credits {
     ) -> Result<Vec<bool>, sqlx::Error> {
         // Below three actions, one conditional update each is fewer statements.
         if actions.len() < 3 {
-            return crate::step::apply_each(self, conn, actions).await;
+            return crate::services::step::apply_each(self, conn, actions).await;
         }
         let name = |a: &&Action| a.username.clone().unwrap_or_default();
         let mut names: Vec<String> = actions.iter().map(name).collect();
@@ -72,7 +72,7 @@ impl StepEffect for Credits {
             // Users first seen get the initial credits (or were just created by another
             // replica's batch: then theirs stays).
             let now = now_ms();
-            let sql = crate::db::multi_row_insert(
+            let sql = ldt_runtime::db::multi_row_insert(
                 "INSERT INTO users (username, credits, created_ms)",
                 3,
                 missing.len(),
@@ -104,8 +104,8 @@ impl StepEffect for Credits {
             })
             .collect();
         let changed: Vec<(String, i64)> = changed.into_iter().collect();
-        for chunk in changed.chunks(crate::messaging::ROWS_PER_INSERT) {
-            let sql = crate::db::multi_row_insert(
+        for chunk in changed.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
+            let sql = ldt_runtime::db::multi_row_insert(
                 "WITH v (username, credits) AS (",
                 2,
                 chunk.len(),
@@ -147,12 +147,12 @@ async fn lock_users(
     names: &[String],
 ) -> Result<std::collections::HashMap<String, i64>, sqlx::Error> {
     let mut credits = std::collections::HashMap::with_capacity(names.len());
-    for chunk in names.chunks(crate::messaging::ROWS_PER_INSERT) {
+    for chunk in names.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
         let mut sql = format!(
             "SELECT username, credits FROM users WHERE username IN ({}) ORDER BY username",
-            crate::db::placeholders(1, chunk.len())
+            ldt_runtime::db::placeholders(1, chunk.len())
         );
-        if !crate::db::conn_is_sqlite(conn) {
+        if !ldt_runtime::db::conn_is_sqlite(conn) {
             sql.push_str(" FOR UPDATE");
         }
         let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
@@ -206,7 +206,7 @@ pub struct User {
 /// A user's current credits.
 #[utoipa::path(get, path = "/api/v1/users/{username}", tag = "payment",
     params(("username" = String, Path, description = "The user")),
-    responses((status = 200, body = User), (status = 404, body = crate::http::ErrorBody)))]
+    responses((status = 200, body = User), (status = 404, body = ldt_runtime::http::ErrorBody)))]
 async fn get_user(
     State(pool): State<Pool>,
     Path(username): Path<String>,

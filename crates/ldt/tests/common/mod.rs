@@ -7,10 +7,9 @@
 
 use std::time::{Duration, Instant};
 
-use clap::Parser;
-use ldt::configuration::{Cli, Command, Settings};
-use ldt::contract::Service;
 use ldt::startup::Application;
+use ldt_contract::Service;
+use ldt_runtime::configuration::Settings;
 use serde_json::{Value, json};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
@@ -19,7 +18,7 @@ pub struct TestApp {
     pub base: String,
     pub settings: Settings,
     /// The services' own bus, to talk to them the way other services do.
-    pub bus: ldt::bus::Bus,
+    pub bus: ldt_runtime::bus::Bus,
     pub client: reqwest::Client,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
@@ -55,7 +54,7 @@ pub fn settings_on(stack: Stack, extra: &[&str]) -> Settings {
         .join(format!("ldt-test-{namespace}"))
         .display()
         .to_string();
-    let mut args = vec!["ldt", "up"];
+    let mut args = vec!["ldt"];
     match stack {
         Stack::Servers => args.extend(["--amqp-url", &amqp, "--database-url", &db]),
         Stack::Embedded => args.extend(["--data-dir", &dir]),
@@ -71,13 +70,7 @@ pub fn settings_on(stack: Stack, extra: &[&str]) -> Settings {
         "600000",
     ]);
     args.extend_from_slice(extra);
-    match Cli::try_parse_from(args)
-        .expect("test settings parse")
-        .command
-    {
-        Command::Up(s) => s,
-        _ => unreachable!(),
-    }
+    Settings::try_parse_from(args).expect("test settings parse")
 }
 
 pub async fn spawn_app(services: &[Service], extra: &[&str]) -> TestApp {
@@ -246,7 +239,7 @@ impl Drop for TestApp {
         clean_up(async move {
             // Give the stopped services a moment to release their connections.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            if let Err(e) = ldt::startup::purge(&settings).await {
+            if let Err(e) = ldt_runtime::namespace::purge(&settings).await {
                 eprintln!(
                     "purging test namespace {} failed: {e:#}",
                     settings.namespace

@@ -25,7 +25,7 @@ use tracing_subscriber::EnvFilter;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
-use crate::contract::TRACEPARENT_HEADER;
+use ldt_contract::TRACEPARENT_HEADER;
 
 /// The providers to flush on exit.
 pub struct Telemetry {

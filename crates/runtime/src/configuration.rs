@@ -6,56 +6,9 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, Parser};
 
-use crate::contract::Service;
-
-#[derive(Debug, Parser)]
-#[command(
-    name = "ldt",
-    version,
-    about = "Late-Day Tokens Marketplace: an order saga across services, over RabbitMQ and \
-             PostgreSQL or embedded",
-    long_about = "Late-Day Tokens Marketplace: orders run as a saga (payment → inventory → \
-                  delivery, compensated in reverse on failure) across services that each own \
-                  a database and talk over a message bus.\n\n\
-                  `ldt up` runs every service in one process. With no --amqp-url and no \
-                  --database-url it needs nothing installed: each service keeps a SQLite file \
-                  in --data-dir (default ./ldt-data) and the services talk over an in-process \
-                  bus journaled there too. `ldt serve <service>...` runs only the named ones, \
-                  so each can be its own process or container; they talk over RabbitMQ."
-)]
-pub struct Cli {
-    #[command(subcommand)]
-    pub command: Command,
-}
-
-#[derive(Debug, Subcommand)]
-pub enum Command {
-    /// Run every service in this process, behind one HTTP address.
-    Up(Settings),
-    /// Run only the named services in this process.
-    Serve {
-        /// The services to run (order, orchestrator, payment, inventory, delivery, dead-letter).
-        #[arg(required = true, value_enum)]
-        services: Vec<Service>,
-        #[command(flatten)]
-        settings: Settings,
-    },
-    /// Run the marketplace as one process per service under SIGKILLs, broker restarts and
-    /// duplicate deliveries, then check the invariants (exit code 1 if one is broken).
-    Chaos(crate::chaos::ChaosArgs),
-    /// Load-test a running marketplace and check the invariants afterwards.
-    Bench(crate::bench::BenchArgs),
-    /// Delete every database and queue of a namespace (all its orders, users and stock).
-    Purge {
-        /// Required: purging cannot be undone.
-        #[arg(long)]
-        yes: bool,
-        #[command(flatten)]
-        settings: Settings,
-    },
-}
+use ldt_contract::Service;
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
@@ -86,7 +39,7 @@ pub struct Settings {
 
     /// Ready messages each queue of the in-process bus holds before it refuses publishes
     /// (the outboxes keep the rest and retry).
-    #[arg(long, env = "LDT_BUS_CAPACITY", default_value_t = crate::embedded_bus::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "LDT_BUS_CAPACITY", default_value_t = crate::bus::embedded::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub bus_capacity: usize,
 
     /// Prefix of every database and queue name, so several marketplaces can share one broker
@@ -206,7 +159,7 @@ pub const DEFAULT_BUNDLE_MAX: u16 = 64;
 
 /// The default stall of a `timeout` fault, in step timeouts: past the deadline of a slip of
 /// every step (one step timeout each), so the stalled order ends TIMEOUT.
-const STALL_IN_STEP_TIMEOUTS: u64 = crate::contract::Step::ALL.len() as u64 + 1;
+const STALL_IN_STEP_TIMEOUTS: u64 = ldt_contract::Step::ALL.len() as u64 + 1;
 
 impl Settings {
     pub fn step_timeout(&self) -> Duration {
@@ -259,45 +212,20 @@ impl Settings {
     }
 }
 
-/// The default settings for `namespace` (what `purge` needs).
-pub fn purge_settings(namespace: &str) -> Settings {
-    let cli = Cli::try_parse_from(["ldt", "up", "--namespace", namespace]);
-    match cli.map(|c| c.command) {
-        Ok(Command::Up(s)) => s,
-        // Only reachable with an invalid namespace, which callers build from a safe alphabet.
-        _ => Settings::default_for(namespace),
-    }
-}
-
 impl Settings {
-    fn default_for(namespace: &str) -> Settings {
-        Settings {
-            http_addr: SocketAddr::from(([127, 0, 0, 1], 8000)),
-            amqp_url: None,
-            database_url: None,
-            data_dir: "ldt-data".into(),
-            ephemeral: false,
-            bus_capacity: crate::embedded_bus::DEFAULT_CAPACITY,
-            namespace: namespace.into(),
-            initial_credits: 500,
-            initial_stock: 500,
-            step_timeout_ms: DEFAULT_STEP_TIMEOUT_MS,
-            stall_ms: None,
-            prefetch: 200,
-            batches_in_flight: 1,
-            bundle_max: DEFAULT_BUNDLE_MAX,
-            max_pending: DEFAULT_MAX_PENDING,
-            target_latency_ms: 0,
-            db_pool_size: 8,
-            startup_timeout_s: 30,
-            queue_expires_ms: None,
-            queue_type: "classic".into(),
-            fault_injection: true,
-            admin_token: None,
-            crash_point: None,
-            chaos_duplicate_every: 0,
-            log_format: "text".into(),
+    /// Settings from command-line arguments as `ldt up` takes them (the first is the program's
+    /// name), with the `LDT_*` environment behind them.
+    pub fn try_parse_from<I, T>(args: I) -> Result<Settings, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        #[derive(Parser)]
+        struct Up {
+            #[command(flatten)]
+            settings: Settings,
         }
+        Up::try_parse_from(args).map(|up| up.settings)
     }
 }
 
@@ -321,10 +249,7 @@ mod tests {
 
     #[test]
     fn defaults_match_the_documented_contract() {
-        let cli = Cli::try_parse_from(["ldt", "up"]).unwrap();
-        let Command::Up(s) = cli.command else {
-            panic!("expected up")
-        };
+        let s = Settings::try_parse_from(["ldt"]).unwrap();
         assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
         assert_eq!(s.initial_credits, 500);
         assert_eq!(s.initial_stock, 500);
@@ -346,10 +271,7 @@ mod tests {
 
     #[test]
     fn mixed_and_ephemeral_modes() {
-        let parse = |args: &[&str]| match Cli::try_parse_from(args).unwrap().command {
-            Command::Up(s) => s,
-            _ => panic!("expected up"),
-        };
+        let parse = |args: &[&str]| Settings::try_parse_from(&args[1..]).unwrap();
         let s = parse(&["ldt", "up", "--ephemeral"]);
         assert_eq!(s.backend(), crate::db::Backend::Sqlite { dir: None });
         assert_eq!(s.bus_journal(), None);
@@ -372,13 +294,5 @@ mod tests {
             "amqp://h",
         ]);
         assert!(!s.uses_data_dir());
-    }
-
-    #[test]
-    fn serve_needs_known_services_and_namespaces_are_checked() {
-        assert!(Cli::try_parse_from(["ldt", "serve"]).is_err());
-        assert!(Cli::try_parse_from(["ldt", "serve", "bogus"]).is_err());
-        assert!(Cli::try_parse_from(["ldt", "serve", "payment", "dead-letter"]).is_ok());
-        assert!(Cli::try_parse_from(["ldt", "up", "--namespace", "Bad-Name"]).is_err());
     }
 }

@@ -69,9 +69,21 @@ pub enum OrderStatus {
     InsufficientInventory,
     Timeout,
     Unknown,
+    /// An operator cancelled the order before its saga ended; every step it took is undone.
+    Cancelled,
 }
 
 impl OrderStatus {
+    pub const ALL: [OrderStatus; 7] = [
+        OrderStatus::Pending,
+        OrderStatus::Success,
+        OrderStatus::InsufficientFund,
+        OrderStatus::InsufficientInventory,
+        OrderStatus::Timeout,
+        OrderStatus::Unknown,
+        OrderStatus::Cancelled,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             OrderStatus::Pending => "PENDING",
@@ -80,20 +92,14 @@ impl OrderStatus {
             OrderStatus::InsufficientInventory => "INSUFFICIENT_INVENTORY",
             OrderStatus::Timeout => "TIMEOUT",
             OrderStatus::Unknown => "UNKNOWN",
+            OrderStatus::Cancelled => "CANCELLED",
         }
     }
 
     pub fn parse(s: &str) -> Option<OrderStatus> {
-        [
-            OrderStatus::Pending,
-            OrderStatus::Success,
-            OrderStatus::InsufficientFund,
-            OrderStatus::InsufficientInventory,
-            OrderStatus::Timeout,
-            OrderStatus::Unknown,
-        ]
-        .into_iter()
-        .find(|status| status.as_str() == s)
+        OrderStatus::ALL
+            .into_iter()
+            .find(|status| status.as_str() == s)
     }
 
     pub fn is_final(self) -> bool {
@@ -216,6 +222,12 @@ pub enum Message {
     StepResult { step: Step, outcome: StepOutcome },
     /// step service → orchestrator: the step's compensation has been applied.
     Compensated { step: Step },
+    /// step service → orchestrator: the step's compensation failed in a way retrying will
+    /// not mend (it is parked as a dead letter); the saga waits for an operator.
+    CompensationFailed { step: Step, reason: String },
+    /// order → orchestrator: an operator cancels the order (a running saga is undone and
+    /// ends CANCELLED; one that has failed or finished already is left as it is).
+    CancelOrder,
     /// orchestrator → order: the saga is over; every compensation it needed is applied.
     OrderFinished { status: OrderStatus },
 }
@@ -232,6 +244,8 @@ impl Message {
             Message::CancelDelivery => "cancel_delivery",
             Message::StepResult { .. } => "step_result",
             Message::Compensated { .. } => "compensated",
+            Message::CompensationFailed { .. } => "compensation_failed",
+            Message::CancelOrder => "cancel_order",
             Message::OrderFinished { .. } => "order_finished",
         }
     }
@@ -241,7 +255,9 @@ impl Message {
         match self {
             Message::OrderPlaced { .. }
             | Message::StepResult { .. }
-            | Message::Compensated { .. } => Service::Orchestrator,
+            | Message::Compensated { .. }
+            | Message::CompensationFailed { .. }
+            | Message::CancelOrder => Service::Orchestrator,
             Message::Debit { .. } | Message::Refund => Service::Payment,
             Message::Reserve { .. } | Message::Release => Service::Inventory,
             Message::Deliver { .. } | Message::CancelDelivery => Service::Delivery,

@@ -33,6 +33,15 @@ pub enum ApiError {
     Internal(#[from] anyhow::Error),
 }
 
+impl From<crate::consumer::HandleError> for ApiError {
+    fn from(e: crate::consumer::HandleError) -> Self {
+        match e {
+            crate::consumer::HandleError::Transient(e) => ApiError::Internal(e),
+            crate::consumer::HandleError::Poison(why) => ApiError::Internal(anyhow::anyhow!(why)),
+        }
+    }
+}
+
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
         ApiError::Internal(e.into())
@@ -94,6 +103,33 @@ where
             Ok(axum::Json(v)) => Ok(ApiJson(v)),
             Err(JsonRejection::JsonDataError(e)) => Err(ApiError::Invalid(e.body_text())),
             Err(e) => Err(ApiError::MalformedBody(e.body_text())),
+        }
+    }
+}
+
+/// `Query<T>` whose rejections (a value of the wrong type, an unknown or repeated parameter)
+/// are [`ApiError::Invalid`]s naming the problem, as JSON.
+pub struct ApiQuery<T>(pub T);
+
+impl<S, T> axum::extract::FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &S,
+    ) -> Result<Self, Self::Rejection> {
+        match axum::extract::Query::<T>::from_request_parts(parts, state).await {
+            Ok(axum::extract::Query(v)) => Ok(ApiQuery(v)),
+            Err(e) => Err(ApiError::Invalid(format!(
+                "invalid query string: {}",
+                std::error::Error::source(&e)
+                    .map(|s| s.to_string())
+                    .unwrap_or_else(|| e.body_text())
+            ))),
         }
     }
 }

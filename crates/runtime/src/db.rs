@@ -66,10 +66,7 @@ impl Backend {
     pub fn describe(&self, db_name: &str) -> String {
         match self {
             Backend::Postgres { server_url } => {
-                format!(
-                    "database {db_name} at {}",
-                    crate::startup::redact(server_url)
-                )
+                format!("database {db_name} at {}", crate::urls::redact(server_url))
             }
             Backend::Sqlite { dir: Some(dir) } => {
                 format!(
@@ -741,8 +738,13 @@ mod tests {
         }
     }
 
-    /// A fresh database opened as a service opens its own (with the dead-letter service's
-    /// migrations, the smallest), and what drops it.
+    /// No migrations: these tests make their own tables.
+    static NO_MIGRATIONS: super::Migrators = super::Migrators {
+        postgres: sqlx::migrate::Migrator::DEFAULT,
+        sqlite: sqlx::migrate::Migrator::DEFAULT,
+    };
+
+    /// A fresh database opened as a service opens its own, and what drops it.
     async fn fresh_service_database() -> (super::Pool, impl AsyncFnOnce()) {
         let server = std::env::var("LDT_DATABASE_URL")
             .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
@@ -752,7 +754,7 @@ mod tests {
             .subsec_nanos();
         let name = format!("ldt_db_test_{}_{nanos}", std::process::id());
         let backend = super::Backend::Postgres { server_url: server };
-        let pool = super::open(&backend, &name, &crate::services::dead_letter::MIGRATORS, 2)
+        let pool = super::open(&backend, &name, &NO_MIGRATIONS, 2)
             .await
             .unwrap();
         let p = pool.clone();

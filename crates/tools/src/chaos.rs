@@ -2,7 +2,7 @@
 //! PostgreSQL, sends a stream of orders (with kill/timeout faults and insufficient funds and
 //! stock), and meanwhile SIGKILLs and restarts service processes, restarts the broker and has
 //! the outbox relays publish duplicates. When the stream is over it waits for every order to be
-//! final and checks the invariants from the services' own APIs ([`crate::check`]).
+//! final and checks the invariants from the services' own APIs ([`ldt_testkit::check`]).
 //!
 //! With `--crash-point service.point` one process aborts at that point the first time it gets
 //! there and is restarted without it: the deterministic version of a kill in that window.
@@ -20,9 +20,9 @@ use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::bus::{Bus, Outgoing};
-use crate::check::{Checker, Endpoints, Verdict};
-use crate::contract::{Queues, Service};
+use ldt_contract::{Queues, Service};
+use ldt_runtime::bus::{Bus, Outgoing};
+use ldt_testkit::check::{Checker, Endpoints, Verdict};
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -48,8 +48,8 @@ pub struct ChaosArgs {
     #[arg(long, default_value_t = 10)]
     pub duplicate_every: u64,
     /// Arm a crash point in the process of its service (e.g. `payment.after_commit`).
-    #[arg(long, value_parser = crate::crash::parse)]
-    pub crash_point: Option<crate::crash::CrashPoint>,
+    #[arg(long, value_parser = ldt_runtime::crash::parse)]
+    pub crash_point: Option<ldt_runtime::crash::CrashPoint>,
     /// Unparseable messages to drop on the payment queue (they must all end as dead letters);
     /// each is replayed once after it is parked.
     #[arg(long, default_value_t = 0)]
@@ -320,7 +320,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let started = Instant::now();
     let seed = args
         .seed
-        .unwrap_or_else(|| crate::db::now_ms().unsigned_abs() | 1);
+        .unwrap_or_else(|| ldt_runtime::db::now_ms().unsigned_abs() | 1);
     let namespace = format!("chaos_{}", &uuid::Uuid::new_v4().simple().to_string()[..10]);
     let bin = std::env::current_exe().context("locating the ldt binary")?;
     eprintln!(
@@ -378,14 +378,18 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     // Stopped by SIGTERM or Ctrl-C, still stop the fleet and purge.
     let outcome = tokio::select! {
         outcome = drive(&args, &fleet, &client, &order_url, &namespace, seed, started) => outcome,
-        _ = crate::startup::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
+        _ = ldt_runtime::signal::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     fleet.lock().await.stop_all().await;
     if !args.keep {
-        let mut settings = crate::configuration::purge_settings(&namespace);
+        let mut settings = ldt_runtime::configuration::Settings::try_parse_from([
+            "ldt",
+            "--namespace",
+            &namespace,
+        ])?;
         settings.amqp_url = Some(args.amqp_url.clone());
         settings.database_url = Some(args.database_url.clone());
-        if let Err(e) = crate::startup::purge(&settings).await {
+        if let Err(e) = ldt_runtime::namespace::purge(&settings).await {
             eprintln!("chaos: purging {namespace} failed: {e:#}");
         }
     }

@@ -13,7 +13,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use crate::contract::Service;
+use ldt_contract::Service;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {

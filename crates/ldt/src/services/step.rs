@@ -21,15 +21,16 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::db::{Conn, Held, Pool};
+use ldt_runtime::db::{Conn, Held, Pool};
 use sqlx::Connection;
 use sqlx::Row;
 use uuid::Uuid;
 
-use crate::bus::Incoming;
-use crate::contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
-use crate::db::now_ms;
-use crate::messaging::{self, Delivery, HandleError, Handler, OutboxBatch, OutboxSignal};
+use ldt_contract::{Envelope, Fault, Message, Queues, Step, StepOutcome};
+use ldt_runtime::bus::Incoming;
+use ldt_runtime::consumer::{Delivery, HandleError, Handler};
+use ldt_runtime::db::now_ms;
+use ldt_runtime::outbox::{OutboxBatch, OutboxSignal};
 use tracing::Instrument;
 
 /// The action a command asks for.
@@ -103,13 +104,13 @@ pub struct LedgerRow {
 }
 
 impl LedgerRow {
-    pub fn from_row(row: &crate::db::DbRow) -> Result<LedgerRow, sqlx::Error> {
+    pub fn from_row(row: &ldt_runtime::db::DbRow) -> Result<LedgerRow, sqlx::Error> {
         Ok(LedgerRow {
             order_id: row.try_get("order_id")?,
             username: row.try_get("username")?,
             quantity: row.try_get("quantity")?,
             outcome: row.try_get("outcome")?,
-            compensated: crate::db::get_bool(row, "compensated")?,
+            compensated: ldt_runtime::db::get_bool(row, "compensated")?,
             created_ms: row.try_get("created_ms")?,
             updated_ms: row.try_get("updated_ms")?,
         })
@@ -117,7 +118,7 @@ impl LedgerRow {
 }
 
 /// A ledger row, locked until the transaction ends (SQLite: its single writer does that).
-const LOCK_LEDGER_ROW: crate::db::Sql = crate::db::Sql {
+const LOCK_LEDGER_ROW: ldt_runtime::db::Sql = ldt_runtime::db::Sql {
     postgres: "SELECT * FROM ledger WHERE order_id = $1 FOR UPDATE",
     sqlite: "SELECT * FROM ledger WHERE order_id = $1",
 };
@@ -210,18 +211,18 @@ pub struct StepService<E: StepEffect> {
     pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
     pub stall: Duration,
-    pub crash: crate::crash::Crash,
+    pub crash: ldt_runtime::crash::Crash,
 }
 
 impl<E: StepEffect> StepService<E> {
     pub fn new(
         effect: E,
-        ctx: &crate::startup::Context,
+        ctx: &ldt_runtime::context::Context,
         pool: Pool,
         signal: OutboxSignal,
     ) -> Arc<Self> {
         let one_statement_sql = match effect.one_statement() {
-            Some(sql) if !crate::db::is_sqlite(&pool) => Some(one_statement_sql(&sql)),
+            Some(sql) if !ldt_runtime::db::is_sqlite(&pool) => Some(one_statement_sql(&sql)),
             _ => None,
         };
         Arc::new(StepService {
@@ -247,7 +248,7 @@ impl<E: StepEffect> StepService<E> {
 
     /// The command a delivery carries, or why it is poison.
     fn command(msg: &Incoming) -> Result<(Uuid, Command), HandleError> {
-        let env = messaging::decode(msg)?;
+        let env = ldt_runtime::consumer::decode(msg)?;
         match command_for(E::STEP, &env) {
             // Zero is a legal debit (a free token); a negative quantity would turn a debit
             // into a credit.
@@ -273,7 +274,7 @@ impl<E: StepEffect> StepService<E> {
         order_id: Uuid,
         cmd: &Command,
     ) -> Result<(), HandleError> {
-        let span = crate::db::span(&self.pool, "ledger");
+        let span = ldt_runtime::db::span(&self.pool, "ledger");
         match cmd {
             Command::Act(action) => {
                 self.act_in(tx, outbox, order_id, action)
@@ -371,7 +372,7 @@ impl<E: StepEffect> StepService<E> {
             return Ok(false);
         };
         let mut conn = self.conns.get().await?;
-        self.crash.at(crate::crash::Point::BeforeCommit);
+        self.crash.at(ldt_runtime::crash::Point::BeforeCommit);
         let row = sqlx::query(sqlx::AssertSqlSafe(sql))
             .bind(action.username.as_deref())
             .bind(action.quantity)
@@ -388,12 +389,12 @@ impl<E: StepEffect> StepService<E> {
             .fetch_one(&mut *conn)
             .await?;
         conn.reuse();
-        let applied = crate::db::get_bool(&row, "applied")?;
+        let applied = ldt_runtime::db::get_bool(&row, "applied")?;
         let outbox_id: Option<i64> = row.try_get("outbox_id")?;
         let Some(outbox_id) = outbox_id else {
             return Ok(false);
         };
-        self.crash.at(crate::crash::Point::AfterCommit);
+        self.crash.at(ldt_runtime::crash::Point::AfterCommit);
         let mut outbox = OutboxBatch::default();
         outbox.push_written(outbox_id, if applied { done } else { refused });
         self.signal.committed(outbox);
@@ -422,7 +423,7 @@ impl<E: StepEffect> StepService<E> {
                 continue;
             };
             let span = batch[*i].span.clone();
-            let db = span.in_scope(|| crate::db::span(&self.pool, "ledger"));
+            let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "ledger"));
             let outcome = match self
                 .act_in_one_statement(sql, *order_id, action)
                 .instrument(db)
@@ -559,7 +560,7 @@ impl<E: StepEffect> StepService<E> {
             .map(|(i, _, _)| {
                 batch[*i]
                     .span
-                    .in_scope(|| crate::db::span(&self.pool, "ledger"))
+                    .in_scope(|| ldt_runtime::db::span(&self.pool, "ledger"))
             })
             .collect();
         let mut conn = self.conns.get().await?;
@@ -641,8 +642,8 @@ struct NewLedgerRow {
 impl NewLedgerRow {
     /// One multi-row insert; fails (the batch rolls back) if any order already has a row.
     async fn insert_all(tx: &mut Conn, rows: &[NewLedgerRow]) -> Result<(), sqlx::Error> {
-        for chunk in rows.chunks(messaging::ROWS_PER_INSERT) {
-            let sql = crate::db::multi_row_insert(
+        for chunk in rows.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
+            let sql = ldt_runtime::db::multi_row_insert(
                 "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, \
                  created_ms, updated_ms)",
                 7,

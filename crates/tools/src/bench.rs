@@ -8,7 +8,7 @@
 //!
 //! Saga latency comes from the orders' own server-side timestamps (`finished_at_ms −
 //! created_at_ms`), read once after the run — not by polling every order. Afterwards the
-//! invariants are checked through the API ([`crate::check`]); a broken one fails the run.
+//! invariants are checked through the API ([`ldt_testkit::check`]); a broken one fails the run.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write as _;
@@ -23,8 +23,8 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::sync::Mutex;
 
-use crate::check::{Checker, Endpoints};
 use crate::probe::MachineProbe;
+use ldt_testkit::check::{Checker, Endpoints};
 
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {

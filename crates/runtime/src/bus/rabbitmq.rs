@@ -201,10 +201,10 @@ impl AmqpBus {
                     self.next_url.store(index, Ordering::Relaxed);
                     return Ok(Arc::new(conn));
                 }
-                Ok(Err(e)) => errors.push(format!("{}: {e}", crate::startup::redact(url))),
+                Ok(Err(e)) => errors.push(format!("{}: {e}", crate::urls::redact(url))),
                 Err(_) => errors.push(format!(
                     "{}: no answer within {BROKER_TIMEOUT:?}",
-                    crate::startup::redact(url)
+                    crate::urls::redact(url)
                 )),
             }
         }

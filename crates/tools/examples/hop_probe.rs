@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser;
-use ldt::bus::{Bus, Outgoing, QueueOptions};
+use ldt_runtime::bus::{Bus, Outgoing, QueueOptions};
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
@@ -86,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
         let next = queues.get(hop + 1).cloned();
         // Connections kept between inserts, as the services' hot paths keep them.
         let pool = match &db {
-            Some(db) => Some(Arc::new(ldt::db::Held::new(&db.pool().await?, 4))),
+            Some(db) => Some(Arc::new(ldt_runtime::db::Held::new(&db.pool().await?, 4))),
             None => None,
         };
         let mut sub = bus.subscribe(&queues[hop], args.prefetch).await?;
@@ -176,7 +176,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// One durable insert, committing by itself.
-async fn insert(held: &ldt::db::Held, hop: usize, payload: &[u8]) -> Result<(), sqlx::Error> {
+async fn insert(
+    held: &ldt_runtime::db::Held,
+    hop: usize,
+    payload: &[u8],
+) -> Result<(), sqlx::Error> {
     let mut conn = held.get().await?;
     sqlx::query("INSERT INTO hops (hop, payload) VALUES ($1, $2)")
         .bind(hop as i32)
@@ -215,7 +219,7 @@ impl Database {
     }
 
     /// A pool of 8, as each service has.
-    async fn pool(&self) -> anyhow::Result<ldt::db::Pool> {
+    async fn pool(&self) -> anyhow::Result<ldt_runtime::db::Pool> {
         sqlx::any::install_default_drivers();
         Ok(sqlx::any::AnyPoolOptions::new()
             .max_connections(8)

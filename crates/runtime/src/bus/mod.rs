@@ -3,7 +3,7 @@
 //! [`Bus`] is what the services see: publish a batch (returns once the broker confirmed every
 //! message), subscribe to a queue (at-least-once deliveries, explicit ack / nack). It is an
 //! enum rather than a trait object so that no future is boxed: RabbitMQ (through lapin, in
-//! [`crate::rabbitmq`]) for real deployments, and the in-process [`EmbeddedBus`] for
+//! [`crate::bus::rabbitmq`]) for real deployments, and the in-process [`EmbeddedBus`] for
 //! `ldt up` without a broker. The services cannot tell them apart; `tests/transport.rs` runs
 //! one conformance suite against both.
 //!
@@ -17,10 +17,13 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 
-use crate::rabbitmq::AmqpBus;
+pub mod embedded;
+pub mod rabbitmq;
 
-pub use crate::embedded_bus::EmbeddedBus;
-use crate::embedded_bus::{EmbeddedAcker, EmbeddedSubscription};
+use crate::bus::rabbitmq::AmqpBus;
+
+pub use crate::bus::embedded::EmbeddedBus;
+use crate::bus::embedded::{EmbeddedAcker, EmbeddedSubscription};
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -389,7 +392,7 @@ impl Subscription {
     /// Stops the subscription; unacknowledged deliveries go back to the queue.
     pub async fn close(self) {
         match self.source {
-            Source::Amqp { channel, .. } => crate::rabbitmq::close_channel(channel).await,
+            Source::Amqp { channel, .. } => crate::bus::rabbitmq::close_channel(channel).await,
             Source::Embedded(s) => s.close(),
         }
     }
@@ -431,7 +434,7 @@ enum Acker {
 impl Acker {
     async fn ack(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => crate::rabbitmq::ack(a).await?,
+            Acker::Amqp(a) => crate::bus::rabbitmq::ack(a).await?,
             Acker::Embedded(a) => a.ack()?,
         }
         Ok(())
@@ -439,7 +442,7 @@ impl Acker {
 
     async fn nack_requeue(&self) -> Result<(), BusError> {
         match self {
-            Acker::Amqp(a) => crate::rabbitmq::nack_requeue(a).await?,
+            Acker::Amqp(a) => crate::bus::rabbitmq::nack_requeue(a).await?,
             Acker::Embedded(a) => a.nack_requeue()?,
         }
         Ok(())
@@ -470,7 +473,7 @@ impl Incoming {
                 .message_id()
                 .as_ref()
                 .map(|s| s.as_str().to_owned()),
-            headers: crate::rabbitmq::headers_of(&d.properties),
+            headers: crate::bus::rabbitmq::headers_of(&d.properties),
             payload: d.data,
             redelivered: d.redelivered,
             acker: Settle::Whole(Acker::Amqp(d.acker)),

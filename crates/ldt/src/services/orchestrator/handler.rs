@@ -1,0 +1,674 @@
+//! The orchestrator's work: turn each message (and each due deadline, and each operator's
+//! action) into an event, run it through the saga ([`super::saga`]), and have the store
+//! write the saga, its log and its commands in one transaction. What the saga asks to be
+//! counted or told goes to the metrics and the log here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use ldt_contract::{Envelope, Message, Queues};
+use ldt_runtime::consumer::{Delivery, HandleError, Handler, decode};
+use ldt_runtime::crash::{Crash, Point};
+use ldt_runtime::db::{Held, Pool, now_ms};
+use ldt_runtime::metrics::Metrics;
+use ldt_runtime::outbox::{OutboxRow, OutboxSignal};
+use sqlx::Connection;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::saga::{self, Event, MetricEvent, Notice, Policy, Saga, Terms};
+use super::store::{self, Pending, Stored};
+
+#[derive(Clone)]
+pub struct Orchestrator {
+    pub pool: Pool,
+    /// The connections of the consumer's and the deadline poller's transactions.
+    pub conns: Arc<Held>,
+    pub queues: Queues,
+    pub signal: OutboxSignal,
+    pub policy: Policy,
+    pub crash: Crash,
+    pub metrics: Metrics,
+}
+
+/// What a message asks of the orchestrator.
+enum Work {
+    /// Start a saga (an `OrderPlaced`).
+    Start(Terms),
+    /// Something happened to a running saga.
+    Event(Event),
+}
+
+fn work_of(env: &Envelope) -> Result<Work, HandleError> {
+    Ok(match &env.body {
+        Message::OrderPlaced {
+            username,
+            price,
+            amount,
+            faults,
+        } => {
+            let terms = Terms {
+                username: username.clone(),
+                price: *price,
+                amount: *amount,
+                faults: *faults,
+            };
+            if let Some(why) = saga::invalid_terms(&terms) {
+                return Err(HandleError::Poison(format!("OrderPlaced with {why}")));
+            }
+            Work::Start(terms)
+        }
+        Message::StepResult { step, outcome } => Work::Event(Event::Answered {
+            step: *step,
+            outcome: *outcome,
+        }),
+        Message::Compensated { step } => Work::Event(Event::Compensated { step: *step }),
+        Message::CompensationFailed { step, reason } => Work::Event(Event::CompensationFailed {
+            step: *step,
+            reason: reason.clone(),
+        }),
+        Message::CancelOrder => Work::Event(Event::Cancel),
+        other => {
+            return Err(HandleError::Poison(format!(
+                "the orchestrator does not handle `{}` messages",
+                other.kind()
+            )));
+        }
+    })
+}
+
+/// An event for a saga this orchestrator has not seen.
+fn unknown_saga(env: &Envelope) -> HandleError {
+    match env.body {
+        // The order service's `OrderPlaced` may still be on its way: try again later (a
+        // cancel of an order that never gets a saga is parked after the last try).
+        Message::CancelOrder => HandleError::Transient(anyhow::anyhow!(
+            "cancel for order {}, whose saga has not started",
+            env.order_id
+        )),
+        _ => HandleError::Poison(format!(
+            "{} for unknown saga {}",
+            env.body.kind(),
+            env.order_id
+        )),
+    }
+}
+
+impl Orchestrator {
+    /// Counts and tells what a transition asks for, in the current span.
+    fn observe(&self, saga: &Saga, fx: &saga::Effects) {
+        for m in &fx.metrics {
+            match m {
+                MetricEvent::StepLatency { step, outcome, ms } => self.metrics.observe_ms(
+                    "ldt_step_latency_ms",
+                    "Time from the command (or routing slip) a step answered to its answer.",
+                    &[
+                        ("step", step.as_str()),
+                        ("outcome", &format!("{outcome:?}").to_lowercase()),
+                    ],
+                    *ms as f64,
+                ),
+                MetricEvent::Compensated { step } => self.metrics.inc(
+                    "ldt_compensations_total",
+                    "Compensations applied, by step.",
+                    &[("step", step.as_str())],
+                    1,
+                ),
+                MetricEvent::CompensationRetried { step } => self.metrics.inc(
+                    "ldt_compensation_retries_total",
+                    "Compensations sent again because the step did not answer.",
+                    &[("step", step.as_str())],
+                    1,
+                ),
+                MetricEvent::TimedOut { step } => self.metrics.inc(
+                    "ldt_step_timeouts_total",
+                    "Orders past their deadline, by the step their slip last started from.",
+                    &[("step", step.as_str())],
+                    1,
+                ),
+            }
+        }
+        let order_id = saga.order_id;
+        for notice in &fx.notices {
+            match notice {
+                Notice::TimedOut { step } => tracing::info!(%order_id, step = step.as_str(),
+                    "deadline passed: the order ends TIMEOUT"),
+                Notice::Unanswered { step, attempts } => tracing::error!(%order_id,
+                    step = step.as_str(), attempts, "compensation still unanswered; retrying"),
+                Notice::Stuck { step, reason } => tracing::error!(%order_id, step = step.as_str(),
+                    %reason, "compensation cannot succeed: the saga is stuck until an operator retries it \
+                    (POST /api/v1/sagas/{order_id}/retry)"),
+                Notice::Retried { step } => {
+                    tracing::info!(%order_id, step = step.as_str(), "compensation retried by an operator")
+                }
+                Notice::Cancelled => tracing::info!(%order_id, "order cancelled by an operator"),
+            }
+        }
+    }
+
+    /// Applies `work` (envelope, span) in one transaction: inserts the sagas the
+    /// `OrderPlaced`s start and locks those the other messages concern (one statement each),
+    /// then runs every transition in memory, in the order given, each in its message's span.
+    async fn apply_all(
+        &self,
+        tx: &mut ldt_runtime::db::Conn,
+        pending: &mut Pending,
+        work: &[(&Envelope, tracing::Span)],
+    ) -> Result<(), HandleError> {
+        let now = now_ms();
+        let mut starts = Vec::new();
+        let mut events = Vec::new();
+        for (env, span) in work {
+            match work_of(env)? {
+                Work::Start(terms) => {
+                    let (saga, fx) = saga::start(env.order_id, terms, &self.policy, now);
+                    let traceparent = span.in_scope(ldt_runtime::telemetry::current_traceparent);
+                    starts.push((saga, fx, traceparent, span));
+                }
+                Work::Event(event) => events.push((env, event, span)),
+            }
+        }
+        let new: Vec<(&Saga, Option<String>)> = starts
+            .iter()
+            .map(|(saga, _, tp, _)| (saga, tp.clone()))
+            .collect();
+        let inserted = store::insert_sagas(tx, &new).await?;
+        let mut answered: Vec<Uuid> = events
+            .iter()
+            .map(|(env, _, _)| env.order_id)
+            .filter(|id| !inserted.contains(id))
+            .collect();
+        answered.sort();
+        answered.dedup();
+        store::lock(tx, pending, &answered).await?;
+        for (saga, fx, traceparent, span) in starts {
+            let _entered = span.enter();
+            // The first `OrderPlaced` of a new saga starts it; any other is a duplicate.
+            if !inserted.contains(&saga.order_id) || pending.saga(&saga.order_id).is_some() {
+                tracing::info!(order_id = %saga.order_id, "duplicate OrderPlaced ignored");
+                let ignored = saga::Effects {
+                    log: vec![saga::LogLine {
+                        step: saga.step,
+                        kind: saga::LogKind::OrderPlaced,
+                        event: "duplicate (ignored)".into(),
+                    }],
+                    ..Default::default()
+                };
+                pending.add(&self.queues, saga.order_id, &ignored, now);
+                continue;
+            }
+            pending.add(&self.queues, saga.order_id, &fx, now);
+            pending.hold(Stored { saga, traceparent });
+        }
+        for (env, event, span) in events {
+            let _entered = span.enter();
+            let Some(stored) = pending.saga(&env.order_id) else {
+                return Err(unknown_saga(env));
+            };
+            let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
+            self.observe(&after, &fx);
+            pending.change(&self.queues, after, &fx, now);
+        }
+        Ok(())
+    }
+
+    /// Applies `work` (envelope, delivery span) in one transaction, sorted by order id (so
+    /// that concurrent transactions lock sagas in the same order). Each message gets a
+    /// database span of its own in its trace, covering the statements it shares with the
+    /// rest of the batch.
+    async fn apply_batch(&self, work: &mut [(Envelope, tracing::Span)]) -> Result<(), HandleError> {
+        work.sort_by_key(|(env, _)| env.order_id);
+        let spans: Vec<(&Envelope, tracing::Span)> = work
+            .iter()
+            .map(|(env, span)| {
+                (
+                    env,
+                    span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas")),
+                )
+            })
+            .collect();
+        let mut conn = self.conns.get().await?;
+        let mut tx = conn.begin().await?;
+        let mut pending = Pending::default();
+        self.apply_all(&mut tx, &mut pending, &spans).await?;
+        pending.write(&mut tx).await?;
+        self.crash.commit(tx).await?;
+        conn.reuse();
+        self.signal.committed(pending.outbox);
+        Ok(())
+    }
+
+    /// PostgreSQL, a batch of one message, without a transaction of its own (two round
+    /// trips at most instead of five or six). An `OrderPlaced` inserts its saga, log line and
+    /// command with one statement. Any other message reads its saga, runs the transition, and
+    /// writes the result with one statement that applies only if the saga is still as it
+    /// was read. `Ok(false)`: nothing was written (a duplicate `OrderPlaced`, an unknown saga,
+    /// a saga changed meanwhile, a transition too big for one statement): the transaction
+    /// path takes the message.
+    async fn apply_one(&self, env: &Envelope, span: &tracing::Span) -> Result<bool, HandleError> {
+        let now = now_ms();
+        let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas"));
+        let mut conn = self.conns.get().await?;
+        let outbox = match work_of(env)? {
+            Work::Start(terms) => {
+                let (saga, mut fx) = saga::start(env.order_id, terms, &self.policy, now);
+                let (Some(line), Some(cmd)) = (fx.log.pop(), fx.send.pop()) else {
+                    conn.reuse();
+                    return Ok(false);
+                };
+                let (row, traceparent) = span.in_scope(|| {
+                    let mut first = Envelope::new(env.order_id, now, cmd.body);
+                    first.then = cmd.then;
+                    (
+                        OutboxRow::of(&self.queues, &first),
+                        ldt_runtime::telemetry::current_traceparent(),
+                    )
+                });
+                self.crash.at(Point::BeforeCommit);
+                let written = store::insert_started(&mut conn, &saga, &line, &row, traceparent)
+                    .instrument(db)
+                    .await?;
+                match written {
+                    Some(outbox) => outbox,
+                    None => {
+                        conn.reuse();
+                        return Ok(false);
+                    }
+                }
+            }
+            Work::Event(event) => {
+                let Some((stored, version)) = store::read_versioned(&mut conn, env.order_id)
+                    .instrument(db.clone())
+                    .await?
+                else {
+                    conn.reuse();
+                    return Ok(false);
+                };
+                let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
+                let mut pending = Pending::default();
+                pending.hold(stored);
+                span.in_scope(|| {
+                    self.observe(&after, &fx);
+                    pending.change(&self.queues, after, &fx, now);
+                });
+                if !pending.fits_one_statement(true) {
+                    conn.reuse();
+                    return Ok(false);
+                }
+                self.crash.at(Point::BeforeCommit);
+                let written = pending
+                    .write_in_one_statement(&mut conn, Some(&version))
+                    .instrument(db)
+                    .await?;
+                if !written {
+                    conn.reuse();
+                    return Ok(false);
+                }
+                pending.outbox
+            }
+        };
+        conn.reuse();
+        self.crash.at(Point::AfterCommit);
+        self.signal.committed(outbox);
+        Ok(true)
+    }
+
+    /// An operator's event (retry, cancel) on one saga, in a transaction of its own; the
+    /// saga as it is afterwards, `None` when there is no such saga.
+    pub async fn operator(
+        &self,
+        order_id: Uuid,
+        event: Event,
+    ) -> Result<Option<Saga>, HandleError> {
+        let now = now_ms();
+        let mut conn = self.conns.get().await?;
+        let mut tx = conn.begin().await?;
+        let mut pending = Pending::default();
+        store::lock(&mut tx, &mut pending, &[order_id]).await?;
+        let Some(stored) = pending.saga(&order_id).cloned() else {
+            tx.rollback().await?;
+            conn.reuse();
+            return Ok(None);
+        };
+        // In the order's own trace.
+        let span = tracing::info_span!("saga operator", otel.name = "saga operator",
+            ldt.service = "orchestrator", ldt.order_id = %order_id,
+            trace_id = tracing::field::Empty, span_id = tracing::field::Empty);
+        ldt_runtime::telemetry::adopt(&span, stored.traceparent.as_deref());
+        let after = span.in_scope(|| {
+            let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
+            self.observe(&after, &fx);
+            pending.change(&self.queues, after.clone(), &fx, now);
+            after
+        });
+        pending.write(&mut tx).await?;
+        self.crash.commit(tx).await?;
+        conn.reuse();
+        self.signal.committed(pending.outbox);
+        Ok(Some(after))
+    }
+
+    /// Fires due deadlines until shutdown, and keeps the count of stuck sagas.
+    pub async fn run_deadlines(self, shutdown: CancellationToken) {
+        let tick = Duration::from_millis(20)
+            .min(Duration::from_millis(
+                u64::try_from(self.policy.step_timeout_ms / 4).unwrap_or(20),
+            ))
+            .max(Duration::from_millis(5));
+        let mut counted = std::time::Instant::now();
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.cancelled() => return,
+            }
+            loop {
+                match self.fire_due().await {
+                    Ok(n) if n > 0 => continue,
+                    Ok(_) => break,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "deadline poller failed; retrying");
+                        break;
+                    }
+                }
+            }
+            if counted.elapsed() >= Duration::from_secs(2) {
+                counted = std::time::Instant::now();
+                if let Ok(n) = store::stuck_count(&self.pool).await {
+                    self.metrics.set(
+                        "ldt_sagas_stuck",
+                        "Sagas whose compensation cannot succeed until an operator retries it.",
+                        &[],
+                        n,
+                    );
+                }
+            }
+        }
+    }
+
+    async fn fire_due(&self) -> Result<usize, HandleError> {
+        let now = now_ms();
+        let mut conn = self.conns.get().await?;
+        if !store::any_due(&mut conn, now).await? {
+            conn.reuse();
+            return Ok(0);
+        }
+        let mut tx = conn.begin().await?;
+        let due = store::claim_due(&mut tx, now).await?;
+        let n = due.len();
+        let mut pending = Pending::default();
+        for stored in due {
+            let saga = &stored.saga;
+            // The deadline's work belongs to the order's trace.
+            let span = tracing::info_span!(
+                "saga deadline",
+                otel.name = "saga deadline",
+                ldt.service = "orchestrator",
+                ldt.order_id = %saga.order_id,
+                ldt.step = saga.step.as_str(),
+                ldt.compensation = saga.phase == saga::Phase::Compensating,
+                trace_id = tracing::field::Empty,
+                span_id = tracing::field::Empty,
+            );
+            ldt_runtime::telemetry::adopt(&span, stored.traceparent.as_deref());
+            let _entered = span.enter();
+            let due_ms = saga.deadline_ms.unwrap_or(now);
+            let (after, fx) = saga::apply(saga, Event::Deadline { due_ms }, &self.policy, now);
+            self.observe(&after, &fx);
+            pending.hold(stored.clone());
+            pending.change(&self.queues, after, &fx, now);
+        }
+        if n > 0 {
+            pending.write(&mut tx).await?;
+            self.crash.commit(tx).await?;
+            self.signal.committed(pending.outbox);
+        } else {
+            tx.commit().await?;
+        }
+        conn.reuse();
+        Ok(n)
+    }
+}
+
+impl Handler for Orchestrator {
+    async fn handle(&self, msg: &ldt_runtime::bus::Incoming) -> Result<(), HandleError> {
+        let env = decode(msg)?;
+        self.apply_batch(&mut [(env, tracing::Span::current())])
+            .await
+    }
+
+    /// One transaction for the batch; if it fails (a poison message, a deadlock), each message
+    /// is applied in its own so one cannot hold back the others.
+    async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
+        let mut results: Vec<Option<Result<(), HandleError>>> =
+            batch.iter().map(|_| None).collect();
+        let mut work = Vec::new();
+        for (i, d) in batch.iter().enumerate() {
+            match decode(&d.msg) {
+                Ok(env) => work.push((i, env)),
+                Err(e) => results[i] = Some(Err(e)),
+            }
+        }
+        let mut together: Vec<(Envelope, tracing::Span)> = work
+            .iter()
+            .map(|(i, env)| (env.clone(), batch[*i].span.clone()))
+            .collect();
+        if work.len() > 1 && self.apply_batch(&mut together).await.is_ok() {
+            for (i, _) in &work {
+                results[*i] = Some(Ok(()));
+            }
+        } else {
+            // One at a time, in delivery order.
+            let postgres = !ldt_runtime::db::is_sqlite(&self.pool);
+            for (i, env) in work {
+                let span = batch[i].span.clone();
+                let alone = if postgres {
+                    self.apply_one(&env, &span).await
+                } else {
+                    Ok(false)
+                };
+                results[i] = Some(match alone {
+                    Ok(true) => Ok(()),
+                    Err(HandleError::Poison(reason)) => Err(HandleError::Poison(reason)),
+                    Ok(false) | Err(HandleError::Transient(_)) => {
+                        self.apply_batch(&mut [(env, span)]).await
+                    }
+                });
+            }
+        }
+        results
+            .into_iter()
+            .map(|r| {
+                r.unwrap_or_else(|| Err(HandleError::Transient(anyhow::anyhow!("not handled"))))
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The one-message path against a real PostgreSQL database of its own (the test
+    //! command makes sure the server runs).
+    use super::*;
+    use ldt_contract::{Service, Step, StepOutcome};
+    use sqlx::Row;
+
+    struct Fixture {
+        orchestrator: Orchestrator,
+        backend: ldt_runtime::db::Backend,
+        db: String,
+    }
+
+    impl Fixture {
+        async fn new() -> Fixture {
+            let server_url = std::env::var("LDT_DATABASE_URL")
+                .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+            let backend = ldt_runtime::db::Backend::Postgres { server_url };
+            let db = format!("unit_{}_orchestrator", Uuid::now_v7().simple());
+            let pool = ldt_runtime::db::open(&backend, &db, &super::super::MIGRATORS, 8)
+                .await
+                .expect("the test PostgreSQL server (scripts/test.sh starts it)");
+            let (signal, _) = OutboxSignal::new();
+            let orchestrator = Orchestrator {
+                conns: Arc::new(Held::new(&pool, 2)),
+                pool,
+                queues: Queues::new("unit"),
+                signal,
+                policy: Policy::new(500),
+                crash: Crash::for_service(None, Service::Orchestrator),
+                metrics: Default::default(),
+            };
+            Fixture {
+                orchestrator,
+                backend,
+                db,
+            }
+        }
+
+        async fn count(&self, sql: &str) -> i64 {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql))
+                .fetch_one(&self.orchestrator.pool)
+                .await
+                .unwrap()
+        }
+
+        async fn drop(self) {
+            // The held connections go back to the pool with their holder; closing waits
+            // for every connection.
+            let pool = self.orchestrator.pool.clone();
+            drop(self.orchestrator);
+            pool.close().await;
+            ldt_runtime::db::drop_database(&self.backend, &self.db)
+                .await
+                .unwrap();
+        }
+    }
+
+    fn placed(order_id: Uuid) -> Envelope {
+        Envelope::new(
+            order_id,
+            now_ms(),
+            Message::OrderPlaced {
+                username: "ann".into(),
+                price: 2,
+                amount: 3,
+                faults: Default::default(),
+            },
+        )
+    }
+
+    #[tokio::test]
+    async fn a_placed_order_starts_its_saga_with_one_statement_once() {
+        let fx = Fixture::new().await;
+        let order_id = Uuid::now_v7();
+        let span = tracing::Span::none();
+        let orch = &fx.orchestrator;
+        assert!(orch.apply_one(&placed(order_id), &span).await.unwrap());
+        // A duplicate writes nothing on this path (the transaction path logs it).
+        assert!(!orch.apply_one(&placed(order_id), &span).await.unwrap());
+        assert_eq!(fx.count("SELECT count(*) FROM sagas").await, 1);
+        assert_eq!(fx.count("SELECT count(*) FROM saga_log").await, 1);
+        let debit: Vec<u8> = sqlx::query_scalar("SELECT payload FROM outbox")
+            .fetch_one(&orch.pool)
+            .await
+            .unwrap();
+        let debit = Envelope::from_json(&debit).unwrap();
+        assert_eq!(
+            debit.body,
+            Message::Debit {
+                username: "ann".into(),
+                total: 6,
+                fault: None
+            }
+        );
+        assert_eq!(
+            debit.then.len(),
+            2,
+            "the debit carries the rest of the slip"
+        );
+        fx.drop().await;
+    }
+
+    #[tokio::test]
+    async fn an_answer_whose_saga_changed_after_it_was_read_writes_nothing() {
+        let fx = Fixture::new().await;
+        let orch = &fx.orchestrator;
+        let order_id = Uuid::now_v7();
+        assert!(
+            orch.apply_one(&placed(order_id), &tracing::Span::none())
+                .await
+                .unwrap()
+        );
+        let mut conn = orch.conns.get().await.unwrap();
+        let (read, stale) = store::read_versioned(&mut conn, order_id)
+            .await
+            .unwrap()
+            .unwrap();
+        // Another writer (the deadline poller, another replica) changes the saga.
+        sqlx::query("UPDATE sagas SET attempts = attempts + 1 WHERE order_id = $1")
+            .bind(order_id.to_string())
+            .execute(&orch.pool)
+            .await
+            .unwrap();
+        let done = Event::Answered {
+            step: Step::Delivery,
+            outcome: StepOutcome::Done,
+        };
+        let answer = async |version: String, conn: &mut ldt_runtime::db::Conn| {
+            let (after, effects) = saga::apply(&read.saga, done.clone(), &orch.policy, now_ms());
+            let mut pending = Pending::default();
+            pending.hold(read.clone());
+            pending.change(&orch.queues, after, &effects, now_ms());
+            assert!(pending.fits_one_statement(true));
+            pending
+                .write_in_one_statement(conn, Some(&version))
+                .await
+                .unwrap()
+        };
+        assert!(
+            !answer(stale, &mut conn).await,
+            "a stale version must not write"
+        );
+        assert_eq!(fx.count("SELECT count(*) FROM saga_log").await, 1);
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 1);
+        assert_eq!(
+            fx.count("SELECT count(*) FROM sagas WHERE phase = 'running'")
+                .await,
+            1
+        );
+        // Read afresh, the same answer finishes the saga.
+        let fresh: String = sqlx::query_scalar("SELECT xmin::text FROM sagas WHERE order_id = $1")
+            .bind(order_id.to_string())
+            .fetch_one(&orch.pool)
+            .await
+            .unwrap();
+        assert!(answer(fresh, &mut conn).await);
+        drop(conn);
+        assert_eq!(
+            fx.count("SELECT count(*) FROM sagas WHERE phase = 'done' AND status = 'SUCCESS'")
+                .await,
+            1
+        );
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 2);
+        // Run through the handler, a late duplicate of the answer is ignored.
+        let late = Envelope::new(
+            order_id,
+            now_ms(),
+            Message::StepResult {
+                step: Step::Delivery,
+                outcome: StepOutcome::Done,
+            },
+        );
+        assert!(
+            !orch.apply_one(&late, &tracing::Span::none()).await.unwrap(),
+            "an answer with nothing to send takes the transaction path"
+        );
+        let row = sqlx::query("SELECT status FROM sagas WHERE order_id = $1")
+            .bind(order_id.to_string())
+            .fetch_one(&orch.pool)
+            .await
+            .unwrap();
+        assert_eq!(row.try_get::<String, _>("status").unwrap(), "SUCCESS");
+        fx.drop().await;
+    }
+}

@@ -1,0 +1,656 @@
+//! The orchestrator's tables: `sagas` (one row per saga, with its deadline), `saga_log` and
+//! its outbox. A transaction gathers what its transitions produced ([`Pending`]) and writes
+//! it with a few multi-row statements just before it commits, however many messages it
+//! handled; on PostgreSQL a small write is one statement. The deadline poller claims due
+//! sagas with `FOR UPDATE SKIP LOCKED`, so a deadline fires once even with several replicas.
+
+use std::collections::{HashMap, HashSet};
+
+use ldt_contract::{Envelope, OrderStatus, Queues, Step};
+use ldt_runtime::consumer::HandleError;
+use ldt_runtime::db::{Conn, DbRow, Pool};
+use ldt_runtime::outbox::{self, OutboxBatch, OutboxRow, Query, ROWS_PER_INSERT};
+use serde::Serialize;
+use sqlx::Row;
+use uuid::Uuid;
+
+use super::saga::{Effects, LogKind, LogLine, Phase, Saga, Terms};
+
+/// Sagas past their deadline, skipping those another replica is handling.
+const CLAIM_DUE: ldt_runtime::db::Sql = ldt_runtime::db::Sql {
+    postgres: "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100 \
+               FOR UPDATE SKIP LOCKED",
+    sqlite: "SELECT * FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 100",
+};
+
+/// A saga as stored, with the trace context of its order (so work the orchestrator starts
+/// by itself, a deadline, stays in the order's trace).
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub saga: Saga,
+    pub traceparent: Option<String>,
+}
+
+fn corrupt(what: &str) -> HandleError {
+    HandleError::Transient(anyhow::anyhow!("corrupt saga row: {what}"))
+}
+
+/// The compensations still to apply, as stored: step names, comma-separated.
+fn pending_to_text(pending: &[Step]) -> String {
+    pending
+        .iter()
+        .map(|s| s.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+fn pending_from_text(text: &str) -> Option<Vec<Step>> {
+    text.split(',')
+        .filter(|s| !s.is_empty())
+        .map(Step::parse)
+        .collect()
+}
+
+pub fn saga_from_row(row: &DbRow) -> Result<Stored, HandleError> {
+    let order_id: String = row.try_get("order_id")?;
+    let phase: String = row.try_get("phase")?;
+    let step: String = row.try_get("step")?;
+    let status: Option<String> = row.try_get("status")?;
+    let pending: String = row.try_get("pending_comp")?;
+    let faults: String = row.try_get("faults")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    let saga = Saga {
+        order_id: Uuid::parse_str(&order_id).map_err(|_| corrupt("order_id"))?,
+        terms: Terms {
+            username: row.try_get("username")?,
+            price: row.try_get("price")?,
+            amount: row.try_get("amount")?,
+            faults: serde_json::from_str(&faults).map_err(|_| corrupt("faults"))?,
+        },
+        phase: Phase::parse(&phase).ok_or_else(|| corrupt("phase"))?,
+        step: Step::parse(&step).ok_or_else(|| corrupt("step"))?,
+        status: match status {
+            None => None,
+            Some(s) => Some(OrderStatus::parse(&s).ok_or_else(|| corrupt("status"))?),
+        },
+        pending: pending_from_text(&pending).ok_or_else(|| corrupt("pending_comp"))?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        stuck: row.try_get("stuck_reason")?,
+        deadline_ms: row.try_get("deadline_ms")?,
+        updated_ms: row.try_get("updated_ms")?,
+    };
+    Ok(Stored {
+        saga,
+        traceparent: row.try_get("traceparent")?,
+    })
+}
+
+/// Applies the changed sagas in `v` (one row per saga: the columns [`bind_saga_values`]
+/// binds).
+const UPDATE_SAGAS_FROM_V: &str = "UPDATE sagas SET phase = v.phase, step = v.step, \
+     status = v.status, pending_comp = v.pending_comp, attempts = v.attempts, \
+     stuck_reason = v.stuck_reason, deadline_ms = v.deadline_ms, updated_ms = v.updated_ms \
+     FROM v WHERE sagas.order_id = v.order_id";
+
+/// The columns of `v`.
+const V_COLUMNS: &str = "v (order_id, phase, step, status, pending_comp, attempts, stuck_reason, \
+                         deadline_ms, updated_ms)";
+const V_WIDTH: usize = 9;
+
+/// Binds a changed saga's values, in the order of [`V_COLUMNS`].
+fn bind_saga_values<'q>(query: Query<'q>, saga: &'q Saga) -> Query<'q> {
+    query
+        .bind(saga.order_id.to_string())
+        .bind(saga.phase.as_str())
+        .bind(saga.step.as_str())
+        .bind(saga.status.map(|s| s.as_str()))
+        .bind(pending_to_text(&saga.pending))
+        .bind(i32::try_from(saga.attempts).unwrap_or(i32::MAX))
+        .bind(saga.stuck.as_deref())
+        .bind(saga.deadline_ms)
+        .bind(saga.updated_ms)
+}
+
+/// The columns of a new saga's row.
+const SAGA_COLUMNS: &str = "sagas (order_id, username, price, amount, faults, phase, step, \
+                            deadline_ms, created_ms, updated_ms, traceparent)";
+const SAGA_WIDTH: usize = 11;
+
+/// Binds a new saga's row, in the order of [`SAGA_COLUMNS`].
+fn bind_new_saga<'q>(query: Query<'q>, saga: &'q Saga, traceparent: Option<String>) -> Query<'q> {
+    query
+        .bind(saga.order_id.to_string())
+        .bind(saga.terms.username.as_str())
+        .bind(saga.terms.price)
+        .bind(saga.terms.amount)
+        .bind(serde_json::to_string(&saga.terms.faults).unwrap_or_default())
+        .bind(saga.phase.as_str())
+        .bind(saga.step.as_str())
+        .bind(saga.deadline_ms)
+        .bind(saga.updated_ms)
+        .bind(saga.updated_ms)
+        .bind(traceparent)
+}
+
+/// A saga log line: order id, step, kind, event, when.
+#[derive(Debug, Clone)]
+struct LogRow {
+    order_id: String,
+    line: LogLine,
+    at_ms: i64,
+}
+
+const LOG_COLUMNS: &str = "saga_log (order_id, step, kind, event, at_ms)";
+
+fn bind_log_row<'q>(query: Query<'q>, row: &'q LogRow) -> Query<'q> {
+    query
+        .bind(row.order_id.as_str())
+        .bind(row.line.step.as_str())
+        .bind(row.line.kind.as_str())
+        .bind(row.line.event.as_str())
+        .bind(row.at_ms)
+}
+
+/// A transaction writing at most this many rows into each table writes them all with one
+/// statement (PostgreSQL); more, and it takes a statement per table.
+const ONE_STATEMENT_ROWS: usize = 4;
+
+/// What one transaction works on: the sagas it holds (read with one statement), the log
+/// lines and outbox rows its transitions produce — all written back with a few multi-row
+/// statements just before it commits.
+#[derive(Default)]
+pub struct Pending {
+    log: Vec<LogRow>,
+    pub outbox: OutboxBatch,
+    /// The sagas this transaction holds (locked by it, or inserted by it), by order id, each
+    /// with whether it changed since.
+    sagas: HashMap<Uuid, (Stored, bool)>,
+}
+
+impl Pending {
+    /// The saga of `order_id`, if this transaction holds it.
+    pub fn saga(&self, order_id: &Uuid) -> Option<&Stored> {
+        self.sagas.get(order_id).map(|(stored, _)| stored)
+    }
+
+    /// Holds a saga as read (or as just inserted): unchanged.
+    pub fn hold(&mut self, stored: Stored) {
+        self.sagas
+            .entry(stored.saga.order_id)
+            .or_insert((stored, false));
+    }
+
+    /// Takes a transition's log lines and commands (the commands with the current span's
+    /// trace context).
+    pub fn add(&mut self, queues: &Queues, order_id: Uuid, fx: &Effects, now: i64) {
+        let id = order_id.to_string();
+        for line in &fx.log {
+            self.log.push(LogRow {
+                order_id: id.clone(),
+                line: line.clone(),
+                at_ms: now,
+            });
+        }
+        for cmd in &fx.send {
+            let mut env = Envelope::new(order_id, now, cmd.body.clone());
+            env.then = cmd.then.clone();
+            self.outbox.push(queues, &env);
+        }
+    }
+
+    /// Records a transition: the saga after it, its log lines and commands.
+    pub fn change(&mut self, queues: &Queues, saga: Saga, fx: &Effects, now: i64) {
+        let order_id = saga.order_id;
+        match self.sagas.get_mut(&order_id) {
+            Some((stored, changed)) => {
+                *changed |= stored.saga != saga;
+                stored.saga = saga;
+            }
+            None => {
+                self.sagas.insert(
+                    order_id,
+                    (
+                        Stored {
+                            saga,
+                            traceparent: None,
+                        },
+                        true,
+                    ),
+                );
+            }
+        }
+        self.add(queues, order_id, fx, now);
+    }
+
+    fn changed(&self) -> Vec<&Saga> {
+        self.sagas
+            .values()
+            .filter(|(_, changed)| *changed)
+            .map(|(stored, _)| &stored.saga)
+            .collect()
+    }
+
+    /// Writes the transaction's saga changes, log lines and messages: on PostgreSQL with one
+    /// statement when there are few (a round trip each costs more than the rows), else with a
+    /// multi-row statement per table.
+    pub async fn write(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
+        if !ldt_runtime::db::conn_is_sqlite(tx) && self.fits_one_statement(false) {
+            self.write_in_one_statement(tx, None).await?;
+            return Ok(());
+        }
+        self.write_per_table(tx).await
+    }
+
+    /// Whether [`Pending::write_in_one_statement`] can write what this transaction holds
+    /// (`guarded`: with a row version, which covers exactly one changed saga).
+    pub fn fits_one_statement(&self, guarded: bool) -> bool {
+        let changed = self.changed().len();
+        let sagas_fit = if guarded {
+            changed == 1
+        } else {
+            changed <= ONE_STATEMENT_ROWS
+        };
+        sagas_fit
+            && self.log.len() <= ONE_STATEMENT_ROWS
+            && (1..=ONE_STATEMENT_ROWS).contains(&self.outbox.unwritten().len())
+    }
+
+    /// PostgreSQL: the saga updates, the log lines and the outbox rows in one statement.
+    /// With `version`, the transaction holds one saga, read without a lock at that row
+    /// version (`xmin`): the statement writes only if the saga is still at it, and returns
+    /// `false` (nothing written) if it changed meanwhile.
+    pub async fn write_in_one_statement(
+        &mut self,
+        tx: &mut Conn,
+        version: Option<&str>,
+    ) -> Result<bool, sqlx::Error> {
+        let changed = self.changed();
+        let mut sql = String::from("WITH ");
+        let mut next = 1;
+        if !changed.is_empty() {
+            sql.push_str(V_COLUMNS);
+            sql.push_str(" AS (");
+            next = ldt_runtime::db::push_values(&mut sql, next, V_WIDTH, changed.len());
+            sql.push_str("), u AS (");
+            sql.push_str(UPDATE_SAGAS_FROM_V);
+            if version.is_some() {
+                sql.push_str(&format!(" AND sagas.xmin = ${next}::text::xid"));
+                next += 1;
+            }
+            sql.push_str(" RETURNING sagas.order_id), ");
+        }
+        // Unguarded, `u` is always there to read: the condition is then true.
+        let only_if = if version.is_some() {
+            " WHERE EXISTS (SELECT 1 FROM u)"
+        } else {
+            ""
+        };
+        if !self.log.is_empty() {
+            sql.push_str(&format!("l AS (INSERT INTO {LOG_COLUMNS} SELECT * FROM ("));
+            next = ldt_runtime::db::push_values(&mut sql, next, 5, self.log.len());
+            sql.push_str(") AS x");
+            sql.push_str(only_if);
+            sql.push_str("), ");
+        }
+        let mut values = String::from("SELECT * FROM (");
+        ldt_runtime::db::push_values(&mut values, next, 5, self.outbox.unwritten().len());
+        values.push_str(") AS x");
+        values.push_str(only_if);
+        sql.push_str("o AS (");
+        sql.push_str(&outbox::insert_from(&values));
+        sql.push_str(" RETURNING id, message_id");
+        sql.push_str(") SELECT id, message_id FROM o");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for saga in &changed {
+            query = bind_saga_values(query, saga);
+        }
+        if let Some(version) = version {
+            query = query.bind(version);
+        }
+        for row in &self.log {
+            query = bind_log_row(query, row);
+        }
+        let now = ldt_runtime::db::now_ms();
+        for row in self.outbox.unwritten() {
+            query = row.bind_columns(query).bind(now);
+        }
+        let mut ids = HashMap::new();
+        for row in query.fetch_all(&mut *tx).await? {
+            ids.insert(row.try_get::<String, _>(1)?, row.try_get::<i64, _>(0)?);
+        }
+        if ids.is_empty() {
+            // Only a guarded statement writes nothing: the saga changed meanwhile.
+            return Ok(false);
+        }
+        let ids = self
+            .outbox
+            .unwritten()
+            .iter()
+            .map(|row| {
+                ids.get(&row.message_id).copied().ok_or_else(|| {
+                    sqlx::Error::Protocol(format!("no outbox id for message {}", row.message_id))
+                })
+            })
+            .collect::<Result<Vec<i64>, sqlx::Error>>()?;
+        self.outbox.written(ids);
+        self.sagas.clear();
+        self.log.clear();
+        Ok(true)
+    }
+
+    async fn write_per_table(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
+        let changed = self.changed();
+        for chunk in changed.chunks(ROWS_PER_INSERT) {
+            let mut sql = format!("WITH {V_COLUMNS} AS (");
+            ldt_runtime::db::push_values(&mut sql, 1, V_WIDTH, chunk.len());
+            sql.push_str(") ");
+            sql.push_str(UPDATE_SAGAS_FROM_V);
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for saga in chunk {
+                query = bind_saga_values(query, saga);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        self.sagas.clear();
+        for chunk in self.log.chunks(ROWS_PER_INSERT) {
+            let sql = ldt_runtime::db::multi_row_insert(
+                &format!("INSERT INTO {LOG_COLUMNS}"),
+                5,
+                chunk.len(),
+            );
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            for row in chunk {
+                query = bind_log_row(query, row);
+            }
+            query.execute(&mut *tx).await?;
+        }
+        self.log.clear();
+        self.outbox.write(tx).await
+    }
+}
+
+/// Inserts new sagas (each with its order's trace context); returns the order ids of those
+/// that are new (the others existed: their `OrderPlaced` was a duplicate).
+pub async fn insert_sagas(
+    tx: &mut Conn,
+    sagas: &[(&Saga, Option<String>)],
+) -> Result<HashSet<Uuid>, sqlx::Error> {
+    let mut inserted = HashSet::new();
+    for chunk in sagas.chunks(ROWS_PER_INSERT) {
+        let mut sql = ldt_runtime::db::multi_row_insert(
+            &format!("INSERT INTO {SAGA_COLUMNS}"),
+            SAGA_WIDTH,
+            chunk.len(),
+        );
+        sql.push_str(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for (saga, traceparent) in chunk {
+            query = bind_new_saga(query, saga, traceparent.clone());
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            let id: String = row.try_get("order_id")?;
+            if let Ok(id) = Uuid::parse_str(&id) {
+                inserted.insert(id);
+            }
+        }
+    }
+    Ok(inserted)
+}
+
+/// PostgreSQL: inserts a new saga with its first log line and command, in one statement that
+/// commits by itself; `None` if the saga exists (a duplicate `OrderPlaced`: nothing written).
+pub async fn insert_started(
+    conn: &mut Conn,
+    saga: &Saga,
+    line: &LogLine,
+    command: &OutboxRow,
+    traceparent: Option<String>,
+) -> Result<Option<OutboxBatch>, sqlx::Error> {
+    let mut values = String::new();
+    let after_saga = ldt_runtime::db::push_values(&mut values, 1, SAGA_WIDTH, 1);
+    let source = format!(
+        "SELECT ${a}, ${b}, ${c}, ${d}, $9 FROM s",
+        a = after_saga + 3,
+        b = after_saga + 4,
+        c = after_saga + 5,
+        d = after_saga + 6,
+    );
+    let sql = format!(
+        "WITH s AS (INSERT INTO {SAGA_COLUMNS} {values} ON CONFLICT (order_id) DO NOTHING \
+         RETURNING order_id), \
+         l AS (INSERT INTO {LOG_COLUMNS} SELECT $1, ${p}, ${q}, ${r}, $9 FROM s) {outbox} \
+         RETURNING id",
+        p = after_saga,
+        q = after_saga + 1,
+        r = after_saga + 2,
+        outbox = outbox::insert_from(&source),
+    );
+    let query = bind_new_saga(sqlx::query(sqlx::AssertSqlSafe(sql)), saga, traceparent)
+        .bind(line.step.as_str())
+        .bind(line.kind.as_str())
+        .bind(line.event.as_str());
+    let id = command
+        .bind_columns(query)
+        .fetch_optional(&mut *conn)
+        .await?;
+    let Some(id) = id else {
+        return Ok(None);
+    };
+    let mut batch = OutboxBatch::default();
+    batch.push_written(id.try_get(0)?, command.clone());
+    Ok(Some(batch))
+}
+
+/// Reads (PostgreSQL: locks, in order-id order so concurrent batches cannot deadlock) the
+/// sagas `order_ids` name into `pending`.
+pub async fn lock(
+    tx: &mut Conn,
+    pending: &mut Pending,
+    order_ids: &[Uuid],
+) -> Result<(), HandleError> {
+    let sqlite = ldt_runtime::db::conn_is_sqlite(tx);
+    for chunk in order_ids.chunks(ROWS_PER_INSERT) {
+        let mut sql = format!(
+            "SELECT * FROM sagas WHERE order_id IN ({}) ORDER BY order_id",
+            ldt_runtime::db::placeholders(1, chunk.len())
+        );
+        if !sqlite {
+            sql.push_str(" FOR UPDATE");
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.to_string());
+        }
+        for row in query.fetch_all(&mut *tx).await? {
+            pending.hold(saga_from_row(&row)?);
+        }
+    }
+    Ok(())
+}
+
+/// PostgreSQL: a saga read without a lock, with its row version for a guarded write.
+pub async fn read_versioned(
+    conn: &mut Conn,
+    order_id: Uuid,
+) -> Result<Option<(Stored, String)>, HandleError> {
+    let row = sqlx::query("SELECT *, xmin::text AS version FROM sagas WHERE order_id = $1")
+        .bind(order_id.to_string())
+        .fetch_optional(&mut *conn)
+        .await?;
+    match row {
+        None => Ok(None),
+        Some(row) => Ok(Some((saga_from_row(&row)?, row.try_get("version")?))),
+    }
+}
+
+/// Whether any saga is due at `now`: mostly none is, and one round trip tells.
+pub async fn any_due(conn: &mut Conn, now: i64) -> Result<bool, sqlx::Error> {
+    let due =
+        sqlx::query("SELECT 1 FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 1")
+            .persistent(false)
+            .bind(now)
+            .fetch_optional(&mut *conn)
+            .await?;
+    Ok(due.is_some())
+}
+
+/// Claims up to 100 due sagas for the rest of the transaction.
+pub async fn claim_due(tx: &mut Conn, now: i64) -> Result<Vec<Stored>, HandleError> {
+    // Planned afresh each time (not a cached generic plan): a plan made while `sagas` was
+    // empty is a sequential scan, which a 20 ms poller would repeat over a growing table.
+    let rows = sqlx::query(CLAIM_DUE.on(tx))
+        .persistent(false)
+        .bind(now)
+        .fetch_all(&mut *tx)
+        .await?;
+    rows.iter().map(saga_from_row).collect()
+}
+
+/// How many sagas are stuck now.
+pub async fn stuck_count(pool: &Pool) -> Result<i64, sqlx::Error> {
+    sqlx::query_scalar("SELECT count(*) FROM sagas WHERE stuck_reason IS NOT NULL")
+        .fetch_one(pool)
+        .await
+}
+
+/// One line of a saga's log.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SagaEvent {
+    pub step: Step,
+    /// The message or timer concerned.
+    #[schema(example = "step_result")]
+    pub kind: String,
+    /// What happened (`sent`, `done`, `insufficient`, `timeout`, `late: done (ignored)`, …).
+    #[schema(example = "done")]
+    pub event: String,
+    /// When, in milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+/// A saga as the API shows it.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct SagaView {
+    pub order_id: Uuid,
+    /// `running`, `compensating` or `done`.
+    #[schema(example = "done")]
+    pub phase: String,
+    /// The step the last command went to (the routing slip runs from there to the last step).
+    pub step: Step,
+    /// The final status, once decided.
+    pub status: Option<OrderStatus>,
+    /// Compensations still to apply, the one in flight first.
+    pub pending_compensations: Vec<Step>,
+    /// Tries of the compensation in flight that went unanswered.
+    pub attempts: i64,
+    /// Why the compensation in flight cannot succeed, when it cannot: the saga waits for an
+    /// operator (`POST /api/v1/sagas/{order_id}/retry`).
+    pub stuck_reason: Option<String>,
+    /// When the saga acts next by itself (its deadline, or the next try of a compensation).
+    pub deadline_at_ms: Option<i64>,
+    pub created_at_ms: i64,
+    pub updated_at_ms: i64,
+    /// Present on a single saga: every command, answer, deadline and compensation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub log: Option<Vec<SagaEvent>>,
+}
+
+fn view_from_row(row: &DbRow) -> Result<SagaView, HandleError> {
+    let stored = saga_from_row(row)?;
+    let saga = stored.saga;
+    Ok(SagaView {
+        order_id: saga.order_id,
+        phase: saga.phase.as_str().to_owned(),
+        step: saga.step,
+        status: saga.status,
+        pending_compensations: saga.pending,
+        attempts: i64::from(saga.attempts),
+        stuck_reason: saga.stuck,
+        deadline_at_ms: saga.deadline_ms,
+        created_at_ms: row.try_get("created_ms")?,
+        updated_at_ms: saga.updated_ms,
+        log: None,
+    })
+}
+
+/// An order's saga and its log, if the orchestrator has seen the order.
+pub async fn saga_view(pool: &Pool, order_id: Uuid) -> Result<Option<SagaView>, HandleError> {
+    let Some(row) = sqlx::query("SELECT * FROM sagas WHERE order_id = $1")
+        .bind(order_id.to_string())
+        .fetch_optional(pool)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut view = view_from_row(&row)?;
+    let log = sqlx::query(
+        "SELECT step, kind, event, at_ms FROM saga_log WHERE order_id = $1 ORDER BY id",
+    )
+    .bind(order_id.to_string())
+    .fetch_all(pool)
+    .await?;
+    let log = log
+        .iter()
+        .map(|r| {
+            let step: String = r.try_get("step")?;
+            let kind: String = r.try_get("kind")?;
+            Ok(SagaEvent {
+                step: Step::parse(&step).ok_or_else(|| corrupt("saga_log.step"))?,
+                kind: LogKind::parse(&kind)
+                    .map(|k| k.as_str().to_owned())
+                    .unwrap_or(kind),
+                event: r.try_get("event")?,
+                at_ms: r.try_get("at_ms")?,
+            })
+        })
+        .collect::<Result<_, HandleError>>()?;
+    view.log = Some(log);
+    Ok(Some(view))
+}
+
+/// Which sagas a page lists.
+pub struct SagaFilter {
+    /// Only sagas in this phase.
+    pub phase: Option<Phase>,
+    /// Only stuck sagas (`Some(true)`), or only those that are not (`Some(false)`).
+    pub stuck: Option<bool>,
+    /// Only sagas that have not changed since this time (ms since the epoch).
+    pub unchanged_since_ms: Option<i64>,
+    /// Only sagas after this order id (the cursor).
+    pub after: Option<Uuid>,
+    pub limit: i64,
+}
+
+/// A page of sagas, oldest first (order ids are time-ordered), with the cursor of the next.
+pub async fn list(
+    pool: &Pool,
+    filter: SagaFilter,
+) -> Result<(Vec<SagaView>, Option<Uuid>), HandleError> {
+    let rows = sqlx::query(
+        "SELECT * FROM sagas WHERE order_id > $1 \
+         AND (CAST($2 AS TEXT) IS NULL OR phase = $2) \
+         AND ($3 = 0 OR ($3 = 1 AND stuck_reason IS NOT NULL) OR ($3 = 2 AND stuck_reason IS NULL)) \
+         AND updated_ms <= $4 \
+         ORDER BY order_id LIMIT $5",
+    )
+    .bind(filter.after.map(|u| u.to_string()).unwrap_or_default())
+    .bind(filter.phase.map(Phase::as_str))
+    .bind(match filter.stuck {
+        None => 0i64,
+        Some(true) => 1,
+        Some(false) => 2,
+    })
+    .bind(filter.unchanged_since_ms.unwrap_or(i64::MAX))
+    .bind(filter.limit.saturating_add(1))
+    .fetch_all(pool)
+    .await?;
+    let take = usize::try_from(filter.limit).unwrap_or(0);
+    let page = &rows[..rows.len().min(take)];
+    let views = page
+        .iter()
+        .map(view_from_row)
+        .collect::<Result<Vec<_>, _>>()?;
+    let next = (rows.len() > page.len())
+        .then(|| views.last().map(|v| v.order_id))
+        .flatten();
+    Ok((views, next))
+}

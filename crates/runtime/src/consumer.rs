@@ -1,0 +1,371 @@
+//! The consumer loop that feeds a queue's deliveries to a service's handler, in batches. A
+//! delivery is acked only after its handler committed; a message that cannot be decoded or
+//! handled is parked on the dead-letter queue with the reason, never dropped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use crate::bus::{Bus, Incoming, Outgoing};
+use crate::metrics::Metrics;
+use crate::telemetry::adopt;
+use ldt_contract::{Envelope, Message, Queues, TRACEPARENT_HEADER};
+
+/// Header naming the queue a dead letter came from (so it can be replayed there).
+pub const ORIGIN_QUEUE_HEADER: &str = "x-ldt-origin-queue";
+/// Header saying why a message was parked.
+pub const REASON_HEADER: &str = "x-ldt-reason";
+
+/// Why a handler did not process a message.
+#[derive(Debug, thiserror::Error)]
+pub enum HandleError {
+    /// A dependency (the database) failed: give the message back and try again later.
+    #[error("transient failure: {0}")]
+    Transient(#[from] anyhow::Error),
+    /// The message can never be processed: park it as a dead letter.
+    #[error("poison message: {0}")]
+    Poison(String),
+}
+
+impl From<sqlx::Error> for HandleError {
+    fn from(e: sqlx::Error) -> Self {
+        HandleError::Transient(e.into())
+    }
+}
+
+/// Decodes a delivery's envelope; undecodable messages are poison.
+pub fn decode(msg: &Incoming) -> Result<Envelope, HandleError> {
+    Envelope::from_json(&msg.payload).map_err(HandleError::Poison)
+}
+
+/// A service's message handler.
+pub trait Handler: Send + Sync + 'static {
+    fn handle(
+        &self,
+        msg: &Incoming,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send;
+
+    /// Whether a delivery is to be handled on its own, outside the batches and their
+    /// in-flight limit: one that will wait long (an injected stall) must not hold up others.
+    fn runs_alone(&self, _msg: &Incoming) -> bool {
+        false
+    }
+
+    /// Handles the deliveries that arrived together; one result per delivery, in order. By
+    /// default each on its own, concurrently, inside its own span. Handlers on the hot path
+    /// override it to apply a batch in one transaction.
+    fn handle_batch(
+        &self,
+        batch: &[Delivery],
+    ) -> impl std::future::Future<Output = Vec<Result<(), HandleError>>> + Send {
+        async move {
+            futures_util::future::join_all(
+                batch
+                    .iter()
+                    .map(|d| self.handle(&d.msg).instrument(d.span.clone())),
+            )
+            .await
+        }
+    }
+}
+
+/// A delivery with the consumer span it is handled in.
+pub struct Delivery {
+    pub msg: Incoming,
+    pub span: tracing::Span,
+}
+
+/// Most deliveries taken into one batch.
+const MAX_BATCH: usize = 100;
+
+/// What a consumer loop needs besides its handler.
+#[derive(Clone)]
+pub struct Consumer {
+    pub bus: Bus,
+    pub queues: Queues,
+    pub queue: String,
+    /// The service consuming (for spans and metrics).
+    pub service: &'static str,
+    pub prefetch: u16,
+    /// Batches handled at once. While they run, new deliveries gather into the next batch:
+    /// a busy consumer commits a few large transactions instead of many small ones that
+    /// contend for the same rows and each wait for their own WAL flush.
+    pub batches_in_flight: usize,
+    pub metrics: Metrics,
+}
+
+/// Consumes `queue` until shutdown, handling deliveries in batches (at most
+/// `batches_in_flight` at once, plus any the handler wants on their own), re-subscribing with
+/// backoff when the broker goes away.
+pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: CancellationToken) {
+    let Consumer {
+        ref bus,
+        ref queue,
+        prefetch,
+        ..
+    } = consumer;
+    let tracker = TaskTracker::new();
+    let in_flight = Arc::new(tokio::sync::Semaphore::new(
+        consumer.batches_in_flight.max(1),
+    ));
+    let mut failures: u32 = 0;
+    while !shutdown.is_cancelled() {
+        let mut sub = match bus.subscribe(queue, prefetch).await {
+            Ok(sub) => {
+                if failures > 0 {
+                    tracing::info!(%queue, "consumer re-subscribed");
+                }
+                failures = 0;
+                sub
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let backoff = Duration::from_millis(100u64 << failures.min(4));
+                tracing::warn!(%queue, error = %e, ?backoff, "cannot subscribe; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => continue,
+                    _ = shutdown.cancelled() => break,
+                }
+            }
+        };
+        loop {
+            let next = tokio::select! {
+                next = sub.next() => next,
+                _ = shutdown.cancelled() => break,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    if handler.runs_alone(&msg) {
+                        spawn_batch(&tracker, &handler, &consumer, vec![msg], None);
+                        continue;
+                    }
+                    // Wait for a free slot first: what arrives meanwhile joins this batch.
+                    let permit = tokio::select! {
+                        permit = in_flight.clone().acquire_owned() => permit.ok(),
+                        _ = shutdown.cancelled() => break,
+                    };
+                    // Take whatever else has already arrived: one batch, one transaction.
+                    let mut batch = vec![msg];
+                    let mut broken = false;
+                    while batch.len() < MAX_BATCH.min(usize::from(prefetch)) {
+                        match futures_util::FutureExt::now_or_never(sub.next()) {
+                            Some(Some(Ok(m))) if handler.runs_alone(&m) => {
+                                spawn_batch(&tracker, &handler, &consumer, vec![m], None);
+                            }
+                            Some(Some(Ok(m))) => batch.push(m),
+                            Some(Some(Err(_)) | None) => {
+                                broken = true;
+                                break;
+                            }
+                            None => break,
+                        }
+                    }
+                    spawn_batch(&tracker, &handler, &consumer, batch, permit);
+                    if broken {
+                        tracing::warn!(%queue, "subscription ended; re-subscribing");
+                        break;
+                    }
+                }
+                Some(Err(e)) => {
+                    tracing::warn!(%queue, error = %e, "delivery failed; re-subscribing");
+                    break;
+                }
+                None => {
+                    tracing::warn!(%queue, "subscription ended; re-subscribing");
+                    break;
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            // Let in-flight handlers finish and ack before the channel closes; whatever is
+            // still unacked then goes back to the queue for the next replica.
+            tracker.close();
+            tracker.wait().await;
+            sub.close().await;
+            return;
+        }
+        failures = failures.saturating_add(1);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(100u64 << failures.min(4))) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+}
+
+/// Handles a batch in a task of its own, holding its in-flight slot until it is settled.
+fn spawn_batch<H: Handler>(
+    tracker: &TaskTracker,
+    handler: &Arc<H>,
+    consumer: &Consumer,
+    batch: Vec<Incoming>,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+) {
+    let handler = handler.clone();
+    let consumer = consumer.clone();
+    tracker.spawn(async move {
+        process(&*handler, &consumer, batch).await;
+        drop(permit);
+    });
+}
+
+/// The saga step a message concerns, for span attributes.
+fn step_of(body: &Message) -> Option<&'static str> {
+    match body {
+        Message::Debit { .. } | Message::Refund => Some("payment"),
+        Message::Reserve { .. } | Message::Release => Some("inventory"),
+        Message::Deliver { .. } | Message::CancelDelivery => Some("delivery"),
+        Message::StepResult { step, .. }
+        | Message::Compensated { step }
+        | Message::CompensationFailed { step, .. } => Some(step.as_str()),
+        Message::OrderPlaced { .. } | Message::OrderFinished { .. } | Message::CancelOrder => None,
+    }
+}
+
+async fn process<H: Handler>(handler: &H, consumer: &Consumer, batch: Vec<Incoming>) {
+    let deliveries: Vec<Delivery> = batch
+        .into_iter()
+        .map(|msg| {
+            let span = consumer_span(consumer, &msg);
+            Delivery { msg, span }
+        })
+        .collect();
+    let outcomes = handler.handle_batch(&deliveries).await;
+    // All at once: the AMQP client then writes the batch's acks to the socket together, one
+    // system call (and one read for the broker) instead of one per message.
+    futures_util::future::join_all(deliveries.into_iter().zip(outcomes).map(
+        |(delivery, outcome)| {
+            let span = delivery.span.clone();
+            async move { settle(consumer, delivery.msg, &delivery.span, outcome).await }
+                .instrument(span)
+        },
+    ))
+    .await;
+}
+
+/// The consumer span of one delivery (messaging semantic conventions), continuing the
+/// producer's trace from the message's `traceparent` header.
+fn consumer_span(consumer: &Consumer, msg: &Incoming) -> tracing::Span {
+    let queue = consumer.queue.as_str();
+    let envelope = Envelope::from_json(&msg.payload).ok();
+    let body = envelope.as_ref().map(|e| &e.body);
+    let compensation = matches!(
+        body,
+        Some(
+            Message::Refund
+                | Message::Release
+                | Message::CancelDelivery
+                | Message::Compensated { .. }
+                | Message::CompensationFailed { .. }
+        )
+    );
+    let span = tracing::info_span!(
+        "process",
+        otel.name = %format!("process {queue}"),
+        otel.kind = "consumer",
+        otel.status_code = tracing::field::Empty,
+        messaging.system = consumer.bus.system(),
+        messaging.operation.type = "process",
+        messaging.operation.name = "process",
+        messaging.destination.name = %queue,
+        messaging.message.id = msg.message_id.as_deref().unwrap_or(""),
+        ldt.service = consumer.service,
+        ldt.message.type = body.map(Message::kind).unwrap_or("unknown"),
+        ldt.order_id = %envelope.as_ref().map(|e| e.order_id.to_string()).unwrap_or_default(),
+        ldt.step = body.and_then(step_of).unwrap_or(""),
+        ldt.compensation = compensation,
+        trace_id = tracing::field::Empty,
+        span_id = tracing::field::Empty,
+    );
+    adopt(
+        &span,
+        msg.headers.get(TRACEPARENT_HEADER).map(String::as_str),
+    );
+    span
+}
+
+/// Acks, parks or requeues one delivery according to how its handling ended.
+async fn settle(
+    consumer: &Consumer,
+    msg: Incoming,
+    span: &tracing::Span,
+    outcome: Result<(), HandleError>,
+) {
+    let (bus, queue, dlq) = (
+        &consumer.bus,
+        consumer.queue.as_str(),
+        consumer.queues.dead_letters(),
+    );
+    let dlq = dlq.as_str();
+    let label = match &outcome {
+        Ok(()) => "ok",
+        Err(HandleError::Poison(_)) => "dead_lettered",
+        Err(HandleError::Transient(_)) => "retried",
+    };
+    if label != "ok" {
+        span.record("otel.status_code", "ERROR");
+    }
+    consumer.metrics.inc(
+        "ldt_messages_total",
+        "Messages consumed, by queue and outcome (ok, retried, dead_lettered).",
+        &[("queue", queue), ("outcome", label)],
+        1,
+    );
+    let acked = match outcome {
+        Ok(()) => msg.ack().await,
+        Err(HandleError::Poison(reason)) => {
+            tracing::warn!(%queue, %reason, "parking poison message as a dead letter");
+            match park(bus, queue, dlq, &msg, &reason).await {
+                Ok(()) => msg.ack().await,
+                Err(e) => {
+                    tracing::error!(%queue, error = %e, "cannot park dead letter; requeueing");
+                    msg.nack_requeue(Duration::from_millis(500)).await
+                }
+            }
+        }
+        Err(HandleError::Transient(e)) => {
+            tracing::warn!(%queue, error = %e, "handler failed; message requeued");
+            msg.nack_requeue(Duration::from_millis(200)).await
+        }
+    };
+    if let Err(e) = acked {
+        // The channel is gone: the broker requeues the delivery by itself.
+        tracing::warn!(%queue, error = %e, "ack failed; the message will be redelivered");
+    }
+}
+
+/// Publishes a copy of `msg` to the dead-letter queue, with where it came from and why.
+async fn park(
+    bus: &Bus,
+    queue: &str,
+    dlq: &str,
+    msg: &Incoming,
+    reason: &str,
+) -> Result<(), crate::bus::BusError> {
+    let mut headers: Vec<(String, String)> = msg
+        .headers
+        .iter()
+        .filter(|(k, _)| k.as_str() != ORIGIN_QUEUE_HEADER && k.as_str() != REASON_HEADER)
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    headers.push((ORIGIN_QUEUE_HEADER.to_owned(), queue.to_owned()));
+    headers.push((
+        REASON_HEADER.to_owned(),
+        reason.chars().take(1000).collect(),
+    ));
+    let out = Outgoing {
+        queue: dlq.to_owned(),
+        message_id: msg
+            .message_id
+            .clone()
+            .unwrap_or_else(|| Uuid::now_v7().to_string()),
+        payload: msg.payload.clone(),
+        headers,
+    };
+    bus.publish(std::slice::from_ref(&out)).await
+}
