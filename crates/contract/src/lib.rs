@@ -13,6 +13,10 @@ use uuid::Uuid;
 /// The envelope version this build writes and understands.
 pub const ENVELOPE_VERSION: u16 = 1;
 
+/// The most credits a user and the most tokens the stock can hold (10^15): far beyond any
+/// real balance, and far enough below `i64::MAX` that no sum of them can overflow.
+pub const MAX_QUANTITY: i64 = 1_000_000_000_000_000;
+
 /// AMQP header carrying the W3C trace context of the message's producer.
 pub const TRACEPARENT_HEADER: &str = "traceparent";
 

@@ -56,8 +56,8 @@ async fn healthz() -> impl IntoResponse {
 #[utoipa::path(get, path = "/readyz", tag = "health", responses((status = 200), (status = 503)))]
 async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     let mut problems = Vec::new();
-    if !health.bus.ping().await {
-        problems.push("broker unreachable".to_owned());
+    if let Some(problem) = health.bus.problem().await {
+        problems.push(problem);
     }
     for (service, pool) in &health.pools {
         if sqlx::query("SELECT 1").execute(pool).await.is_err() {

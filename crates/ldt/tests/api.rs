@@ -102,7 +102,21 @@ async fn bad_orders_are_rejected_with_a_reason_and_store_nothing(stack: Stack) {
             "/api/v1/inventory/restock",
             json!({"amount": i64::MAX}).to_string(),
             422,
-            "overflow",
+            "past its maximum",
+        ),
+        (
+            // The overflow reproduction of the fault-matrix issue: above the documented
+            // maximum, whatever the stock now.
+            "/api/v1/inventory/restock",
+            json!({"amount": 9_223_372_036_854_775_317i64}).to_string(),
+            422,
+            "maximum of 1000000000000000",
+        ),
+        (
+            "/api/v1/inventory/restock",
+            json!({"amount": ldt_contract::MAX_QUANTITY - 499}).to_string(),
+            422,
+            "past its maximum",
         ),
     ];
     for (path, body, status, needle) in cases {
@@ -193,6 +207,18 @@ async fn restock_adds_to_the_stock(stack: Stack) {
     assert_eq!(resp.status(), 200);
     let inv: serde_json::Value = resp.json().await.unwrap();
     assert_eq!(inv, json!({"available": 10, "initial": 3, "restocked": 7}));
+    // Up to the documented maximum, every token ever stocked counted; not one more.
+    let max = ldt_contract::MAX_QUANTITY;
+    let (status, inv) = app
+        .post("/api/v1/inventory/restock", json!({"amount": max - 10}))
+        .await;
+    assert_eq!(status, 200, "{inv}");
+    assert_eq!(inv["available"], json!(max));
+    let (status, err) = app
+        .post("/api/v1/inventory/restock", json!({"amount": 1}))
+        .await;
+    assert_eq!(status, 422, "{err}");
+    assert_eq!(app.stock().await, max, "a refused restock changes nothing");
 }
 
 async fn a_full_marketplace_sheds_new_orders_with_retry_after(stack: Stack) {

@@ -347,7 +347,178 @@ async fn v1_orders_api_with_location_paging_and_idempotency(stack: Stack) {
     assert_eq!(status, 404);
 }
 
+/// A compensation that can never succeed (releasing the tokens would overflow the stock,
+/// which only a database edited by hand allows) is parked as a dead letter after
+/// `--max-attempts` tries, and the saga is listed as stuck with the reason instead of
+/// retrying for ever; once the cause is mended, an operator's retry finishes it, books right.
+async fn a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried(stack: Stack) {
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &["--max-attempts", "3", "--step-timeout-ms", "300"],
+    )
+    .await;
+    let name = user("stuck");
+    let (status, order) = app
+        .post(
+            "/api/v1/orders",
+            json!({"username": name, "price": 1, "amount": 10, "faults": {"delivery": "timeout"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{order}");
+    let id = order["id"].as_str().unwrap().to_owned();
+    app.eventually(FINAL, "the reservation", || async {
+        (app.stock().await == 490).then_some(())
+    })
+    .await;
+    let inventory = app.db(ldt_contract::Service::Inventory).await;
+    sqlx::query("UPDATE stock SET available = $1 WHERE id = 1")
+        .bind(i64::MAX - 5)
+        .execute(&inventory)
+        .await
+        .unwrap();
+    let stuck = app
+        .eventually(
+            Duration::from_secs(30),
+            "the saga listed as stuck",
+            || async {
+                let (_, page) = app.get("/api/v1/sagas?state=stuck").await;
+                page["sagas"]
+                    .as_array()?
+                    .iter()
+                    .find(|s| s["order_id"] == id.as_str())
+                    .cloned()
+            },
+        )
+        .await;
+    assert_eq!(stuck["phase"], "compensating");
+    assert_eq!(
+        stuck["pending_compensations"],
+        json!(["inventory", "payment"])
+    );
+    let reason = stuck["stuck_reason"].as_str().unwrap();
+    assert!(reason.contains("failed 3 times"), "{stuck}");
+    assert!(
+        stuck["deadline_at_ms"].is_null(),
+        "no retries by itself: {stuck}"
+    );
+    let (_, order) = app.get(&format!("/api/v1/orders/{id}")).await;
+    assert_eq!(order["status"], "PENDING");
+    let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+    assert!(
+        saga["log"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|e| e["kind"] == "compensation_failed"
+                && e["event"].as_str().unwrap().starts_with("stuck: ")),
+        "{saga}"
+    );
+    assert!(
+        app.dead_letters().await.iter().any(|l| {
+            l["origin_queue"].as_str().unwrap().ends_with(".inventory")
+                && l["reason"].as_str().unwrap().contains("failed 3 times")
+        }),
+        "the release is a dead letter with its reason"
+    );
+    app.eventually(FINAL, "the stuck gauge", || async {
+        app.metrics()
+            .await
+            .lines()
+            .any(|l| l.starts_with("ldt_sagas_stuck") && l.ends_with(" 1"))
+            .then_some(())
+    })
+    .await;
+    // Mended: the retry finishes the compensations.
+    sqlx::query("UPDATE stock SET available = 490 WHERE id = 1")
+        .execute(&inventory)
+        .await
+        .unwrap();
+    let (status, retried) = app
+        .post(&format!("/api/v1/sagas/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{retried}");
+    let order = app.wait_final(&id, FINAL).await;
+    assert_eq!(order["status"], "TIMEOUT");
+    assert_eq!(app.stock().await, 500);
+    assert_eq!(app.credits(&name).await, Some(500));
+    assert!(app.active_deliveries(&name).await.is_empty());
+    let (status, _) = app
+        .post(&format!("/api/v1/sagas/{id}/retry"), json!({}))
+        .await;
+    assert_eq!(status, 409, "a finished saga has nothing to retry");
+    let (_, page) = app.get("/api/v1/sagas?state=stuck").await;
+    assert!(page["sagas"].as_array().unwrap().is_empty(), "{page}");
+    inventory.close().await;
+}
+
+/// Cancelling a running order undoes every step it took and ends it CANCELLED; a final
+/// order cannot be cancelled.
+async fn a_cancelled_order_is_undone_and_ends_cancelled(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &["--step-timeout-ms", "2000"]).await;
+    let name = user("cancel");
+    let (status, order) = app
+        .post(
+            "/api/v1/orders",
+            json!({"username": name, "price": 2, "amount": 3, "faults": {"delivery": "timeout"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{order}");
+    let id = order["id"].as_str().unwrap().to_owned();
+    // Paid and reserved; delivery stalls.
+    app.eventually(FINAL, "the reservation", || async {
+        (app.stock().await == 497).then_some(())
+    })
+    .await;
+    let (status, order) = app
+        .post(&format!("/api/v1/orders/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 202, "{order}");
+    assert_eq!(order["status"], "PENDING");
+    let order = app.wait_final(&id, FINAL).await;
+    assert_eq!(order["status"], "CANCELLED");
+    assert_eq!(app.credits(&name).await, Some(500));
+    assert_eq!(app.stock().await, 500);
+    let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+    let kinds: Vec<&str> = saga["log"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "sent")
+        .map(|e| e["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["cancel_delivery", "release", "refund"], "{saga}");
+    let (status, _) = app
+        .post(&format!("/api/v1/orders/{id}/cancel"), json!({}))
+        .await;
+    assert_eq!(status, 409, "a final order cannot be cancelled");
+    let (status, _) = app
+        .post(
+            &format!("/api/v1/orders/{}/cancel", uuid::Uuid::now_v7()),
+            json!({}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    // The stalled delivery acts late and is refused: nothing is delivered.
+    app.eventually(FINAL, "the late delivery refused", || async {
+        let (_, saga) = app.get(&format!("/api/v1/sagas/{id}")).await;
+        saga["log"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e["event"]
+                    .as_str()
+                    .is_some_and(|s| s.starts_with("late: refused"))
+            })
+            .then_some(())
+    })
+    .await;
+    assert!(app.active_deliveries(&name).await.is_empty());
+}
+
 on_every_stack!(
+    a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried,
+    a_cancelled_order_is_undone_and_ends_cancelled,
     every_legacy_case_ends_with_its_status_and_balanced_books,
     a_failure_after_payment_refunds_the_money,
     compensations_run_in_reverse_order,

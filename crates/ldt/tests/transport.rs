@@ -254,6 +254,8 @@ impl PickyConsumer {
                 service: "test",
                 prefetch: 8,
                 batches_in_flight,
+                max_attempts: 10,
+                attempts: Default::default(),
                 metrics: Metrics::default(),
             },
             handler.clone(),

@@ -47,12 +47,13 @@ pub struct Settings {
     #[arg(long, env = "LDT_NAMESPACE", default_value = "ldt", value_parser = parse_namespace)]
     pub namespace: String,
 
-    /// Credits a user gets the first time they are seen.
-    #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..))]
+    /// Credits a user gets the first time they are seen (at most 10^15).
+    #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY))]
     pub initial_credits: i64,
 
-    /// Token stock, seeded once when the inventory database is created (a restart does not reset it).
-    #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..))]
+    /// Token stock, seeded once when the inventory database is created (a restart does not
+    /// reset it); at most 10^15.
+    #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY))]
     pub initial_stock: i64,
 
     /// Each step's share of an order's deadline: the orchestrator waits this long per step on
@@ -75,6 +76,12 @@ pub struct Settings {
     /// fewer, larger transactions. One measured best (BENCHMARKS.md).
     #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
     pub batches_in_flight: u16,
+
+    /// Tries of a message that fails the same way (a constraint violated, a bug) before it is
+    /// parked as a dead letter; a compensation parked so makes its saga stuck until an
+    /// operator retries it. A database or broker out of reach is retried for ever.
+    #[arg(long, env = "LDT_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_attempts: u32,
 
     /// Most messages for one queue a service's outbox relay sends as one broker message (a
     /// bundle; the receiver takes it apart). The broker's cost is per message, so bundles

@@ -55,6 +55,18 @@ pub trait Handler: Send + Sync + 'static {
         false
     }
 
+    /// Called when a delivery is parked because it failed for good (not for poison: that
+    /// never reached the service's logic), before it is acked: a step service tells the saga
+    /// that its compensation cannot succeed. An error gives the delivery back to be tried
+    /// (and parked) again.
+    fn parked(
+        &self,
+        _msg: &Incoming,
+        _reason: &str,
+    ) -> impl std::future::Future<Output = Result<(), HandleError>> + Send {
+        async { Ok(()) }
+    }
+
     /// Handles the deliveries that arrived together; one result per delivery, in order. By
     /// default each on its own, concurrently, inside its own span. Handlers on the hot path
     /// override it to apply a batch in one transaction.
@@ -95,7 +107,79 @@ pub struct Consumer {
     /// a busy consumer commits a few large transactions instead of many small ones that
     /// contend for the same rows and each wait for their own WAL flush.
     pub batches_in_flight: usize,
+    /// Tries of a message failing the same way before it is parked as a dead letter (a
+    /// failure to reach the database, or a serialization conflict, is retried for ever).
+    pub max_attempts: u32,
     pub metrics: Metrics,
+    /// The failures of the messages being retried (classic queues do not count redeliveries).
+    pub attempts: Arc<Attempts>,
+}
+
+/// How often each message being retried has failed, and how.
+#[derive(Default)]
+pub struct Attempts(std::sync::Mutex<std::collections::HashMap<String, (u32, String)>>);
+
+/// Messages whose failures are remembered, at most: past it, the oldest memories go (a
+/// message another replica took never comes back to be forgotten).
+const REMEMBERED: usize = 10_000;
+
+impl Attempts {
+    /// Records a failure of message `id`; the number of consecutive tries that failed with
+    /// this same error.
+    fn failed(&self, id: &str, error: &str) -> u32 {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if map.len() >= REMEMBERED && !map.contains_key(id) {
+            map.clear();
+        }
+        let entry = map.entry(id.to_owned()).or_insert((0, String::new()));
+        if entry.1 != error {
+            *entry = (0, error.to_owned());
+        }
+        entry.0 = entry.0.saturating_add(1);
+        entry.0
+    }
+
+    fn forget(&self, id: &str) {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
+    }
+}
+
+/// Whether an error is the kind a retry mends by itself, however many it takes: the database
+/// or the broker unreachable, a connection cut, a serialization conflict or deadlock.
+pub fn is_retryable_for_ever(e: &anyhow::Error) -> bool {
+    for cause in e.chain() {
+        if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
+            return match e {
+                sqlx::Error::Io(_)
+                | sqlx::Error::Tls(_)
+                | sqlx::Error::Protocol(_)
+                | sqlx::Error::PoolTimedOut
+                | sqlx::Error::PoolClosed
+                | sqlx::Error::WorkerCrashed => true,
+                sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+                    // 08: connection; 40001 serialization, 40P01 deadlock; 53: out of
+                    // resources; 55P03 lock not available; 57P0x: shut down, restarting.
+                    code.starts_with("08")
+                        || code.starts_with("53")
+                        || matches!(
+                            &*code,
+                            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                        )
+                }),
+                _ => false,
+            };
+        }
+        if cause.downcast_ref::<crate::bus::BusError>().is_some() {
+            return true;
+        }
+    }
+    false
+}
+
+/// The wait before a failed message is given back, after `attempt` failures: 100 ms,
+/// doubling, at most 5 s.
+fn retry_backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64 << attempt.saturating_sub(1).min(6)).min(Duration::from_secs(5))
 }
 
 /// Consumes `queue` until shutdown, handling deliveries in batches (at most
@@ -208,8 +292,9 @@ fn spawn_batch<H: Handler>(
 ) {
     let handler = handler.clone();
     let consumer = consumer.clone();
+    let settling = tracker.clone();
     tracker.spawn(async move {
-        process(&*handler, &consumer, batch).await;
+        process(&*handler, &consumer, batch, &settling).await;
         drop(permit);
     });
 }
@@ -227,7 +312,12 @@ fn step_of(body: &Message) -> Option<&'static str> {
     }
 }
 
-async fn process<H: Handler>(handler: &H, consumer: &Consumer, batch: Vec<Incoming>) {
+async fn process<H: Handler>(
+    handler: &H,
+    consumer: &Consumer,
+    batch: Vec<Incoming>,
+    tracker: &TaskTracker,
+) {
     let deliveries: Vec<Delivery> = batch
         .into_iter()
         .map(|msg| {
@@ -241,8 +331,18 @@ async fn process<H: Handler>(handler: &H, consumer: &Consumer, batch: Vec<Incomi
     futures_util::future::join_all(deliveries.into_iter().zip(outcomes).map(
         |(delivery, outcome)| {
             let span = delivery.span.clone();
-            async move { settle(consumer, delivery.msg, &delivery.span, outcome).await }
-                .instrument(span)
+            async move {
+                settle(
+                    handler,
+                    consumer,
+                    tracker,
+                    delivery.msg,
+                    &delivery.span,
+                    outcome,
+                )
+                .await
+            }
+            .instrument(span)
         },
     ))
     .await;
@@ -289,9 +389,24 @@ fn consumer_span(consumer: &Consumer, msg: &Incoming) -> tracing::Span {
     span
 }
 
+/// What becomes of a delivery.
+enum Verdict {
+    Ack,
+    /// Parked as a dead letter with the reason; `failed`: it reached the service's logic and
+    /// failed there for good (the handler hears of it), as opposed to poison.
+    Park {
+        reason: String,
+        failed: bool,
+    },
+    /// Given back to be tried again after the wait.
+    Retry(Duration),
+}
+
 /// Acks, parks or requeues one delivery according to how its handling ended.
-async fn settle(
+async fn settle<H: Handler>(
+    handler: &H,
     consumer: &Consumer,
+    tracker: &TaskTracker,
     msg: Incoming,
     span: &tracing::Span,
     outcome: Result<(), HandleError>,
@@ -302,10 +417,36 @@ async fn settle(
         consumer.queues.dead_letters(),
     );
     let dlq = dlq.as_str();
-    let label = match &outcome {
-        Ok(()) => "ok",
-        Err(HandleError::Poison(_)) => "dead_lettered",
-        Err(HandleError::Transient(_)) => "retried",
+    let id = msg.message_id.clone().unwrap_or_default();
+    let verdict = match outcome {
+        Ok(()) => Verdict::Ack,
+        Err(HandleError::Poison(reason)) => Verdict::Park {
+            reason,
+            failed: false,
+        },
+        Err(HandleError::Transient(e)) => {
+            let error = format!("{e:#}");
+            let attempt = consumer.attempts.failed(&id, &error);
+            if !is_retryable_for_ever(&e) && attempt >= consumer.max_attempts {
+                Verdict::Park {
+                    reason: format!("failed {attempt} times the same way: {error}"),
+                    failed: true,
+                }
+            } else {
+                // Once, not at every try: a message failing for minutes would fill the log.
+                if attempt == 1 || attempt.is_multiple_of(100) {
+                    tracing::warn!(%queue, error = %error, attempt, "handler failed; the message will be tried again");
+                } else {
+                    tracing::debug!(%queue, error = %error, attempt, "handler failed again");
+                }
+                Verdict::Retry(retry_backoff(attempt))
+            }
+        }
+    };
+    let label = match &verdict {
+        Verdict::Ack => "ok",
+        Verdict::Park { .. } => "dead_lettered",
+        Verdict::Retry(_) => "retried",
     };
     if label != "ok" {
         span.record("otel.status_code", "ERROR");
@@ -316,21 +457,47 @@ async fn settle(
         &[("queue", queue), ("outcome", label)],
         1,
     );
-    let acked = match outcome {
-        Ok(()) => msg.ack().await,
-        Err(HandleError::Poison(reason)) => {
-            tracing::warn!(%queue, %reason, "parking poison message as a dead letter");
-            match park(bus, queue, dlq, &msg, &reason).await {
-                Ok(()) => msg.ack().await,
+    let acked = match verdict {
+        Verdict::Ack => {
+            consumer.attempts.forget(&id);
+            msg.ack().await
+        }
+        Verdict::Park { reason, failed } => {
+            if failed {
+                tracing::error!(%queue, %reason, "parking a message that keeps failing as a dead letter");
+            } else {
+                tracing::warn!(%queue, %reason, "parking poison message as a dead letter");
+            }
+            let parked = match park(bus, queue, dlq, &msg, &reason).await {
+                Err(e) => Err(format!("cannot park dead letter: {e}")),
+                Ok(()) if failed => handler
+                    .parked(&msg, &reason)
+                    .await
+                    .map_err(|e| format!("parked, but the service could not record it: {e}")),
+                Ok(()) => Ok(()),
+            };
+            match parked {
+                Ok(()) => {
+                    consumer.attempts.forget(&id);
+                    msg.ack().await
+                }
                 Err(e) => {
-                    tracing::error!(%queue, error = %e, "cannot park dead letter; requeueing");
+                    tracing::error!(%queue, error = %e, "requeueing");
                     msg.nack_requeue(Duration::from_millis(500)).await
                 }
             }
         }
-        Err(HandleError::Transient(e)) => {
-            tracing::warn!(%queue, error = %e, "handler failed; message requeued");
-            msg.nack_requeue(Duration::from_millis(200)).await
+        Verdict::Retry(wait) => {
+            // Given back after the wait, without holding the batch's slot meanwhile.
+            tracker.spawn(
+                async move {
+                    if let Err(e) = msg.nack_requeue(wait).await {
+                        tracing::warn!(error = %e, "nack failed; the message will be redelivered");
+                    }
+                }
+                .instrument(span.clone()),
+            );
+            Ok(())
         }
     };
     if let Err(e) = acked {

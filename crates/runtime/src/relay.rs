@@ -502,7 +502,7 @@ mod tests {
         messages
             .iter()
             .map(|m| {
-                let ids = match crate::bus::unbundle(&m.payload) {
+                let ids = match crate::bus::message::unbundle(&m.payload) {
                     Some((first, rest)) => std::iter::once(first)
                         .chain(rest)
                         .map(|(id, _, _)| id)

@@ -23,6 +23,7 @@ use tokio::sync::{Mutex, Semaphore};
 use ldt_contract::{Queues, Service};
 use ldt_runtime::bus::{Bus, Outgoing};
 use ldt_testkit::check::{Checker, Endpoints, Verdict};
+use ldt_testkit::proxy::FaultProxy;
 
 #[derive(Debug, Clone, Args)]
 pub struct ChaosArgs {
@@ -44,6 +45,41 @@ pub struct ChaosArgs {
     /// Shell command that restarts RabbitMQ.
     #[arg(long, default_value = "rabbitmqctl stop_app && rabbitmqctl start_app")]
     pub broker_restart_cmd: String,
+    /// Times the broker freezes (stops answering without closing anything) for 20 s.
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub frozen_broker: u32,
+    /// Times the services' broker connections stall for 15 s and are then cut.
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub stalled_broker: u32,
+    /// Times the services' database connections stall for 15 s and are then cut.
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub stalled_db: u32,
+    /// Broker memory alarms of 15 s (the broker blocks every publishing connection).
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub memory_alarms: u32,
+    /// PostgreSQL restarts (`--db-restart-cmd`).
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub db_restarts: u32,
+    /// Times every database connection of the marketplace is ended by the server
+    /// (`pg_terminate_backend`).
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub db_terminations: u32,
+    /// Times a work queue is deleted under load.
+    #[arg(long, default_value_t = 0, help_heading = "Network and server faults")]
+    pub queue_deletions: u32,
+    /// 50 ms ± 20 ms on every broker connection, for the whole run.
+    #[arg(long, help_heading = "Network and server faults")]
+    pub broker_latency: bool,
+    /// Every fault class above this many times, and the broker latency.
+    #[arg(long, help_heading = "Network and server faults")]
+    pub all_faults: Option<u32>,
+    /// Shell command that restarts PostgreSQL.
+    #[arg(
+        long,
+        default_value = "pg_ctlcluster --skip-systemctl-redirect $(ls /etc/postgresql | sort -V | tail -n 1) main restart",
+        help_heading = "Network and server faults"
+    )]
+    pub db_restart_cmd: String,
     /// Every Nth message each outbox relay publishes is published twice (0: never).
     #[arg(long, default_value_t = 10)]
     pub duplicate_every: u64,
@@ -123,6 +159,9 @@ struct Proc {
 /// The service processes.
 struct Fleet {
     bin: PathBuf,
+    /// The broker and database as the services reach them: through the fault proxies.
+    amqp_url: String,
+    database_url: String,
     namespace: String,
     args: ChaosArgs,
     procs: Vec<Proc>,
@@ -169,8 +208,8 @@ impl Fleet {
             .arg(p.service.as_str())
             .env("LDT_NAMESPACE", &self.namespace)
             .env("LDT_HTTP_ADDR", format!("127.0.0.1:{}", p.port))
-            .env("LDT_AMQP_URL", &self.args.amqp_url)
-            .env("LDT_DATABASE_URL", &self.args.database_url)
+            .env("LDT_AMQP_URL", &self.amqp_url)
+            .env("LDT_DATABASE_URL", &self.database_url)
             .env("LDT_INITIAL_CREDITS", INITIAL_CREDITS.to_string())
             .env("LDT_INITIAL_STOCK", INITIAL_STOCK.to_string())
             .env("LDT_STEP_TIMEOUT_MS", self.args.step_timeout_ms.to_string())
@@ -341,8 +380,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             crash_point,
         });
     }
+    let proxies = Proxies::start(&args).await?;
     let fleet = Arc::new(Mutex::new(Fleet {
         bin,
+        amqp_url: proxies.amqp_url.clone(),
+        database_url: proxies.database_url.clone(),
         namespace: namespace.clone(),
         args: args.clone(),
         procs,
@@ -377,7 +419,7 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     let order_url = format!("{}/api/v1/orders", fleet.lock().await.url(Service::Order));
     // Stopped by SIGTERM or Ctrl-C, still stop the fleet and purge.
     let outcome = tokio::select! {
-        outcome = drive(&args, &fleet, &client, &order_url, &namespace, seed, started) => outcome,
+        outcome = drive(&args, &fleet, &proxies, &client, &order_url, &namespace, seed, started) => outcome,
         _ = ldt_runtime::signal::shutdown_signal() => Err(anyhow::anyhow!("interrupted")),
     };
     fleet.lock().await.stop_all().await;
@@ -396,9 +438,11 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
     outcome
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn drive(
     args: &ChaosArgs,
     fleet: &Arc<Mutex<Fleet>>,
+    proxies: &Proxies,
     client: &reqwest::Client,
     order_url: &str,
     namespace: &str,
@@ -469,6 +513,10 @@ async fn drive(
         })
     };
 
+    // The network and server faults, one after the other from the stream's start on.
+    let faults = Faults::plan(args, &mut rng);
+    let fault_lane = faults.run(args, proxies, namespace, stream_start);
+
     // The chaos: kills and broker restarts at random moments of the stream, crash-point reaping.
     let mut events: Vec<(Duration, bool)> = Vec::new();
     for _ in 0..args.kills {
@@ -514,10 +562,16 @@ async fn drive(
             fleet.lock().await.spawn(i)?;
         }
     }
-    while !stream.is_finished() {
+    tokio::pin!(fault_lane);
+    let mut fault_counts = None;
+    while !stream.is_finished() || fault_counts.is_none() {
         fleet.lock().await.reap()?;
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::select! {
+            counts = &mut fault_lane, if fault_counts.is_none() => fault_counts = Some(counts?),
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
+        }
     }
+    let fault_counts = fault_counts.unwrap_or_default();
     stream.await?;
     let stream_secs = stream_start.elapsed().as_secs_f64();
 
@@ -581,6 +635,7 @@ async fn drive(
         .map(|(s, n)| format!("{s}={n}"))
         .collect();
     println!("chaos: statuses {}", statuses.join(" "));
+    println!("chaos: faults {fault_counts}");
     for v in &report.verdicts {
         println!("{v}");
     }
@@ -681,4 +736,228 @@ fn count_in_logs(dir: &std::path::Path, namespace: &str, needle: &str) -> usize 
         .filter_map(|e| std::fs::read_to_string(e.path()).ok())
         .map(|text| text.matches(needle).count())
         .sum()
+}
+
+/// The broker and the database as the services reach them, through proxies that can freeze,
+/// stall, cut and slow every connection.
+struct Proxies {
+    broker: FaultProxy,
+    db: FaultProxy,
+    amqp_url: String,
+    database_url: String,
+}
+
+impl Proxies {
+    async fn start(args: &ChaosArgs) -> anyhow::Result<Proxies> {
+        let (broker_url, db_url) = (
+            url::Url::parse(&args.amqp_url).context("--amqp-url")?,
+            url::Url::parse(&args.database_url).context("--database-url")?,
+        );
+        async fn addr(u: &url::Url, port: u16) -> anyhow::Result<std::net::SocketAddr> {
+            let host = match u.host_str() {
+                Some("localhost") | None => "127.0.0.1",
+                Some(h) => h,
+            };
+            tokio::net::lookup_host((host, u.port().unwrap_or(port)))
+                .await?
+                .next()
+                .context("resolving a server's address")
+        }
+        let broker = FaultProxy::start(addr(&broker_url, 5672).await?).await?;
+        let db = FaultProxy::start(addr(&db_url, 5432).await?).await?;
+        if args.broker_latency || args.all_faults.is_some() {
+            broker.set_latency(Duration::from_millis(50), Duration::from_millis(20));
+        }
+        let through = |u: &url::Url, port: u16| {
+            let mut u = u.clone();
+            let _ = u.set_host(Some("127.0.0.1"));
+            let _ = u.set_port(Some(port));
+            u.to_string()
+        };
+        let mut amqp_url = through(&broker_url, broker.port());
+        if !amqp_url.contains("heartbeat=") {
+            amqp_url.push_str(if amqp_url.contains('?') { "&" } else { "?" });
+            amqp_url.push_str("heartbeat=5");
+        }
+        Ok(Proxies {
+            database_url: through(&db_url, db.port()),
+            amqp_url,
+            broker,
+            db,
+        })
+    }
+}
+
+/// A network or server fault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Fault {
+    FrozenBroker,
+    StalledBroker,
+    StalledDb,
+    MemoryAlarm,
+    DbRestart,
+    DbTermination,
+    QueueDeletion,
+}
+
+impl Fault {
+    fn name(self) -> &'static str {
+        match self {
+            Fault::FrozenBroker => "frozen broker (20 s)",
+            Fault::StalledBroker => "broker connections stalled 15 s, then cut",
+            Fault::StalledDb => "database connections stalled 15 s, then cut",
+            Fault::MemoryAlarm => "broker memory alarm (15 s)",
+            Fault::DbRestart => "PostgreSQL restart",
+            Fault::DbTermination => "database backends terminated",
+            Fault::QueueDeletion => "a work queue deleted",
+        }
+    }
+}
+
+/// The faults of a run, in the order they come.
+struct Faults(Vec<Fault>);
+
+/// How many of each fault a run injected.
+#[derive(Default)]
+struct FaultCounts(std::collections::BTreeMap<Fault, u32>, bool);
+
+impl std::fmt::Display for FaultCounts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.0.is_empty() && !self.1 {
+            return write!(f, "none");
+        }
+        let mut parts: Vec<String> = self
+            .0
+            .iter()
+            .map(|(fault, n)| format!("{} ×{n}", fault.name()))
+            .collect();
+        if self.1 {
+            parts.push("50 ± 20 ms broker latency throughout".into());
+        }
+        write!(f, "{}", parts.join(", "))
+    }
+}
+
+impl Faults {
+    fn plan(args: &ChaosArgs, rng: &mut Rng) -> Faults {
+        let all = args.all_faults.unwrap_or(0);
+        let mut faults = Vec::new();
+        for (fault, n) in [
+            (Fault::FrozenBroker, args.frozen_broker),
+            (Fault::StalledBroker, args.stalled_broker),
+            (Fault::StalledDb, args.stalled_db),
+            (Fault::MemoryAlarm, args.memory_alarms),
+            (Fault::DbRestart, args.db_restarts),
+            (Fault::DbTermination, args.db_terminations),
+            (Fault::QueueDeletion, args.queue_deletions),
+        ] {
+            faults.extend(std::iter::repeat_n(fault, n.max(all) as usize));
+        }
+        // In a random order (Fisher–Yates with the run's generator).
+        for i in (1..faults.len()).rev() {
+            let j = rng.below(i as u64 + 1) as usize;
+            faults.swap(i, j);
+        }
+        Faults(faults)
+    }
+
+    /// Injects the faults one after the other, a few seconds apart, from the stream's start.
+    async fn run(
+        self,
+        args: &ChaosArgs,
+        proxies: &Proxies,
+        namespace: &str,
+        stream_start: Instant,
+    ) -> anyhow::Result<FaultCounts> {
+        let mut counts = FaultCounts(
+            Default::default(),
+            args.broker_latency || args.all_faults.is_some(),
+        );
+        tokio::time::sleep_until((stream_start + Duration::from_secs(2)).into()).await;
+        for fault in self.0 {
+            let t = Instant::now();
+            match fault {
+                Fault::FrozenBroker => {
+                    proxies.broker.pause();
+                    tokio::time::sleep(Duration::from_secs(20)).await;
+                    proxies.broker.resume();
+                }
+                Fault::StalledBroker => {
+                    proxies.broker.pause();
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    proxies.broker.cut();
+                    proxies.broker.resume();
+                }
+                Fault::StalledDb => {
+                    proxies.db.pause();
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    proxies.db.cut();
+                    proxies.db.resume();
+                }
+                Fault::MemoryAlarm => {
+                    let was = shell_output(
+                        "rabbitmqctl eval 'vm_memory_monitor:get_vm_memory_high_watermark().'",
+                    )
+                    .await
+                    .ok()
+                    .filter(|v| v.parse::<f64>().is_ok())
+                    .unwrap_or_else(|| "0.4".into());
+                    shell("rabbitmqctl set_vm_memory_high_watermark 0.00001").await?;
+                    tokio::time::sleep(Duration::from_secs(15)).await;
+                    shell(&format!("rabbitmqctl set_vm_memory_high_watermark {was}")).await?;
+                }
+                Fault::DbRestart => shell(&args.db_restart_cmd).await?,
+                Fault::DbTermination => {
+                    let sql = format!(
+                        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+                         WHERE datname LIKE '{namespace}\\_%'"
+                    );
+                    let status = tokio::process::Command::new("psql")
+                        .args([args.database_url.as_str(), "-qAtc", &sql])
+                        .stdout(Stdio::null())
+                        .status()
+                        .await
+                        .context("running psql")?;
+                    if !status.success() {
+                        bail!("psql could not terminate the backends: {status}");
+                    }
+                }
+                Fault::QueueDeletion => {
+                    let queues = Queues::new(namespace);
+                    let victims = [Service::Payment, Service::Inventory, Service::Delivery];
+                    let queue = queues.of(victims[counts.0.len() % victims.len()]);
+                    let bus = Bus::amqp(&args.amqp_url, Vec::new(), None).await?;
+                    bus.delete_queues(std::slice::from_ref(&queue)).await?;
+                }
+            }
+            *counts.0.entry(fault).or_insert(0) += 1;
+            eprintln!("chaos: {} ({:.1?})", fault.name(), t.elapsed());
+            tokio::time::sleep(Duration::from_secs(3)).await;
+        }
+        Ok(counts)
+    }
+}
+
+async fn shell(command: &str) -> anyhow::Result<()> {
+    let status = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .stdout(Stdio::null())
+        .status()
+        .await
+        .with_context(|| format!("running {command}"))?;
+    if !status.success() {
+        bail!("{command} failed: {status}");
+    }
+    Ok(())
+}
+
+async fn shell_output(command: &str) -> anyhow::Result<String> {
+    let out = tokio::process::Command::new("sh")
+        .arg("-c")
+        .arg(command)
+        .output()
+        .await
+        .with_context(|| format!("running {command}"))?;
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
 }

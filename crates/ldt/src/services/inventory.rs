@@ -10,7 +10,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::services::step::{Action, LedgerRow, OneStatement, StepEffect, StepService};
-use ldt_contract::{Service, Step};
+use ldt_contract::{MAX_QUANTITY, Service, Step};
 use ldt_runtime::context::{Context, Started};
 use ldt_runtime::http::{ApiError, ApiJson};
 
@@ -178,23 +178,34 @@ async fn restock(
             body.amount
         )));
     }
+    let too_much = || {
+        ApiError::Invalid(format!(
+            "restocking {} tokens would take the stock past its maximum of {MAX_QUANTITY} tokens",
+            body.amount
+        ))
+    };
+    if body.amount > MAX_QUANTITY {
+        return Err(too_much());
+    }
     match add(&pool, body.amount).await {
-        Ok(()) => Ok(Json(read(&pool).await?)),
-        Err(e) if ldt_runtime::db::is_out_of_range(&e) => Err(ApiError::Invalid(
-            "restocking that much would overflow the stock counter".into(),
-        )),
+        Ok(true) => Ok(Json(read(&pool).await?)),
+        Ok(false) => Err(too_much()),
+        Err(e) if ldt_runtime::db::is_out_of_range(&e) => Err(too_much()),
         Err(e) => Err(e.into()),
     }
 }
 
-/// Adds `amount` tokens; a sum past `BIGINT` fails with an out-of-range error and changes
-/// nothing.
-async fn add(pool: &Pool, amount: i64) -> Result<(), sqlx::Error> {
-    sqlx::query(
-        "UPDATE stock SET available = available + $1, restocked = restocked + $1 WHERE id = 1",
+/// Adds `amount` tokens unless every token ever stocked (those reserved included) would then
+/// pass [`MAX_QUANTITY`]; `false` when it would (nothing changed). Below that maximum no
+/// release can overflow the counter.
+async fn add(pool: &Pool, amount: i64) -> Result<bool, sqlx::Error> {
+    let done = sqlx::query(
+        "UPDATE stock SET available = available + $1, restocked = restocked + $1 \
+         WHERE id = 1 AND initial + restocked + $1 <= $2",
     )
     .bind(amount)
+    .bind(MAX_QUANTITY)
     .execute(pool)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }

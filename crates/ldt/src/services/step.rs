@@ -677,6 +677,32 @@ impl<E: StepEffect> Handler for StepService<E> {
         self.apply_alone(order_id, &cmd).await
     }
 
+    /// A compensation that failed for good tells the saga, which waits for an operator
+    /// instead of sending it again and again. (An action parked so needs nothing: the saga's
+    /// deadline passes, and its compensation leaves a tombstone that refuses a replay.)
+    async fn parked(&self, msg: &Incoming, reason: &str) -> Result<(), HandleError> {
+        let Ok((order_id, Command::Compensate)) = Self::command(msg) else {
+            return Ok(());
+        };
+        let failed = Envelope::new(
+            order_id,
+            now_ms(),
+            Message::CompensationFailed {
+                step: E::STEP,
+                reason: reason.chars().take(500).collect(),
+            },
+        );
+        let mut outbox = OutboxBatch::default();
+        outbox.push(&self.queues, &failed);
+        let mut conn = self.conns.get().await?;
+        let mut tx = conn.begin().await?;
+        outbox.write(&mut tx).await?;
+        tx.commit().await?;
+        conn.reuse();
+        self.signal.committed(outbox);
+        Ok(())
+    }
+
     /// One transaction for the whole batch (a batch of one too: the batch path takes fewer
     /// statements). A stalled command (injected `timeout`) waits on its own; if the batch's
     /// transaction fails, each command is retried in its own, one after the other, so one bad

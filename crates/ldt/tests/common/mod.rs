@@ -20,6 +20,9 @@ pub struct TestApp {
     /// The services' own bus, to talk to them the way other services do.
     pub bus: ldt_runtime::bus::Bus,
     pub client: reqwest::Client,
+    /// What the clean-up purges with, when not `settings` (a test that reaches the servers
+    /// through a proxy purges directly).
+    pub cleanup: Option<Settings>,
     stop: Option<oneshot::Sender<()>>,
     server: Option<JoinHandle<anyhow::Result<()>>>,
 }
@@ -97,6 +100,7 @@ pub async fn spawn_with(services: &[Service], settings: Settings) -> TestApp {
         settings,
         bus,
         client: reqwest::Client::new(),
+        cleanup: None,
         stop: Some(stop),
         server: Some(server),
     }
@@ -201,6 +205,44 @@ impl TestApp {
         body.as_array().unwrap().clone()
     }
 
+    /// A connection pool on a service's own database, for a test that must do what the API
+    /// refuses (break the data, to see the marketplace cope).
+    pub async fn db(&self, service: Service) -> ldt_runtime::db::Pool {
+        ldt_runtime::db::open(
+            &self.settings.backend(),
+            &self.settings.database_name(service),
+            ldt::services::migrators(service),
+            1,
+        )
+        .await
+        .unwrap()
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap()
+    }
+
+    /// POSTs `body` (JSON) and returns the status and the body.
+    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
+        let resp = self
+            .client
+            .post(self.url(path))
+            .json(&body)
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
     /// Polls `check` until it returns `Some`, or panics after `within`.
     pub async fn eventually<T, F, Fut>(&self, within: Duration, what: &str, mut check: F) -> T
     where
@@ -235,7 +277,10 @@ impl Drop for TestApp {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let settings = self.settings.clone();
+        let settings = self
+            .cleanup
+            .clone()
+            .unwrap_or_else(|| self.settings.clone());
         clean_up(async move {
             // Give the stopped services a moment to release their connections.
             tokio::time::sleep(Duration::from_millis(100)).await;

@@ -27,7 +27,7 @@ use sqlx::Row;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use tokio::sync::{Notify, mpsc, oneshot};
 
-use crate::bus::{BusError, Incoming, Outgoing};
+use super::message::{Acknowledge, BusError, Incoming, Outgoing, Settling};
 
 /// How many ready messages a queue holds by default before publishes are refused.
 pub const DEFAULT_CAPACITY: usize = 20_000;
@@ -263,15 +263,15 @@ impl EmbeddedSubscription {
                     if let Some(m) = q.ready.pop_front() {
                         drop(queues);
                         held.insert(m.seq, m.clone());
-                        return Some(Ok(Incoming::embedded(
+                        return Some(Ok(Incoming::new(
                             m.payload.to_vec(),
                             Some(m.message_id.clone()),
                             m.headers.iter().cloned().collect(),
                             m.redelivered,
-                            EmbeddedAcker {
+                            Box::new(EmbeddedAcker {
                                 consumer: self.consumer.clone(),
                                 seq: m.seq,
-                            },
+                            }),
                         )));
                     }
                 }
@@ -307,7 +307,7 @@ impl EmbeddedAcker {
         })
     }
 
-    pub fn ack(&self) -> Result<(), BusError> {
+    fn ack_now(&self) -> Result<(), BusError> {
         let m = self.take()?;
         if let Some(journal) = &self.consumer.shared.journal {
             journal.forget(vec![m.seq]);
@@ -316,10 +316,20 @@ impl EmbeddedAcker {
         Ok(())
     }
 
-    pub fn nack_requeue(&self) -> Result<(), BusError> {
+    fn nack_now(&self) -> Result<(), BusError> {
         let m = self.take()?;
         self.consumer.requeue(vec![m]);
         Ok(())
+    }
+}
+
+impl Acknowledge for EmbeddedAcker {
+    fn ack(&self) -> Settling<'_> {
+        Box::pin(std::future::ready(self.ack_now()))
+    }
+
+    fn nack_requeue(&self) -> Settling<'_> {
+        Box::pin(std::future::ready(self.nack_now()))
     }
 }
 

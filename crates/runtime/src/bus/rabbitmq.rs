@@ -38,7 +38,7 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore};
 
-use crate::bus::{BusError, Outgoing, QueueOptions};
+use super::message::{Acknowledge, BusError, Incoming, Outgoing, QueueOptions, Settling};
 
 /// The longest the broker may take to answer: connect, confirm a batch, open a channel, take
 /// an ack. A broker that stops answering without closing the socket (frozen, partitioned)
@@ -338,22 +338,35 @@ impl AmqpBus {
                 }
             },
         };
-        let outcome = tokio::time::timeout(BROKER_TIMEOUT, publish_on(&channel, batch)).await;
+        // A broker that raises an alarm blocks the connection when it publishes: the batch
+        // then waits for nothing, so the wait ends when the broker says so.
+        let blocked = async {
+            loop {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                if publisher.blocked().is_some() {
+                    return;
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = tokio::time::timeout(BROKER_TIMEOUT, publish_on(&channel, batch)) => outcome.ok(),
+            () = blocked => None,
+        };
         let keep = |channel: Channel| {
             if let Ok(mut idle) = publisher.idle.lock() {
                 idle.push(channel);
             }
         };
         match outcome {
-            Ok(Ok(())) => {
+            Some(Ok(())) => {
                 keep(channel);
                 Ok(())
             }
-            Ok(Err(e @ BusError::Nacked(_))) => {
+            Some(Err(e @ BusError::Nacked(_))) => {
                 keep(channel);
                 Err(e)
             }
-            Ok(Err(e @ BusError::Returned { .. })) => {
+            Some(Err(e @ BusError::Returned { .. })) => {
                 keep(channel);
                 tracing::warn!(error = %e, "a message came back unroutable: declaring the queues again");
                 if let Err(d) = self.declare_all(&publisher.conn).await {
@@ -361,7 +374,7 @@ impl AmqpBus {
                 }
                 Err(e)
             }
-            Ok(Err(e)) => {
+            Some(Err(e)) => {
                 if !channel.status().connected() && publisher.alive() {
                     // The broker closed this channel only: the connection goes on.
                     return Err(e);
@@ -369,7 +382,7 @@ impl AmqpBus {
                 self.forget_publisher(&publisher).await;
                 Err(e)
             }
-            Err(_) => {
+            None => {
                 // The channel may still hold this batch's frames: never reuse it.
                 close_in_background_channel(channel);
                 if let Some(reason) = publisher.blocked() {
@@ -421,13 +434,27 @@ impl AmqpBus {
         Ok((channel, consumer))
     }
 
-    /// Why publishing would fail now, if it would: no connection, or a blocked one.
-    pub async fn problem(&self) -> Option<String> {
-        match self.publisher().await {
-            Err(e) => Some(e.to_string()),
-            Ok(p) => p
+    /// Why publishing would fail now, if it would: no live connection (one is then made in
+    /// the background: this never waits for the broker), or a blocked one.
+    pub async fn problem(self: &Arc<Self>) -> Option<String> {
+        let current = match self.publisher.try_lock() {
+            Ok(state) => state.clone(),
+            // Someone is connecting right now.
+            Err(_) => return Some("connecting to the broker".into()),
+        };
+        match current {
+            Some(p) if p.alive() => p
                 .blocked()
                 .map(|reason| format!("the broker blocks publishing: {reason}")),
+            _ => {
+                let bus = self.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = bus.publisher().await {
+                        tracing::debug!(error = %e, "no connection to the broker yet");
+                    }
+                });
+                Some("no connection to the broker".into())
+            }
         }
     }
 
@@ -525,7 +552,7 @@ async fn publish_on(channel: &Channel, batch: &[Outgoing]) -> Result<(), BusErro
 }
 
 /// The headers of a delivery, as strings.
-pub(crate) fn headers_of(props: &BasicProperties) -> BTreeMap<String, String> {
+fn headers_of(props: &BasicProperties) -> BTreeMap<String, String> {
     let mut headers = BTreeMap::new();
     if let Some(table) = props.headers() {
         for (k, v) in table.inner() {
@@ -540,16 +567,37 @@ pub(crate) fn headers_of(props: &BasicProperties) -> BTreeMap<String, String> {
     headers
 }
 
-pub(crate) async fn ack(acker: &lapin::Acker) -> Result<(), BusError> {
-    settled(within("ack", acker.ack(BasicAckOptions::default())).await?)
+/// A delivery from RabbitMQ, as the bus hands it out.
+pub(crate) fn incoming(d: lapin::message::Delivery) -> Incoming {
+    Incoming::new(
+        d.data,
+        d.properties
+            .message_id()
+            .as_ref()
+            .map(|s| s.as_str().to_owned()),
+        headers_of(&d.properties),
+        d.redelivered,
+        Box::new(Acker(d.acker)),
+    )
 }
 
-pub(crate) async fn nack_requeue(acker: &lapin::Acker) -> Result<(), BusError> {
-    let options = BasicNackOptions {
-        requeue: true,
-        multiple: false,
-    };
-    settled(within("nack", acker.nack(options)).await?)
+/// Settles one delivery on its channel.
+struct Acker(lapin::Acker);
+
+impl Acknowledge for Acker {
+    fn ack(&self) -> Settling<'_> {
+        Box::pin(
+            async move { settled(within("ack", self.0.ack(BasicAckOptions::default())).await?) },
+        )
+    }
+
+    fn nack_requeue(&self) -> Settling<'_> {
+        let options = BasicNackOptions {
+            requeue: true,
+            multiple: false,
+        };
+        Box::pin(async move { settled(within("nack", self.0.nack(options)).await?) })
+    }
 }
 
 /// Lapin answers `false` when the delivery's channel is gone: the broker gives it again.

@@ -1,0 +1,226 @@
+//! The order service's state and what it does with a new order: admit it, validate it,
+//! store it with its `OrderPlaced`; and what it does when a saga is over.
+
+use std::sync::Arc;
+
+use ldt_contract::{Envelope, Message, OrderStatus, Queues};
+use ldt_runtime::consumer::HandleError;
+use ldt_runtime::crash::{Crash, Point};
+use ldt_runtime::db::{Held, Pool, now_ms};
+use ldt_runtime::http::ApiError;
+use ldt_runtime::outbox::OutboxSignal;
+use tracing::Instrument;
+use uuid::Uuid;
+
+use super::admission::Admission;
+use super::domain::{Created, NewOrder, Order};
+use super::intake::Intake;
+use super::store::{self, Placement};
+
+#[derive(Clone)]
+pub struct OrderState {
+    pub pool: Pool,
+    /// The connections of finishes' statements (see [`Held`]).
+    pub conns: Arc<Held>,
+    pub queues: Queues,
+    pub signal: OutboxSignal,
+    pub crash: Crash,
+    pub fault_injection: bool,
+    pub admission: Admission,
+    pub metrics: ldt_runtime::metrics::Metrics,
+    /// The writers of new orders.
+    pub intake: Intake,
+    pub admin_token: Option<String>,
+}
+
+impl OrderState {
+    /// Stores the order and its `OrderPlaced` message in one transaction.
+    async fn place(
+        &self,
+        new: NewOrder,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, ApiError> {
+        let id = Uuid::now_v7();
+        let now = now_ms();
+        let fingerprint = new.fingerprint();
+        let placed = Envelope::new(
+            id,
+            now,
+            Message::OrderPlaced {
+                username: new.username.clone(),
+                price: new.price,
+                amount: new.amount,
+                faults: new.faults,
+            },
+        );
+        let inserted = self
+            .intake
+            .place(Placement {
+                id: id.to_string(),
+                username: new.username.clone(),
+                price: new.price,
+                amount: new.amount,
+                faults: serde_json::to_string(&new.faults).unwrap_or_default(),
+                created_ms: now,
+                idempotency_key: idempotency_key.map(str::to_owned),
+                request_hash: idempotency_key.map(|_| fingerprint.clone()),
+                message: ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
+                span: tracing::Span::current(),
+            })
+            .await?;
+        if !inserted {
+            // The key was taken, so its order exists (orders are never deleted).
+            let (order, hash) = match idempotency_key {
+                Some(key) => store::find_by_idempotency_key(&self.pool, key).await?,
+                None => None,
+            }
+            .ok_or_else(|| {
+                ApiError::Internal(anyhow::anyhow!(
+                    "an order insert was refused but no order holds its idempotency key"
+                ))
+            })?;
+            if hash.as_deref() != Some(fingerprint.as_str()) {
+                return Err(ApiError::Conflict(
+                    "this Idempotency-Key was already used with a different request body".into(),
+                ));
+            }
+            return Ok(Created::Replayed(order));
+        }
+        Ok(Created::New(Order {
+            id,
+            username: new.username,
+            price: new.price,
+            amount: new.amount,
+            status: OrderStatus::Pending,
+            faults: new.faults,
+            created_at_ms: now,
+            finished_at_ms: None,
+        }))
+    }
+
+    /// Asks the orchestrator to cancel a PENDING order (through the outbox); the order as it
+    /// is now.
+    pub async fn cancel(&self, id: Uuid) -> Result<Order, ApiError> {
+        let now = now_ms();
+        let cancel = Envelope::new(id, now, Message::CancelOrder);
+        let row = ldt_runtime::outbox::OutboxRow::of(&self.queues, &cancel);
+        match store::request_cancel(&self.pool, id, row).await? {
+            None => Err(ApiError::NotFound(format!("no order with id {id}"))),
+            Some((order, None)) => Err(ApiError::Conflict(format!(
+                "order {id} is final already ({})",
+                order.status.as_str()
+            ))),
+            Some((order, Some(outbox))) => {
+                tracing::info!(order_id = %id, "cancellation requested");
+                self.signal.committed(outbox);
+                Ok(order)
+            }
+        }
+    }
+
+    pub async fn submit(
+        &self,
+        new: NewOrder,
+        idempotency_key: Option<&str>,
+    ) -> Result<Created, ApiError> {
+        if !self.fault_injection && (new.kill_create || !new.faults.is_empty()) {
+            return Err(ApiError::Invalid(
+                "fault injection is disabled on this marketplace (LDT_FAULT_INJECTION=false)"
+                    .into(),
+            ));
+        }
+        // Held until the order is answered: see `AdmissionState::admitting`.
+        let _admitted = match self.admission.admit() {
+            Ok(admitted) => admitted,
+            Err(overloaded) => {
+                // A retry of an order already taken is answered even when full.
+                if let Some(key) = idempotency_key
+                    && let Some((order, hash)) =
+                        store::find_by_idempotency_key(&self.pool, key).await?
+                    && hash.as_deref() == Some(new.fingerprint().as_str())
+                {
+                    return Ok(Created::Replayed(order));
+                }
+                return Err(overloaded);
+            }
+        };
+        if new.kill_create {
+            tracing::info!(username = %new.username, "injected fault kill_create: the order is not stored");
+            return Err(ApiError::Injected(
+                "order creation failed (injected fault kill_create); the order was not stored"
+                    .into(),
+            ));
+        }
+        self.place(new, idempotency_key)
+            .instrument(ldt_runtime::db::span(&self.pool, "orders"))
+            .await
+    }
+}
+
+impl OrderState {
+    /// The final status an `OrderFinished` delivery carries, or why it is poison.
+    pub fn finished(msg: &ldt_runtime::bus::Incoming) -> Result<(Uuid, OrderStatus), HandleError> {
+        let env = ldt_runtime::consumer::decode(msg)?;
+        let Message::OrderFinished { status } = env.body else {
+            return Err(HandleError::Poison(format!(
+                "the order service does not handle `{}` messages",
+                env.body.kind()
+            )));
+        };
+        if !status.is_final() {
+            return Err(HandleError::Poison(
+                "OrderFinished with status PENDING".into(),
+            ));
+        }
+        Ok((env.order_id, status))
+    }
+
+    /// Moves PENDING orders to their final status, all with one statement (which commits by
+    /// itself); a duplicate finds its order final and changes nothing. Returns, per entry,
+    /// whether the order exists.
+    pub async fn finish_all(
+        &self,
+        finished: &[(Uuid, OrderStatus)],
+    ) -> Result<Vec<bool>, HandleError> {
+        self.crash.at(Point::BeforeCommit);
+        let now = now_ms();
+        // As with commits: no recount while the statement commits. The connection first,
+        // then the gate (as in the recount): a recount queued at the gate holds back new
+        // readers, and one of those must not be waiting for the connection this one needs.
+        let mut conn = self.conns.get().await?;
+        let rows = {
+            let _gate = self.admission.state.gate.read().await;
+            let rows = store::finish(&mut conn, finished, now).await?;
+            self.admission.finished(rows.len());
+            rows
+        };
+        conn.reuse();
+        drop(conn);
+        self.crash.at(Point::AfterCommit);
+        let mut updated = std::collections::HashSet::new();
+        for (id, status, created) in &rows {
+            self.metrics.inc(
+                "ldt_orders_total",
+                "Orders by final status.",
+                &[("status", status.as_str())],
+                1,
+            );
+            self.metrics.observe_ms(
+                "ldt_saga_duration_ms",
+                "Time from an order's creation to its final status.",
+                &[("status", status.as_str())],
+                now.saturating_sub(*created) as f64,
+            );
+            tracing::info!(order_id = %id, status = %status, "order finished");
+            updated.insert(id.clone());
+        }
+        let mut known = Vec::with_capacity(finished.len());
+        for (order_id, _) in finished {
+            let id = order_id.to_string();
+            // Not moved: a duplicate (the order is final) or an order never placed here.
+            let exists = updated.contains(&id) || store::exists(&self.pool, &id).await?;
+            known.push(exists);
+        }
+        Ok(known)
+    }
+}

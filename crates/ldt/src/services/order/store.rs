@@ -1,0 +1,268 @@
+//! The order service's tables: `orders` and its outbox. Its writes go in with their outbox
+//! rows (a new order with its `OrderPlaced`); its reads serve the API.
+
+use ldt_contract::OrderStatus;
+use ldt_runtime::db::{Conn, Pool};
+use sqlx::Row;
+use uuid::Uuid;
+
+use ldt_runtime::outbox::{self, OutboxBatch};
+
+use super::domain::Order;
+
+pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
+    postgres: sqlx::migrate!("./migrations/order"),
+    sqlite: sqlx::migrate!("./migrations-sqlite/order"),
+};
+
+const ORDER_COLUMNS: &str = "orders (id, username, price, amount, faults, status, created_ms, \
+                             idempotency_key, request_hash)";
+
+/// A new order and its `OrderPlaced`, as the intake writes them.
+pub struct Placement {
+    pub id: String,
+    pub username: String,
+    pub price: i64,
+    pub amount: i64,
+    pub faults: String,
+    pub created_ms: i64,
+    pub idempotency_key: Option<String>,
+    pub request_hash: Option<String>,
+    pub message: ldt_runtime::outbox::OutboxRow,
+    /// The request's database span, for an order written on its own.
+    pub span: tracing::Span,
+}
+
+/// PostgreSQL: a new order and its `OrderPlaced` in one statement, which commits by itself;
+/// the outbox row as written, `None` when the idempotency key was taken (nothing written).
+pub async fn insert_one(
+    conn: &mut Conn,
+    p: &Placement,
+) -> Result<Option<OutboxBatch>, sqlx::Error> {
+    let sql = format!(
+        "WITH o AS (INSERT INTO {ORDER_COLUMNS} VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id",
+        outbox::insert_from("SELECT $9, $10, $11, $12, $6 FROM o")
+    );
+    let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(&p.id)
+        .bind(&p.username)
+        .bind(p.price)
+        .bind(p.amount)
+        .bind(&p.faults)
+        .bind(p.created_ms)
+        .bind(&p.idempotency_key)
+        .bind(&p.request_hash);
+    let Some(row) = p
+        .message
+        .bind_columns(query)
+        .fetch_optional(&mut *conn)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let mut outbox = OutboxBatch::default();
+    outbox.push_written(row.try_get(0)?, p.message.clone());
+    Ok(Some(outbox))
+}
+
+/// New orders and their `OrderPlaced`s in the transaction `tx`: the ids of those stored
+/// (the others' idempotency keys were taken) and their outbox rows as written.
+pub async fn insert_group(
+    tx: &mut Conn,
+    group: &[&Placement],
+) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
+    let mut sql =
+        ldt_runtime::db::multi_row_insert(&format!("INSERT INTO {ORDER_COLUMNS}"), 9, group.len());
+    sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for p in group {
+        query = query
+            .bind(&p.id)
+            .bind(&p.username)
+            .bind(p.price)
+            .bind(p.amount)
+            .bind(&p.faults)
+            .bind(OrderStatus::Pending.as_str())
+            .bind(p.created_ms)
+            .bind(&p.idempotency_key)
+            .bind(&p.request_hash);
+    }
+    let stored = query
+        .fetch_all(&mut *tx)
+        .await?
+        .iter()
+        .map(|row| row.try_get::<String, _>("id"))
+        .collect::<Result<std::collections::HashSet<String>, _>>()?;
+    let mut outbox = OutboxBatch::default();
+    for p in group.iter().filter(|p| stored.contains(&p.id)) {
+        outbox.push_row(p.message.clone());
+    }
+    outbox.write(tx).await?;
+    Ok((stored, outbox))
+}
+
+/// Moves PENDING orders to their final status, with one statement (which commits by
+/// itself); returns the orders moved (id, status, created_ms). A duplicate finds its order
+/// final and changes nothing.
+pub async fn finish(
+    conn: &mut Conn,
+    finished: &[(Uuid, OrderStatus)],
+    now: i64,
+) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+    let mut sql = ldt_runtime::db::multi_row_insert(
+        "WITH v (id, status, finished_ms) AS (",
+        3,
+        finished.len(),
+    );
+    sql.push_str(
+        ") UPDATE orders SET status = v.status, finished_ms = v.finished_ms FROM v \
+         WHERE orders.id = v.id AND orders.status = 'PENDING' \
+         RETURNING orders.id, orders.status, orders.created_ms",
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for (order_id, status) in finished {
+        query = query
+            .bind(order_id.to_string())
+            .bind(status.as_str())
+            .bind(now);
+    }
+    query
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|row| {
+            Ok((
+                row.try_get("id")?,
+                row.try_get("status")?,
+                row.try_get("created_ms")?,
+            ))
+        })
+        .collect()
+}
+
+/// The order, and if it is PENDING, its cancellation in the outbox (written in one
+/// transaction with the read, so a cancel is never sent for an order already final).
+pub async fn request_cancel(
+    pool: &Pool,
+    id: Uuid,
+    cancel: ldt_runtime::outbox::OutboxRow,
+) -> Result<Option<(Order, Option<OutboxBatch>)>, sqlx::Error> {
+    let mut tx = pool.begin().await?;
+    let Some(row) = sqlx::query("SELECT * FROM orders WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(&mut *tx)
+        .await?
+    else {
+        return Ok(None);
+    };
+    let order = order_from_row(&row)?;
+    if order.status.is_final() {
+        tx.rollback().await?;
+        return Ok(Some((order, None)));
+    }
+    let mut outbox = OutboxBatch::default();
+    outbox.push_row(cancel);
+    outbox.write(&mut tx).await?;
+    tx.commit().await?;
+    Ok(Some((order, Some(outbox))))
+}
+
+/// Whether an order with this id exists.
+pub async fn exists(pool: &Pool, id: &str) -> Result<bool, sqlx::Error> {
+    Ok(
+        sqlx::query_scalar::<_, String>("SELECT status FROM orders WHERE id = $1")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?
+            .is_some(),
+    )
+}
+
+// The reads.
+
+fn order_from_row(row: &ldt_runtime::db::DbRow) -> Result<Order, sqlx::Error> {
+    let id: String = row.try_get("id")?;
+    let status: String = row.try_get("status")?;
+    let faults: String = row.try_get("faults")?;
+    Ok(Order {
+        id: Uuid::parse_str(&id).map_err(|e| sqlx::Error::Decode(e.into()))?,
+        username: row.try_get("username")?,
+        price: row.try_get("price")?,
+        amount: row.try_get("amount")?,
+        status: OrderStatus::parse(&status).ok_or_else(|| {
+            sqlx::Error::Decode(format!("bad status {status:?} in orders").into())
+        })?,
+        faults: serde_json::from_str(&faults).unwrap_or_default(),
+        created_at_ms: row.try_get("created_ms")?,
+        finished_at_ms: row.try_get("finished_ms")?,
+    })
+}
+
+/// The order holding an idempotency key, with the fingerprint of the request that made it.
+pub async fn find_by_idempotency_key(
+    pool: &Pool,
+    key: &str,
+) -> Result<Option<(Order, Option<String>)>, sqlx::Error> {
+    let row = sqlx::query("SELECT * FROM orders WHERE idempotency_key = $1")
+        .bind(key)
+        .fetch_optional(pool)
+        .await?;
+    row.map(|row| Ok((order_from_row(&row)?, row.try_get("request_hash")?)))
+        .transpose()
+}
+
+pub async fn find_order(pool: &Pool, id: Uuid) -> Result<Option<Order>, sqlx::Error> {
+    let row = sqlx::query("SELECT * FROM orders WHERE id = $1")
+        .bind(id.to_string())
+        .fetch_optional(pool)
+        .await?;
+    row.as_ref().map(order_from_row).transpose()
+}
+
+/// The `limit` most recent orders, oldest first.
+pub async fn recent_orders(pool: &Pool, limit: i64) -> Result<Vec<Order>, sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM (SELECT * FROM orders ORDER BY seq DESC LIMIT $1) recent ORDER BY seq",
+    )
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(order_from_row).collect()
+}
+
+/// Which orders a page shows.
+pub struct OrderFilter<'a> {
+    /// Only orders after this cursor (`seq`).
+    pub after: i64,
+    pub username: Option<&'a str>,
+    pub status: Option<OrderStatus>,
+    pub limit: i64,
+}
+
+/// A page of orders, oldest first, with the cursor of the next page if there is one.
+pub async fn orders_page(
+    pool: &Pool,
+    filter: OrderFilter<'_>,
+) -> Result<(Vec<Order>, Option<i64>), sqlx::Error> {
+    let rows = sqlx::query(
+        "SELECT * FROM orders WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
+         AND (CAST($3 AS TEXT) IS NULL OR status = $3) ORDER BY seq LIMIT $4",
+    )
+    .bind(filter.after)
+    .bind(filter.username)
+    .bind(filter.status.map(OrderStatus::as_str))
+    .bind(filter.limit.saturating_add(1))
+    .fetch_all(pool)
+    .await?;
+    let page = &rows[..rows.len().min(usize::try_from(filter.limit).unwrap_or(0))];
+    let next = if rows.len() > page.len() {
+        page.last()
+            .map(|r| r.try_get::<i64, _>("seq"))
+            .transpose()?
+    } else {
+        None
+    };
+    let orders = page.iter().map(order_from_row).collect::<Result<_, _>>()?;
+    Ok((orders, next))
+}

@@ -1,0 +1,211 @@
+//! A client of a running marketplace's HTTP API for the tests and the tools: the calls they
+//! make (place an order, read it, wait for it to be final), polling with a deadline instead
+//! of sleeping, and a stream of orders that keeps going through outages (each order retried
+//! with its `Idempotency-Key` until it is accepted or refused for good).
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+/// Polls `check` every 20 ms until it gives `Some`, or `Err` with `what` once `within` has
+/// passed.
+pub async fn eventually<T, F, Fut>(within: Duration, what: &str, mut check: F) -> Result<T, String>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let started = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return Ok(v);
+        }
+        if started.elapsed() >= within {
+            return Err(format!("timed out after {within:?} waiting for {what}"));
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// A marketplace's API at one base URL (`ldt up`, or an ingress in front of the services).
+#[derive(Clone)]
+pub struct Api {
+    pub base: String,
+    pub client: reqwest::Client,
+}
+
+impl Api {
+    pub fn new(base: &str) -> Api {
+        Api {
+            base: base.trim_end_matches('/').to_owned(),
+            client: reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    /// GET `path`: the status and the JSON body (`Null` when it is not JSON); `None` when
+    /// no answer came.
+    pub async fn get(&self, path: &str) -> Option<(u16, Value)> {
+        let resp = self.client.get(self.url(path)).send().await.ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// POST `body` to `path`, with an `Idempotency-Key` when one is given.
+    pub async fn post(&self, path: &str, body: &Value, key: Option<&str>) -> Option<(u16, Value)> {
+        let mut req = self.client.post(self.url(path)).json(body);
+        if let Some(key) = key {
+            req = req.header("Idempotency-Key", key);
+        }
+        let resp = req.send().await.ok()?;
+        let status = resp.status().as_u16();
+        Some((status, resp.json().await.unwrap_or(Value::Null)))
+    }
+
+    /// Places an order through the v1 API, retrying (same key) until it is accepted or
+    /// refused with a 4xx, or `within` has passed: its id, or the last answer.
+    pub async fn place(&self, body: &Value, key: &str, within: Duration) -> Result<String, String> {
+        let started = Instant::now();
+        let mut last = String::from("no answer");
+        while started.elapsed() < within {
+            match self.post("/api/v1/orders", body, Some(key)).await {
+                Some((200 | 202, order)) => {
+                    if let Some(id) = order["id"].as_str() {
+                        return Ok(id.to_owned());
+                    }
+                    last = format!("an order without an id: {order}");
+                }
+                Some((status, err)) if (400..500).contains(&status) => {
+                    return Err(format!("{status} {err}"));
+                }
+                Some((status, err)) => last = format!("{status} {err}"),
+                None => last = "no answer".into(),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("not accepted within {within:?}: {last}"))
+    }
+
+    /// An order's current status, if the order service answers.
+    pub async fn status(&self, id: &str) -> Option<String> {
+        match self.get(&format!("/api/v1/orders/{id}")).await {
+            Some((200, order)) => order["status"].as_str().map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    /// Waits until the order is final; its status.
+    pub async fn wait_final(&self, id: &str, within: Duration) -> Result<String, String> {
+        eventually(within, &format!("order {id} to be final"), || async {
+            self.status(id).await.filter(|s| s != "PENDING")
+        })
+        .await
+    }
+
+    /// `/readyz`'s status and body.
+    pub async fn ready(&self) -> Option<(u16, Value)> {
+        self.get("/readyz").await
+    }
+}
+
+/// Orders sent at a steady rate in the background, each retried until accepted: what was
+/// accepted is what must end final.
+pub struct OrderStream {
+    accepted: Arc<Mutex<BTreeSet<String>>>,
+    refused: Arc<Mutex<Vec<String>>>,
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl OrderStream {
+    /// Starts sending `per_second` orders a second from `users` users (prefixed `prefix`),
+    /// a mix of good ones, insufficient funds and, with `faults`, kill and timeout faults.
+    pub fn start(api: Api, per_second: u32, prefix: &str, faults: bool) -> OrderStream {
+        let accepted = Arc::new(Mutex::new(BTreeSet::new()));
+        let refused = Arc::new(Mutex::new(Vec::new()));
+        let stop = tokio_util::sync::CancellationToken::new();
+        let (acc, refs, halt, prefix) = (
+            accepted.clone(),
+            refused.clone(),
+            stop.clone(),
+            prefix.to_owned(),
+        );
+        let task = tokio::spawn(async move {
+            let gap = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
+            let mut sending = tokio::task::JoinSet::new();
+            let mut i: u64 = 0;
+            let mut next = tokio::time::Instant::now();
+            while !halt.is_cancelled() {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(next) => {}
+                    _ = halt.cancelled() => break,
+                }
+                next += gap;
+                i += 1;
+                let body = order_body(&prefix, i, faults);
+                let key = format!("{prefix}-{i}");
+                let (api, acc, refs) = (api.clone(), acc.clone(), refs.clone());
+                sending.spawn(async move {
+                    match api.place(&body, &key, Duration::from_secs(120)).await {
+                        Ok(id) => {
+                            acc.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
+                        }
+                        Err(e) => refs.lock().unwrap_or_else(|e| e.into_inner()).push(e),
+                    }
+                });
+            }
+            while sending.join_next().await.is_some() {}
+        });
+        OrderStream {
+            accepted,
+            refused,
+            stop,
+            task,
+        }
+    }
+
+    /// Stops sending, waits for the orders in flight to be answered; the ids accepted and
+    /// the answers of those refused.
+    pub async fn finish(self) -> (BTreeSet<String>, Vec<String>) {
+        self.stop.cancel();
+        let _ = self.task.await;
+        let accepted = self
+            .accepted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let refused = self
+            .refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        (accepted, refused)
+    }
+}
+
+/// The `i`-th order of a stream: mostly good; every 7th beyond its user's credits; with
+/// faults, every 5th fails a step and every 11th stalls one.
+pub fn order_body(prefix: &str, i: u64, faults: bool) -> Value {
+    let steps = ["payment", "inventory", "delivery"];
+    let step = steps[(i % 3) as usize];
+    let username = format!("{prefix}-u{}", i % 8);
+    let mut body =
+        json!({"username": username, "price": 1 + (i % 5) as i64, "amount": 1 + (i % 3) as i64});
+    if i.is_multiple_of(7) {
+        body["price"] = json!(10_000);
+    }
+    if faults && i.is_multiple_of(5) {
+        body["faults"] = json!({ step: "kill" });
+    } else if faults && i.is_multiple_of(11) {
+        body["faults"] = json!({ step: "timeout" });
+    }
+    body
+}
