@@ -1,10 +1,15 @@
 #!/usr/bin/env bash
-# The whole test suite: unit, integration (in-process, real RabbitMQ and PostgreSQL) and the
-# black-box end-to-end suite (against `ldt up` and against one process per service).
-# Starts or installs RabbitMQ and PostgreSQL first when needed. Extra arguments go to cargo test.
+# The whole test suite: unit and property tests, integration (in-process, real RabbitMQ and
+# PostgreSQL), the fault matrix, the black-box end-to-end suite (against `ldt up` and against
+# one process per service, the console in a headless Chromium among them), and the API
+# contract (the OpenAPI document validated, schemathesis on both stacks).
+# Starts or installs RabbitMQ, PostgreSQL and Chromium first when needed. Extra arguments go
+# to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
+scripts/ensure-browser.sh
 # The e2e suite runs the ldt binary itself.
 cargo build --locked --bin ldt
 cargo test --locked --workspace "$@"
+scripts/contract.sh

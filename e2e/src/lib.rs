@@ -97,14 +97,15 @@ pub struct Marketplace {
     owned: bool,
 }
 
-/// Waits for `ldt ready: <url>/docs` on the process's stdout and returns the base URL; keeps
+/// Waits for `ldt ready: <url>/ (console), …` on the process's stdout and returns the base URL; keeps
 /// draining stdout after that so the process never blocks on a full pipe.
 async fn ready(stdout: tokio::process::ChildStdout) -> String {
     let mut lines = BufReader::new(stdout).lines();
     let base = tokio::time::timeout(Duration::from_secs(60), async {
         while let Some(line) = lines.next_line().await.unwrap() {
             if let Some(rest) = line.strip_prefix("ldt ready: ") {
-                return rest.trim_end_matches("/docs").to_owned();
+                let first = rest.split_whitespace().next().unwrap_or(rest);
+                return first.trim_end_matches('/').to_owned();
             }
         }
         panic!("ldt exited before it was ready (see its log above)");
@@ -298,6 +299,33 @@ impl Marketplace {
             self.bases.insert(s, base.clone());
         }
         status
+    }
+
+    /// In split mode: one more process of the order service that reaches every other
+    /// service (`--service-url`), so that its console and API serve the whole marketplace
+    /// from one address; its base URL.
+    pub async fn spawn_gateway(&mut self) -> String {
+        let urls: Vec<String> = SERVICES
+            .iter()
+            .filter(|s| **s != "order")
+            .map(|s| format!("{s}={}", self.bases[s]))
+            .collect();
+        let mut cmd = Command::new(ldt_bin());
+        cmd.args(["serve", "order", "--service-url", &urls.join(",")]);
+        for (k, v) in &self.env {
+            match v {
+                Some(v) => cmd.env(k, v),
+                None => cmd.env_remove(k),
+            };
+        }
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().expect("ldt starts");
+        let stdout = child.stdout.take().unwrap();
+        self.children.push(child);
+        ready(stdout).await
     }
 
     /// The base URL of one service's API.

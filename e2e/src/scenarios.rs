@@ -282,7 +282,7 @@ pub async fn bad_input(m: &Marketplace) {
         (
             json!({"username": name, "price": i64::MAX, "amount": 3}).to_string(),
             422,
-            "overflow",
+            "at most",
         ),
         (
             json!({"username": "", "price": 1, "amount": 1}).to_string(),

@@ -41,6 +41,32 @@ pub enum Command {
     Chaos(ldt_tools::chaos::ChaosArgs),
     /// Load-test a running marketplace and check the invariants afterwards.
     Bench(ldt_tools::bench::BenchArgs),
+    /// Orders of a running marketplace: list, show (with the saga's timeline), cancel.
+    Orders {
+        #[command(subcommand)]
+        cmd: ldt_tools::ctl::OrdersCmd,
+        #[command(flatten)]
+        target: ldt_tools::ctl::Target,
+    },
+    /// Sagas of a running marketplace: the stuck ones, the long-compensating ones, retry.
+    Sagas {
+        #[command(subcommand)]
+        cmd: ldt_tools::ctl::SagasCmd,
+        #[command(flatten)]
+        target: ldt_tools::ctl::Target,
+    },
+    /// Dead letters of a running marketplace: list, replay.
+    DeadLetters {
+        #[command(subcommand)]
+        cmd: ldt_tools::ctl::DeadLettersCmd,
+        #[command(flatten)]
+        target: ldt_tools::ctl::Target,
+    },
+    /// Print a completion script for a shell (`ldt completions bash > /etc/bash_completion.d/ldt`).
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
     /// Delete every database and queue of a namespace (all its orders, users and stock).
     Purge {
         /// Required: purging cannot be undone.

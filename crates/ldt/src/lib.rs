@@ -4,5 +4,7 @@
 //! [`startup::Application`] in whatever combination the command line asks for. The services
 //! stand on `ldt-runtime` and speak `ldt-contract`; none of them knows another.
 
+pub mod console;
+pub mod openapi;
 pub mod services;
 pub mod startup;

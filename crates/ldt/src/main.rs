@@ -63,6 +63,20 @@ async fn main() -> ExitCode {
                 }
             };
         }
+        Command::Orders { cmd, target } => {
+            return exit(ldt_tools::ctl::orders(&target, cmd).await);
+        }
+        Command::Sagas { cmd, target } => {
+            return exit(ldt_tools::ctl::sagas(&target, cmd).await);
+        }
+        Command::DeadLetters { cmd, target } => {
+            return exit(ldt_tools::ctl::dead_letters(&target, cmd).await);
+        }
+        Command::Completions { shell } => {
+            let mut cmd = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut cmd, "ldt", &mut std::io::stdout());
+            return ExitCode::SUCCESS;
+        }
         Command::Purge { yes, settings } => {
             ldt_runtime::telemetry::init_plain(&settings.log_format);
             if !yes {
@@ -99,12 +113,23 @@ async fn main() -> ExitCode {
     }
 }
 
+/// The exit code of an operator's command: 1 when it failed, with one line saying why.
+fn exit(result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("ldt: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 async fn run(
     services: &[Service],
     settings: ldt_runtime::configuration::Settings,
     metrics: ldt_runtime::metrics::Metrics,
 ) -> anyhow::Result<()> {
-    let addr = settings.http_addr;
+    let addr = settings.http_addr.clone();
     let settings_summary = (
         settings.amqp_url.is_some(),
         settings.backend().name(),
@@ -116,7 +141,7 @@ async fn run(
             "on the servers".to_owned()
         },
     );
-    let listener = tokio::net::TcpListener::bind(addr)
+    let listener = tokio::net::TcpListener::bind(addr.as_str())
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
     let app = Application::build_with_metrics(services, settings, listener, metrics).await?;
@@ -127,7 +152,8 @@ async fn run(
     } else {
         "in-process bus"
     };
-    tracing::info!(services = ?names, database = settings_summary.1, bus, data = %settings_summary.2, "ready: API on http://{local}, Swagger UI on http://{local}/docs");
-    println!("ldt ready: http://{local}/docs");
+    tracing::info!(services = ?names, database = settings_summary.1, bus, data = %settings_summary.2, "ready: console on http://{local}/, API on http://{local}/docs");
+    // The console first: it is where a newcomer starts. (Scripts read the first URL.)
+    println!("ldt ready: http://{local}/ (console), http://{local}/docs (API, Swagger UI)");
     app.run_until(shutdown_signal()).await
 }

@@ -20,6 +20,7 @@ use utoipa::OpenApi;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_swagger_ui::SwaggerUi;
 
+use crate::console::{Console, ConsoleConfig};
 use crate::services;
 use ldt_contract::{Queues, Service};
 use ldt_runtime::bus::Bus;
@@ -67,9 +68,11 @@ async fn readyz(State(health): State<Health>) -> impl IntoResponse {
     if problems.is_empty() {
         (StatusCode::OK, Json(serde_json::json!({"status": "ready"})))
     } else {
+        let message = format!("not ready: {}", problems.join("; "));
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(serde_json::json!({"status": "not ready", "problems": problems})),
+            Json(serde_json::json!({"error": "not_ready", "message": message,
+                                    "status": "not ready", "problems": problems})),
         )
     }
 }
@@ -132,6 +135,7 @@ pub struct Application {
     shutdown: CancellationToken,
     tasks: TaskTracker,
     bus: Bus,
+    limits: ldt_runtime::server::Limits,
     /// Held while running: two processes on one data directory would corrupt each other.
     _data_lock: Option<std::fs::File>,
 }
@@ -220,22 +224,60 @@ impl Application {
             tracing::info!(service = service.as_str(), "service started");
         }
         let (router, openapi) = api.split_for_parts();
+        let openapi = crate::openapi::finish(openapi, &services::order::username_pattern());
         let health = Health {
             bus: bus.clone(),
             pools,
         };
+        let remotes: std::collections::BTreeMap<Service, String> = ctx
+            .settings
+            .service_urls
+            .iter()
+            .filter(|(service, _)| !unique.contains(service))
+            .cloned()
+            .collect();
+        let console = Console::new(
+            ConsoleConfig {
+                version: env!("CARGO_PKG_VERSION"),
+                mode: if ctx.settings.amqp_url.is_some() || ctx.settings.database_url.is_some() {
+                    "servers"
+                } else {
+                    "embedded"
+                },
+                services: unique.iter().map(|s| s.as_str()).collect(),
+                remote_services: remotes.keys().map(|s| s.as_str()).collect(),
+                fault_injection: ctx.settings.fault_injection,
+                admin_token_required: ctx.settings.admin_token.is_some(),
+                trace_url_template: ctx.settings.trace_url_template.clone(),
+            },
+            metrics.clone(),
+            remotes,
+        );
         let router = router
             .route_layer(axum::middleware::from_fn(trace_http))
             .merge(SwaggerUi::new("/docs").url("/openapi.json", openapi))
             .route("/healthz", get(healthz))
             .route("/readyz", get(readyz).with_state(health))
-            .route("/metrics", get(render_metrics).with_state(metrics));
+            .route("/metrics", get(render_metrics).with_state(metrics))
+            .merge(console.clone().router())
+            .fallback(move |req: axum::extract::Request| {
+                let console = console.clone();
+                async move { crate::console::fallback(State(console), req).await }
+            })
+            .layer(axum::Extension(ctx.settings.body_limits()))
+            .layer(axum::middleware::from_fn_with_state(
+                ctx.settings.http_max_headers as usize,
+                ldt_runtime::http::check_headers,
+            ))
+            .layer(axum::middleware::from_fn(ldt_runtime::http::json_errors));
+        let limits = ctx.settings.http_limits();
         Ok(Application {
             listener,
             router,
             shutdown: ctx.shutdown,
             tasks: ctx.tasks,
             bus,
+            limits,
             _data_lock: data_lock,
         })
     }
@@ -258,12 +300,17 @@ impl Application {
         signal: impl Future<Output = ()> + Send + 'static,
     ) -> anyhow::Result<()> {
         let shutdown = self.shutdown.clone();
-        let served = axum::serve(self.listener, self.router)
-            .with_graceful_shutdown(async move {
+        let served = ldt_runtime::server::serve(
+            self.listener,
+            self.router,
+            self.limits,
+            async move {
                 signal.await;
                 tracing::info!("shutting down: draining in-flight work");
-            })
-            .await;
+            },
+            Duration::from_secs(10),
+        )
+        .await;
         shutdown.cancel();
         self.tasks.close();
         if tokio::time::timeout(Duration::from_secs(25), self.tasks.wait())

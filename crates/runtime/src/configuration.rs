@@ -3,7 +3,6 @@
 //! Every setting is a flag with an `LDT_*` environment fallback, so the same binary is
 //! configured by flags on a laptop and by a ConfigMap on Kubernetes.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -12,9 +11,35 @@ use ldt_contract::Service;
 
 #[derive(Debug, Clone, Args)]
 pub struct Settings {
-    /// Address the HTTP API listens on (port 0 picks a free port).
-    #[arg(long, env = "LDT_HTTP_ADDR", default_value = "127.0.0.1:8000")]
-    pub http_addr: SocketAddr,
+    /// Address the HTTP API listens on, `HOST:PORT` (a name like `localhost` or an IP
+    /// address; port 0 picks a free port).
+    #[arg(long, env = "LDT_HTTP_ADDR", default_value = "127.0.0.1:8000", value_parser = parse_listen_addr, help_heading = "HTTP")]
+    pub http_addr: String,
+
+    /// A request's headers must arrive in full within this long of the server waiting for
+    /// them (so a kept-alive connection idle this long is closed too).
+    #[arg(long, env = "LDT_HTTP_HEADER_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), help_heading = "HTTP")]
+    pub http_header_timeout_s: u64,
+
+    /// A request's body must arrive in full within this long (else 408).
+    #[arg(long, env = "LDT_HTTP_BODY_TIMEOUT_S", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..), help_heading = "HTTP")]
+    pub http_body_timeout_s: u64,
+
+    /// A connection that moves no byte either way for this long is closed.
+    #[arg(long, env = "LDT_HTTP_IDLE_TIMEOUT_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..), help_heading = "HTTP")]
+    pub http_idle_timeout_s: u64,
+
+    /// Connections served at once; more wait to be accepted.
+    #[arg(long, env = "LDT_HTTP_MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..), help_heading = "HTTP")]
+    pub http_max_connections: u32,
+
+    /// Largest request body, in bytes (else 413).
+    #[arg(long, env = "LDT_HTTP_MAX_BODY_BYTES", default_value_t = 65536, value_parser = clap::value_parser!(u32).range(1..), help_heading = "HTTP")]
+    pub http_max_body_bytes: u32,
+
+    /// Most headers a request may carry (else 431).
+    #[arg(long, env = "LDT_HTTP_MAX_HEADERS", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..=10000), help_heading = "HTTP")]
+    pub http_max_headers: u32,
 
     /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Unset: `ldt up` uses its
     /// in-process bus (journaled in the data directory); `ldt serve` needs a broker.
@@ -144,6 +169,17 @@ pub struct Settings {
     )]
     pub chaos_duplicate_every: u64,
 
+    /// Where a service this process does not run answers, as `SERVICE=URL` (repeat it, or
+    /// separate them with commas): the console and the API of this process then reach it
+    /// too, so one address serves everything in split mode.
+    #[arg(long = "service-url", env = "LDT_SERVICE_URLS", value_delimiter = ',', value_parser = parse_service_url)]
+    pub service_urls: Vec<(Service, String)>,
+
+    /// A link from an order in the console to its trace, `{trace_id}` standing for the
+    /// order's trace id (e.g. Jaeger's `http://127.0.0.1:16686/trace/{trace_id}`).
+    #[arg(long, env = "LDT_TRACE_URL_TEMPLATE")]
+    pub trace_url_template: Option<String>,
+
     /// Log format: `text` (human-readable) or `json`.
     #[arg(long, env = "LDT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -236,6 +272,63 @@ impl Settings {
     }
 }
 
+/// `HOST:PORT`, the host a name or an IP address (`[::1]:8000` for IPv6).
+fn parse_listen_addr(s: &str) -> Result<String, String> {
+    if s.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(s.to_owned());
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(|| {
+        format!("expected HOST:PORT, e.g. 127.0.0.1:8000 or localhost:8000; got {s:?}")
+    })?;
+    port.parse::<u16>()
+        .map_err(|_| format!("{port:?} is not a port (0–65535)"))?;
+    let name_ok = !host.is_empty()
+        && host.len() <= 253
+        && host.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        });
+    if !name_ok {
+        return Err(format!("{host:?} is not a host name or an IP address"));
+    }
+    Ok(s.to_owned())
+}
+
+impl Settings {
+    /// The HTTP server's limits.
+    pub fn http_limits(&self) -> crate::server::Limits {
+        crate::server::Limits {
+            header_timeout: Duration::from_secs(self.http_header_timeout_s),
+            idle_timeout: Duration::from_secs(self.http_idle_timeout_s),
+            max_connections: self.http_max_connections as usize,
+            max_headers: self.http_max_headers as usize,
+        }
+    }
+
+    /// How much of a request body the server reads, and for how long.
+    pub fn body_limits(&self) -> crate::http::BodyLimits {
+        crate::http::BodyLimits {
+            max_bytes: self.http_max_body_bytes as usize,
+            timeout: Duration::from_secs(self.http_body_timeout_s),
+        }
+    }
+}
+
+/// `SERVICE=URL`: where one service answers.
+fn parse_service_url(s: &str) -> Result<(Service, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| {
+        format!("expected SERVICE=URL, e.g. order=http://127.0.0.1:8101; got {s:?}")
+    })?;
+    let service = <Service as clap::ValueEnum>::from_str(name.trim(), true)
+        .map_err(|_| format!("unknown service {name:?}"))?;
+    let url = url.trim().trim_end_matches('/');
+    if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 8 {
+        return Err(format!("{url:?} is not an http:// or https:// URL"));
+    }
+    Ok((service, url.to_owned()))
+}
+
 /// Namespaces end up in database and queue names: keep them to a safe alphabet.
 fn parse_namespace(s: &str) -> Result<String, String> {
     let ok = !s.is_empty()
@@ -257,7 +350,7 @@ mod tests {
     #[test]
     fn defaults_match_the_documented_contract() {
         let s = Settings::try_parse_from(["ldt"]).unwrap();
-        assert_eq!(s.http_addr.to_string(), "127.0.0.1:8000");
+        assert_eq!(s.http_addr, "127.0.0.1:8000");
         assert_eq!(s.initial_credits, 500);
         assert_eq!(s.initial_stock, 500);
         assert_eq!(s.step_timeout(), Duration::from_millis(500));

@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod namespace;
 pub mod outbox;
 pub mod relay;
+pub mod server;
 pub mod signal;
 pub mod telemetry;
 pub mod urls;

@@ -126,7 +126,7 @@ impl OutboxBatch {
 
 /// The outbox's columns, in the order every insert gives them: what
 /// [`OutboxRow::bind_columns`] binds, then `created_ms`.
-const COLUMNS: &str = "queue, message_id, payload, traceparent, created_ms";
+pub const COLUMNS: &str = "queue, message_id, payload, traceparent, created_ms";
 
 /// `INSERT INTO outbox (…) VALUES (…), …`: `rows` rows of placeholders from `$first` on, five
 /// a row in the order of [`COLUMNS`]; returns the statement and the next placeholder's number.

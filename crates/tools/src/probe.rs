@@ -25,7 +25,7 @@ pub struct MachineProbe {
 }
 
 /// Rounds of the compute figure: about 50 ms on a 2.5 GHz core.
-const COMPUTE_ROUNDS: u64 = 20_000_000;
+pub const COMPUTE_ROUNDS: u64 = 20_000_000;
 
 /// Round trips of the wake-up figure.
 const ROUND_TRIPS: usize = 2_000;

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::extract::{Path, State};
 use ldt_runtime::db::Pool;
 use serde::{Deserialize, Serialize};
 use sqlx::Row;
@@ -18,7 +18,7 @@ use ldt_runtime::consumer::{HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HE
 use ldt_runtime::context::{Context, Started};
 use ldt_runtime::crash::{Crash, Point};
 use ldt_runtime::db::now_ms;
-use ldt_runtime::http::{ApiError, page_limit};
+use ldt_runtime::http::{ApiError, ApiQuery, page_limit};
 use ldt_runtime::outbox::OutboxSignal;
 
 /// One dead letter, locked until the transaction ends (SQLite: its single writer does that).
@@ -212,8 +212,11 @@ fn dead_letter_from_row(row: &ldt_runtime::db::DbRow) -> Result<DeadLetter, sqlx
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterQuery {
-    /// At most this many, the most recent (default 100).
+    /// At most this many, the most recent.
+    #[param(minimum = 1, maximum = 10000, default = 100)]
     pub limit: Option<i64>,
 }
 
@@ -223,7 +226,7 @@ pub struct DeadLetterQuery {
     responses((status = 200, body = [DeadLetter])))]
 async fn list_dead_letters(
     State(state): State<DeadLetters>,
-    Query(q): Query<DeadLetterQuery>,
+    ApiQuery(q): ApiQuery<DeadLetterQuery>,
 ) -> Result<Json<Vec<DeadLetter>>, ApiError> {
     let limit = page_limit(q.limit, 100)?;
     Ok(Json(state.recent(limit).await?))

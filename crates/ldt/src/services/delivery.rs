@@ -2,7 +2,7 @@
 //! step) and cancels it on revert. Its ledger *is* the delivery record.
 
 use axum::Json;
-use axum::extract::{Query, State};
+use axum::extract::State;
 use ldt_runtime::db::{Conn, Pool};
 use serde::{Deserialize, Serialize};
 use utoipa_axum::router::OpenApiRouter;
@@ -11,7 +11,7 @@ use utoipa_axum::routes;
 use crate::services::step::{self, Action, LedgerRow, StepEffect, StepService};
 use ldt_contract::{Service, Step};
 use ldt_runtime::context::{Context, Started};
-use ldt_runtime::http::{ApiError, page_limit};
+use ldt_runtime::http::{ApiError, ApiQuery, page_limit};
 
 pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/delivery"),
@@ -85,10 +85,14 @@ impl From<LedgerRow> for Delivery {
 }
 
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
 pub struct DeliveryQuery {
     /// Whose deliveries.
+    #[param(min_length = 1, max_length = 64)]
     pub username: String,
-    /// At most this many, the most recent (default 1000).
+    /// At most this many, the most recent.
+    #[param(minimum = 1, maximum = 10000, default = 1000)]
     pub limit: Option<i64>,
 }
 
@@ -98,9 +102,14 @@ pub struct DeliveryQuery {
     responses((status = 200, body = [Delivery]), (status = 422, body = ldt_runtime::http::ErrorBody)))]
 async fn list_deliveries(
     State(pool): State<Pool>,
-    Query(q): Query<DeliveryQuery>,
+    ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> Result<Json<Vec<Delivery>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;
+    if q.username.is_empty() || q.username.chars().count() > 64 {
+        return Err(ApiError::Invalid(
+            "username must be 1 to 64 characters".into(),
+        ));
+    }
     Ok(Json(recent_deliveries(&pool, &q.username, limit).await?))
 }
 

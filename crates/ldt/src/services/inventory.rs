@@ -157,15 +157,20 @@ async fn get_inventory(State(state): State<InventoryState>) -> Result<Json<Inven
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Restock {
-    /// Tokens to add (> 0).
+    /// Tokens to add.
+    #[schema(minimum = 1, maximum = 1_000_000_000_000_000_i64, example = 100)]
+    #[serde(deserialize_with = "ldt_runtime::http::integer::i64")]
     pub amount: i64,
 }
 
 /// Adds tokens to the stock.
 #[utoipa::path(post, path = "/api/v1/inventory/restock", tag = "inventory",
     request_body = Restock,
-    responses((status = 200, body = Inventory), (status = 401, body = ldt_runtime::http::ErrorBody),
-              (status = 422, body = ldt_runtime::http::ErrorBody)))]
+    security((), ("admin_token" = [])),
+    responses((status = 200, description = "The stock after the restock", body = Inventory),
+              (status = 401, description = "The admin token is missing or wrong", body = ldt_runtime::http::ErrorBody),
+              (status = 409, description = "The stock has no room for that many more tokens (its maximum is 10^15, every token ever stocked counted)", body = ldt_runtime::http::ErrorBody),
+              (status = 422, description = "An amount out of 1–10^15", body = ldt_runtime::http::ErrorBody)))]
 async fn restock(
     State(InventoryState { pool, admin_token }): State<InventoryState>,
     headers: axum::http::HeaderMap,
@@ -178,15 +183,20 @@ async fn restock(
             body.amount
         )));
     }
+    if body.amount > MAX_QUANTITY {
+        return Err(ApiError::Invalid(format!(
+            "amount must be at most {MAX_QUANTITY} tokens, got {}",
+            body.amount
+        )));
+    }
+    // Within the maximum, but more than the stock has room for: it depends on the stock now.
     let too_much = || {
-        ApiError::Invalid(format!(
-            "restocking {} tokens would take the stock past its maximum of {MAX_QUANTITY} tokens",
+        ApiError::Conflict(format!(
+            "restocking {} tokens would take the stock past its maximum of {MAX_QUANTITY} tokens \
+             (every token ever stocked counts, those reserved included)",
             body.amount
         ))
     };
-    if body.amount > MAX_QUANTITY {
-        return Err(too_much());
-    }
     match add(&pool, body.amount).await {
         Ok(true) => Ok(Json(read(&pool).await?)),
         Ok(false) => Err(too_much()),

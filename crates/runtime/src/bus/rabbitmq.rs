@@ -48,7 +48,7 @@ pub const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Heartbeat, in seconds, when the URL does not set one: a frozen broker is noticed within
 /// 20–25 s.
-const DEFAULT_HEARTBEAT_S: u16 = 10;
+pub const DEFAULT_HEARTBEAT_S: u16 = 10;
 
 /// Confirm-mode channels on the publishing connection: batches published at once.
 const PUBLISH_CHANNELS: usize = 8;

@@ -9,6 +9,70 @@ use uuid::Uuid;
 /// Longest accepted username, in characters.
 pub const MAX_USERNAME: usize = 64;
 
+/// Highest price of one token, in credits: with [`MAX_AMOUNT`], an order's total fits in 64
+/// bits (and passes any user's credits, at most 10^15, by far).
+pub const MAX_PRICE: i64 = 1_000_000_000_000;
+
+/// Most tokens in one order.
+pub const MAX_AMOUNT: i64 = 1_000_000;
+
+/// The characters no username may hold: Unicode's control (Cc), format (Cf), line separator
+/// (Zl) and paragraph separator (Zp) characters — zero-width spaces and joiners, bidi
+/// overrides, a byte-order mark — with which one name can pass for another.
+pub const INVISIBLE: &[(char, char)] = &[
+    ('\u{0000}', '\u{001F}'),
+    ('\u{007F}', '\u{009F}'),
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{2028}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+];
+
+/// Whether `c` is one of [`INVISIBLE`].
+pub fn is_invisible(c: char) -> bool {
+    INVISIBLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
+}
+
+/// The username rule as a regular expression (for the OpenAPI document): 1 to 64 characters,
+/// none of them control, format or separator characters, not only whitespace.
+pub fn username_pattern() -> String {
+    let mut class = String::new();
+    for &(lo, hi) in INVISIBLE {
+        let esc = |c: char| {
+            let n = u32::from(c);
+            if n <= 0xFFFF {
+                format!("\\u{n:04X}")
+            } else {
+                // Outside the basic plane a pattern takes the character itself.
+                c.to_string()
+            }
+        };
+        class.push_str(&esc(lo));
+        if hi != lo {
+            class.push('-');
+            class.push_str(&esc(hi));
+        }
+    }
+    format!("^[^{class}]*[^\\s{class}][^{class}]*$")
+}
+
 /// An order as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Order {
@@ -18,8 +82,37 @@ pub struct Order {
     pub amount: i64,
     pub status: OrderStatus,
     pub faults: FaultPlan,
+    /// Where the faults came from, when there are any.
+    pub fault_source: Option<FaultSource>,
     pub created_at_ms: i64,
     pub finished_at_ms: Option<i64>,
+    /// The trace the order runs in (W3C trace id), when tracing is on.
+    pub trace_id: Option<String>,
+}
+
+/// Where an order's faults came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FaultSource {
+    /// The request asked for them.
+    Request,
+    /// The runtime fault flags drew them (`PUT /api/v1/faults`).
+    Flags,
+}
+
+impl FaultSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FaultSource::Request => "request",
+            FaultSource::Flags => "flags",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<FaultSource> {
+        [FaultSource::Request, FaultSource::Flags]
+            .into_iter()
+            .find(|f| f.as_str() == s)
+    }
 }
 
 /// A validated order request.
@@ -50,10 +143,12 @@ impl NewOrder {
                 "username is {name_len} characters long; at most {MAX_USERNAME} are allowed"
             )));
         }
-        if username.chars().any(char::is_control) {
-            return Err(ApiError::Invalid(
-                "username must not contain control characters".into(),
-            ));
+        if let Some(c) = username.chars().find(|c| is_invisible(*c)) {
+            return Err(ApiError::Invalid(format!(
+                "username must not contain control, format or separator characters \
+                 (such as U+{:04X}): they make one name look like another",
+                u32::from(c)
+            )));
         }
         if price < 0 {
             return Err(ApiError::Invalid(format!(
@@ -65,6 +160,17 @@ impl NewOrder {
                 "amount must be positive, got {amount}"
             )));
         }
+        if price > MAX_PRICE {
+            return Err(ApiError::Invalid(format!(
+                "price must be at most {MAX_PRICE}, got {price}"
+            )));
+        }
+        if amount > MAX_AMOUNT {
+            return Err(ApiError::Invalid(format!(
+                "amount must be at most {MAX_AMOUNT} tokens, got {amount}"
+            )));
+        }
+        // Below both maxima the product fits in 64 bits; checked all the same.
         if price.checked_mul(amount).is_none() {
             return Err(ApiError::Invalid(format!(
                 "price × amount ({price} × {amount}) overflows a 64-bit integer"
@@ -95,8 +201,17 @@ impl NewOrder {
 /// What `POST /api/purchase/` accepts (the legacy contract).
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 pub struct LegacyPurchase {
+    /// Who buys: 1 to 64 characters, not only whitespace, with no control, format or
+    /// separator characters (they let one name pass for another).
+    #[schema(min_length = 1, max_length = 64, example = "ann")]
     pub username: String,
+    /// Price of one token, in credits.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 10)]
+    #[serde(deserialize_with = "ldt_runtime::http::integer::i64")]
     pub price: i64,
+    /// Number of tokens.
+    #[schema(minimum = 1, maximum = 1_000_000, example = 2)]
+    #[serde(deserialize_with = "ldt_runtime::http::integer::i64")]
     pub amount: i64,
     #[serde(default)]
     pub kill_create: bool,
@@ -144,13 +259,20 @@ impl LegacyPurchase {
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateOrder {
+    /// Who buys: 1 to 64 characters, not only whitespace, with no control, format or
+    /// separator characters (they let one name pass for another).
+    #[schema(min_length = 1, max_length = 64, example = "ann")]
     pub username: String,
-    /// Price of one token, in credits (≥ 0).
+    /// Price of one token, in credits.
+    #[schema(minimum = 0, maximum = 1_000_000_000_000_i64, example = 10)]
+    #[serde(deserialize_with = "ldt_runtime::http::integer::i64")]
     pub price: i64,
-    /// Number of tokens (> 0).
+    /// Number of tokens.
+    #[schema(minimum = 1, maximum = 1_000_000, example = 2)]
+    #[serde(deserialize_with = "ldt_runtime::http::integer::i64")]
     pub amount: i64,
     /// Per-step fault plan, for testing the failure paths.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "ldt_runtime::http::object")]
     pub faults: FaultPlan,
     /// Fail before storing the order (the legacy `kill_create`).
     #[serde(default)]
@@ -172,6 +294,25 @@ mod tests {
     }
 
     #[test]
+    fn names_that_pass_for_others_are_refused() {
+        for name in [
+            "\u{200B}",
+            "\u{200B}\u{200C}\u{200D}",
+            "ann\u{202E}",
+            "\u{FEFF}ann",
+            "ann\u{2028}",
+            "a\u{E0041}",
+            "\u{0007}bell",
+            " \t ",
+        ] {
+            assert!(validate(name, 1, 1).is_err(), "{name:?} was accepted");
+        }
+        for name in ["ann", "Zoë", "李", "ann smith", "🙂", "a-b_c.d@e"] {
+            assert!(validate(name, 1, 1).is_ok(), "{name:?} was refused");
+        }
+    }
+
+    #[test]
     fn rejects_bad_orders_with_a_reason() {
         assert!(validate("ann", 10, 1).is_ok());
         assert!(validate("ann", 0, 1).is_ok());
@@ -182,7 +323,8 @@ mod tests {
             ("ann", -1, 1, "price"),
             ("ann", 1, 0, "amount"),
             ("ann", 1, -3, "amount"),
-            ("ann", i64::MAX, 2, "overflows"),
+            ("ann", i64::MAX, 2, "at most"),
+            ("ann", 1, MAX_AMOUNT + 1, "at most"),
         ] {
             let err = validate(name, price, amount).unwrap_err().to_string();
             assert!(err.contains(needle), "{err} should mention {needle}");

@@ -13,6 +13,7 @@
 mod admission;
 mod api;
 mod domain;
+mod flags;
 mod handler;
 mod intake;
 mod service;
@@ -26,7 +27,7 @@ use ldt_runtime::db::Held;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use domain::MAX_USERNAME;
+pub use domain::{MAX_USERNAME, username_pattern};
 pub use store::MIGRATORS;
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
@@ -57,6 +58,12 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
             .clone()
             .refresh(pool.clone(), ctx.shutdown.clone()),
     );
+    let flags = flags::FlagsCache::default();
+    if ctx.settings.fault_injection {
+        ctx.tasks
+            .spawn(flags.clone().follow(pool.clone(), ctx.shutdown.clone()));
+    }
+    let (events, _) = tokio::sync::broadcast::channel(1024);
     let state = service::OrderState {
         conns,
         pool: pool.clone(),
@@ -68,6 +75,8 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         metrics: ctx.metrics.clone(),
         intake,
         admin_token: ctx.settings.admin_token.clone(),
+        flags,
+        events,
     };
     ctx.spawn_consumer(Service::Order, Arc::new(state.clone()));
     let router = OpenApiRouter::new()
@@ -75,7 +84,10 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         .routes(routes!(api::legacy_purchase_slash))
         .routes(routes!(api::legacy_all_transactions))
         .routes(routes!(api::create_order, api::list_orders))
+        .routes(routes!(api::order_counts))
+        .routes(routes!(api::order_events))
         .routes(routes!(api::get_order))
+        .routes(routes!(api::get_faults, api::put_faults))
         .routes(routes!(api::cancel_order))
         .with_state(state);
     Ok(Started { router, pool })

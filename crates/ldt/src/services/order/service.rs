@@ -13,7 +13,8 @@ use tracing::Instrument;
 use uuid::Uuid;
 
 use super::admission::Admission;
-use super::domain::{Created, NewOrder, Order};
+use super::domain::{Created, FaultSource, NewOrder, Order};
+use super::flags::FlagsCache;
 use super::intake::Intake;
 use super::store::{self, Placement};
 
@@ -31,6 +32,10 @@ pub struct OrderState {
     /// The writers of new orders.
     pub intake: Intake,
     pub admin_token: Option<String>,
+    /// The runtime fault flags, as last read.
+    pub flags: FlagsCache,
+    /// Orders created or finished by this process, for the event stream.
+    pub events: tokio::sync::broadcast::Sender<Order>,
 }
 
 impl OrderState {
@@ -42,7 +47,31 @@ impl OrderState {
     ) -> Result<Created, ApiError> {
         let id = Uuid::now_v7();
         let now = now_ms();
+        // A retry matches the request as it was sent, whatever the flags drew.
         let fingerprint = new.fingerprint();
+        let (faults, fault_source) = if !new.faults.is_empty() {
+            (new.faults, Some(FaultSource::Request))
+        } else {
+            let flags = self.flags.get();
+            let drawn = if flags.is_off() {
+                new.faults
+            } else {
+                let mut bits = Uuid::new_v4().as_u128();
+                flags.draw(|| {
+                    let pick = (bits % 100) as u8;
+                    bits /= 100;
+                    pick
+                })
+            };
+            let source = (!drawn.is_empty()).then_some(FaultSource::Flags);
+            (drawn, source)
+        };
+        if fault_source == Some(FaultSource::Flags) {
+            tracing::info!(order_id = %id, faults = %serde_json::to_string(&faults).unwrap_or_default(),
+                "runtime fault flags drew faults for this order");
+        }
+        let trace_id = ldt_runtime::telemetry::current_traceparent()
+            .and_then(|tp| tp.split('-').nth(1).map(str::to_owned));
         let placed = Envelope::new(
             id,
             now,
@@ -50,7 +79,7 @@ impl OrderState {
                 username: new.username.clone(),
                 price: new.price,
                 amount: new.amount,
-                faults: new.faults,
+                faults,
             },
         );
         let inserted = self
@@ -60,7 +89,9 @@ impl OrderState {
                 username: new.username.clone(),
                 price: new.price,
                 amount: new.amount,
-                faults: serde_json::to_string(&new.faults).unwrap_or_default(),
+                faults: serde_json::to_string(&faults).unwrap_or_default(),
+                fault_source: fault_source.map(FaultSource::as_str),
+                trace_id: trace_id.clone(),
                 created_ms: now,
                 idempotency_key: idempotency_key.map(str::to_owned),
                 request_hash: idempotency_key.map(|_| fingerprint.clone()),
@@ -86,16 +117,21 @@ impl OrderState {
             }
             return Ok(Created::Replayed(order));
         }
-        Ok(Created::New(Order {
+        let order = Order {
             id,
             username: new.username,
             price: new.price,
             amount: new.amount,
             status: OrderStatus::Pending,
-            faults: new.faults,
+            faults,
+            fault_source,
             created_at_ms: now,
             finished_at_ms: None,
-        }))
+            trace_id,
+        };
+        // Nobody listening is the usual case, and not an error.
+        let _ = self.events.send(order.clone());
+        Ok(Created::New(order))
     }
 
     /// Asks the orchestrator to cancel a PENDING order (through the outbox); the order as it
@@ -198,21 +234,23 @@ impl OrderState {
         drop(conn);
         self.crash.at(Point::AfterCommit);
         let mut updated = std::collections::HashSet::new();
-        for (id, status, created) in &rows {
+        for order in rows {
+            let status = order.status.as_str();
             self.metrics.inc(
                 "ldt_orders_total",
                 "Orders by final status.",
-                &[("status", status.as_str())],
+                &[("status", status)],
                 1,
             );
             self.metrics.observe_ms(
                 "ldt_saga_duration_ms",
                 "Time from an order's creation to its final status.",
-                &[("status", status.as_str())],
-                now.saturating_sub(*created) as f64,
+                &[("status", status)],
+                now.saturating_sub(order.created_at_ms) as f64,
             );
-            tracing::info!(order_id = %id, status = %status, "order finished");
-            updated.insert(id.clone());
+            tracing::info!(order_id = %order.id, status, "order finished");
+            updated.insert(order.id.to_string());
+            let _ = self.events.send(order);
         }
         let mut known = Vec::with_capacity(finished.len());
         for (order_id, _) in finished {

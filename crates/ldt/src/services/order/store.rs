@@ -8,7 +8,7 @@ use uuid::Uuid;
 
 use ldt_runtime::outbox::{self, OutboxBatch};
 
-use super::domain::Order;
+use super::domain::{FaultSource, Order};
 
 pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
     postgres: sqlx::migrate!("./migrations/order"),
@@ -16,7 +16,7 @@ pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
 };
 
 const ORDER_COLUMNS: &str = "orders (id, username, price, amount, faults, status, created_ms, \
-                             idempotency_key, request_hash)";
+                             idempotency_key, request_hash, fault_source, trace_id)";
 
 /// A new order and its `OrderPlaced`, as the intake writes them.
 pub struct Placement {
@@ -25,6 +25,8 @@ pub struct Placement {
     pub price: i64,
     pub amount: i64,
     pub faults: String,
+    pub fault_source: Option<&'static str>,
+    pub trace_id: Option<String>,
     pub created_ms: i64,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
@@ -40,9 +42,10 @@ pub async fn insert_one(
     p: &Placement,
 ) -> Result<Option<OutboxBatch>, sqlx::Error> {
     let sql = format!(
-        "WITH o AS (INSERT INTO {ORDER_COLUMNS} VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8) \
+        "WITH o AS (INSERT INTO {ORDER_COLUMNS} \
+         VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8, $9, $10) \
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id",
-        outbox::insert_from("SELECT $9, $10, $11, $12, $6 FROM o")
+        outbox::insert_from("SELECT $11, $12, $13, $14, $6 FROM o")
     );
     let query = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&p.id)
@@ -52,7 +55,9 @@ pub async fn insert_one(
         .bind(&p.faults)
         .bind(p.created_ms)
         .bind(&p.idempotency_key)
-        .bind(&p.request_hash);
+        .bind(&p.request_hash)
+        .bind(p.fault_source)
+        .bind(&p.trace_id);
     let Some(row) = p
         .message
         .bind_columns(query)
@@ -73,7 +78,7 @@ pub async fn insert_group(
     group: &[&Placement],
 ) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
     let mut sql =
-        ldt_runtime::db::multi_row_insert(&format!("INSERT INTO {ORDER_COLUMNS}"), 9, group.len());
+        ldt_runtime::db::multi_row_insert(&format!("INSERT INTO {ORDER_COLUMNS}"), 11, group.len());
     sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for p in group {
@@ -86,7 +91,9 @@ pub async fn insert_group(
             .bind(OrderStatus::Pending.as_str())
             .bind(p.created_ms)
             .bind(&p.idempotency_key)
-            .bind(&p.request_hash);
+            .bind(&p.request_hash)
+            .bind(p.fault_source)
+            .bind(&p.trace_id);
     }
     let stored = query
         .fetch_all(&mut *tx)
@@ -103,13 +110,13 @@ pub async fn insert_group(
 }
 
 /// Moves PENDING orders to their final status, with one statement (which commits by
-/// itself); returns the orders moved (id, status, created_ms). A duplicate finds its order
-/// final and changes nothing.
+/// itself); returns the orders moved, as they are now. A duplicate finds its order final
+/// and changes nothing.
 pub async fn finish(
     conn: &mut Conn,
     finished: &[(Uuid, OrderStatus)],
     now: i64,
-) -> Result<Vec<(String, String, i64)>, sqlx::Error> {
+) -> Result<Vec<Order>, sqlx::Error> {
     let mut sql = ldt_runtime::db::multi_row_insert(
         "WITH v (id, status, finished_ms) AS (",
         3,
@@ -118,7 +125,8 @@ pub async fn finish(
     sql.push_str(
         ") UPDATE orders SET status = v.status, finished_ms = v.finished_ms FROM v \
          WHERE orders.id = v.id AND orders.status = 'PENDING' \
-         RETURNING orders.id, orders.status, orders.created_ms",
+         RETURNING orders.id, orders.username, orders.price, orders.amount, orders.faults, \
+         orders.status, orders.created_ms, orders.finished_ms, orders.fault_source, orders.trace_id",
     );
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for (order_id, status) in finished {
@@ -131,13 +139,7 @@ pub async fn finish(
         .fetch_all(&mut *conn)
         .await?
         .iter()
-        .map(|row| {
-            Ok((
-                row.try_get("id")?,
-                row.try_get("status")?,
-                row.try_get("created_ms")?,
-            ))
-        })
+        .map(order_from_row)
         .collect()
 }
 
@@ -194,8 +196,13 @@ fn order_from_row(row: &ldt_runtime::db::DbRow) -> Result<Order, sqlx::Error> {
             sqlx::Error::Decode(format!("bad status {status:?} in orders").into())
         })?,
         faults: serde_json::from_str(&faults).unwrap_or_default(),
+        fault_source: row
+            .try_get::<Option<String>, _>("fault_source")?
+            .as_deref()
+            .and_then(FaultSource::parse),
         created_at_ms: row.try_get("created_ms")?,
         finished_at_ms: row.try_get("finished_ms")?,
+        trace_id: row.try_get("trace_id")?,
     })
 }
 
@@ -233,28 +240,42 @@ pub async fn recent_orders(pool: &Pool, limit: i64) -> Result<Vec<Order>, sqlx::
 
 /// Which orders a page shows.
 pub struct OrderFilter<'a> {
-    /// Only orders after this cursor (`seq`).
+    /// Only orders between these cursors (`seq`), exclusive.
     pub after: i64,
+    pub before: i64,
+    /// Newest first (else oldest first).
+    pub newest_first: bool,
     pub username: Option<&'a str>,
     pub status: Option<OrderStatus>,
+    /// Only orders created at or after / before this time (ms since the epoch).
+    pub since_ms: Option<i64>,
+    pub until_ms: Option<i64>,
     pub limit: i64,
 }
 
-/// A page of orders, oldest first, with the cursor of the next page if there is one.
+/// A page of orders (oldest first, or newest first), with the cursor of the next page if
+/// there is one.
 pub async fn orders_page(
     pool: &Pool,
     filter: OrderFilter<'_>,
 ) -> Result<(Vec<Order>, Option<i64>), sqlx::Error> {
-    let rows = sqlx::query(
-        "SELECT * FROM orders WHERE seq > $1 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
-         AND (CAST($3 AS TEXT) IS NULL OR status = $3) ORDER BY seq LIMIT $4",
-    )
-    .bind(filter.after)
-    .bind(filter.username)
-    .bind(filter.status.map(OrderStatus::as_str))
-    .bind(filter.limit.saturating_add(1))
-    .fetch_all(pool)
-    .await?;
+    const WHERE: &str = "seq > $1 AND seq < $7 AND (CAST($2 AS TEXT) IS NULL OR username = $2) \
+         AND (CAST($3 AS TEXT) IS NULL OR status = $3) AND created_ms >= $4 AND created_ms < $5";
+    let sql = if filter.newest_first {
+        format!("SELECT * FROM orders WHERE {WHERE} ORDER BY seq DESC LIMIT $6")
+    } else {
+        format!("SELECT * FROM orders WHERE {WHERE} ORDER BY seq LIMIT $6")
+    };
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
+        .bind(filter.after)
+        .bind(filter.username)
+        .bind(filter.status.map(OrderStatus::as_str))
+        .bind(filter.since_ms.unwrap_or(i64::MIN))
+        .bind(filter.until_ms.unwrap_or(i64::MAX))
+        .bind(filter.limit.saturating_add(1))
+        .bind(filter.before)
+        .fetch_all(pool)
+        .await?;
     let page = &rows[..rows.len().min(usize::try_from(filter.limit).unwrap_or(0))];
     let next = if rows.len() > page.len() {
         page.last()
@@ -265,4 +286,19 @@ pub async fn orders_page(
     };
     let orders = page.iter().map(order_from_row).collect::<Result<_, _>>()?;
     Ok((orders, next))
+}
+
+/// How many orders have each status.
+pub async fn counts(pool: &Pool) -> Result<Vec<(OrderStatus, i64)>, sqlx::Error> {
+    let rows = sqlx::query("SELECT status, count(*) AS n FROM orders GROUP BY status")
+        .fetch_all(pool)
+        .await?;
+    let mut counts = Vec::with_capacity(rows.len());
+    for row in rows {
+        let status: String = row.try_get("status")?;
+        if let Some(status) = OrderStatus::parse(&status) {
+            counts.push((status, row.try_get("n")?));
+        }
+    }
+    Ok(counts)
 }
