@@ -4,7 +4,6 @@ use std::process::ExitCode;
 
 mod cli;
 
-use clap::Parser;
 use cli::{Cli, Command};
 use ldt::startup::Application;
 use ldt_contract::Service;
@@ -12,7 +11,26 @@ use ldt_runtime::signal::shutdown_signal;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
+        Ok(matches) => matches,
+        Err(e) => cli::explain(e).exit(),
+    };
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => cli::explain(e).exit(),
+    };
+    // A URL that cannot work is said at once, not retried as if the server were slow.
+    if let Some((_, sub)) = matches.subcommand()
+        && let Some(problem) = cli.command.url_problem()
+    {
+        let (id, flag, env, what) = problem;
+        let source = match sub.try_get_raw(id).ok().flatten().and(sub.value_source(id)) {
+            Some(clap::parser::ValueSource::EnvVariable) => format!("{env} (the environment)"),
+            _ => flag.to_owned(),
+        };
+        eprintln!("ldt: error: {source}: {what}");
+        return ExitCode::from(2);
+    }
     let (services, settings) = match cli.command {
         Command::Up(settings) => (Service::ALL.to_vec(), settings),
         Command::Serve { services, settings } => {
@@ -28,7 +46,7 @@ async fn main() -> ExitCode {
             (services, settings)
         }
         Command::Chaos(args) => {
-            ldt_runtime::telemetry::init_plain("text");
+            ldt_runtime::telemetry::init_plain(ldt_runtime::telemetry::LogFormat::Text);
             return match ldt_tools::chaos::run(args).await {
                 Ok(true) => ExitCode::SUCCESS,
                 Ok(false) => ExitCode::FAILURE,
@@ -39,7 +57,7 @@ async fn main() -> ExitCode {
             };
         }
         Command::Bench(args) => {
-            ldt_runtime::telemetry::init_plain("text");
+            ldt_runtime::telemetry::init_plain(ldt_runtime::telemetry::LogFormat::Text);
             let json = args.json;
             return match ldt_tools::bench::run(args).await {
                 Ok(report) => {
@@ -77,17 +95,31 @@ async fn main() -> ExitCode {
             clap_complete::generate(shell, &mut cmd, "ldt", &mut std::io::stdout());
             return ExitCode::SUCCESS;
         }
-        Command::Purge { yes, settings } => {
-            ldt_runtime::telemetry::init_plain(&settings.log_format);
-            if !yes {
+        Command::Purge(args) => {
+            ldt_runtime::telemetry::init_plain(ldt_runtime::telemetry::LogFormat::Text);
+            if !args.yes {
                 eprintln!(
                     "ldt: error: purge deletes every order, user and token of namespace {:?}; pass --yes to confirm",
-                    settings.namespace
+                    args.namespace
                 );
                 return ExitCode::FAILURE;
             }
+            let settings = match args.settings() {
+                Ok(settings) => settings,
+                Err(e) => cli::explain(e).exit(),
+            };
             return match ldt_runtime::namespace::purge(&settings).await {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(deleted) if deleted.is_empty() => {
+                    println!("namespace {:?}: nothing to delete", args.namespace);
+                    ExitCode::SUCCESS
+                }
+                Ok(deleted) => {
+                    println!("namespace {:?}:", args.namespace);
+                    for line in deleted {
+                        println!("  {line}");
+                    }
+                    ExitCode::SUCCESS
+                }
                 Err(e) => {
                     eprintln!("ldt: error: {e:#}");
                     ExitCode::FAILURE
@@ -100,7 +132,7 @@ async fn main() -> ExitCode {
         [one] => format!("ldt-{}", one.as_str()),
         _ => "ldt".to_owned(),
     };
-    let telemetry = ldt_runtime::telemetry::Telemetry::init(&settings.log_format, &name);
+    let telemetry = ldt_runtime::telemetry::Telemetry::init(settings.log_format, &name);
     let metrics = ldt_runtime::metrics::Metrics::with_meter(telemetry.meter());
     let result = run(&services, settings, metrics).await;
     telemetry.shutdown();

@@ -68,7 +68,7 @@ impl Rig {
         let turn = SERIAL.lock().await;
         // `LDT_TEST_LOG=1`: the marketplace's log on stderr (with --nocapture).
         if std::env::var_os("LDT_TEST_LOG").is_some() {
-            ldt_runtime::telemetry::init_plain("text");
+            ldt_runtime::telemetry::init_plain(ldt_runtime::telemetry::LogFormat::Text);
         }
         let broker = FaultProxy::start(host_port(&amqp_url(), 5672))
             .await

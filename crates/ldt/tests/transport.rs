@@ -61,7 +61,7 @@ impl Fixture {
                 self.names(),
                 QueueOptions {
                     expires_ms: Some(600_000),
-                    queue_type: None,
+                    queue_type: Default::default(),
                     max_length: capacity.map(|c| c as u32),
                 },
             )
@@ -713,7 +713,7 @@ async fn amqp_a_queue_declared_with_other_arguments_is_refused_with_the_reason()
         f.names(),
         QueueOptions {
             expires_ms: Some(600_000),
-            queue_type: None,
+            queue_type: Default::default(),
             max_length: Some(5),
         },
     )

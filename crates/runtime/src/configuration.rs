@@ -43,69 +43,86 @@ pub struct Settings {
 
     /// RabbitMQ URL, e.g. `amqp://guest:guest@127.0.0.1:5672/%2f`. Unset: `ldt up` uses its
     /// in-process bus (journaled in the data directory); `ldt serve` needs a broker.
-    #[arg(long, env = "LDT_AMQP_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LDT_AMQP_URL",
+        hide_env_values = true,
+        help_heading = "Broker and databases"
+    )]
     pub amqp_url: Option<String>,
 
     /// PostgreSQL server URL, e.g. `postgres://postgres@127.0.0.1:5432`; each service keeps
     /// its own database on it (`<namespace>_payment`, …), created and migrated on start.
     /// Unset: each service keeps an embedded SQLite file in the data directory.
-    #[arg(long, env = "LDT_DATABASE_URL", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LDT_DATABASE_URL",
+        hide_env_values = true,
+        help_heading = "Broker and databases"
+    )]
     pub database_url: Option<String>,
 
     /// Where the embedded mode keeps its files (one SQLite database per service and the
     /// in-process bus's journal), when no database or broker URL is given.
-    #[arg(long, env = "LDT_DATA_DIR", default_value = "ldt-data")]
+    #[arg(
+        long,
+        env = "LDT_DATA_DIR",
+        default_value = "ldt-data",
+        help_heading = "Embedded mode"
+    )]
     pub data_dir: std::path::PathBuf,
 
     /// Keep the embedded databases and bus in memory only: nothing is written to disk and
     /// everything is gone when the process stops.
-    #[arg(long, env = "LDT_EPHEMERAL")]
+    #[arg(long, env = "LDT_EPHEMERAL", help_heading = "Embedded mode",
+          num_args = 0..=1, default_value = "false", default_missing_value = "true",
+          value_parser = clap::builder::BoolishValueParser::new(), action = clap::ArgAction::Set)]
     pub ephemeral: bool,
 
     /// Ready messages each queue of the in-process bus holds before it refuses publishes
     /// (the outboxes keep the rest and retry).
-    #[arg(long, env = "LDT_BUS_CAPACITY", default_value_t = crate::bus::embedded::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    #[arg(long, env = "LDT_BUS_CAPACITY", default_value_t = crate::bus::embedded::DEFAULT_CAPACITY, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..), help_heading = "Embedded mode")]
     pub bus_capacity: usize,
 
     /// Prefix of every database and queue name, so several marketplaces can share one broker
     /// and one database server.
-    #[arg(long, env = "LDT_NAMESPACE", default_value = "ldt", value_parser = parse_namespace)]
+    #[arg(long, env = "LDT_NAMESPACE", default_value = "ldt", value_parser = parse_namespace, help_heading = "Broker and databases")]
     pub namespace: String,
 
     /// Credits a user gets the first time they are seen (at most 10^15).
-    #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY))]
+    #[arg(long, env = "LDT_INITIAL_CREDITS", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY), help_heading = "The marketplace")]
     pub initial_credits: i64,
 
     /// Token stock, seeded once when the inventory database is created (a restart does not
     /// reset it); at most 10^15.
-    #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY))]
+    #[arg(long, env = "LDT_INITIAL_STOCK", default_value_t = 500, value_parser = clap::value_parser!(i64).range(0..=ldt_contract::MAX_QUANTITY), help_heading = "The marketplace")]
     pub initial_stock: i64,
 
     /// Each step's share of an order's deadline: the orchestrator waits this long per step on
     /// the routing slip for the saga's answer before the order ends TIMEOUT.
-    #[arg(long, env = "LDT_STEP_TIMEOUT_MS", default_value_t = DEFAULT_STEP_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..))]
+    #[arg(long, env = "LDT_STEP_TIMEOUT_MS", default_value_t = DEFAULT_STEP_TIMEOUT_MS, value_parser = clap::value_parser!(u64).range(1..), help_heading = "The marketplace")]
     pub step_timeout_ms: u64,
 
     /// How long a step injected with a `timeout` fault stalls before it acts (late).
     /// Defaults to one step timeout more than the whole slip's deadline; a stall shorter
     /// than that deadline (3 × the step timeout) lets the order succeed late instead.
-    #[arg(long, env = "LDT_STALL_MS")]
+    #[arg(long, env = "LDT_STALL_MS", help_heading = "Testing")]
     pub stall_ms: Option<u64>,
 
     /// Messages each consumer may hold unacknowledged (AMQP prefetch).
-    #[arg(long, env = "LDT_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "LDT_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Throughput")]
     pub prefetch: u16,
 
     /// Batches of deliveries each consumer handles at once (each in one transaction).
     /// Deliveries arriving meanwhile gather into the next batch, so a busy service commits
     /// fewer, larger transactions. One measured best (BENCHMARKS.md).
-    #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..))]
+    #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Throughput")]
     pub batches_in_flight: u16,
 
     /// Tries of a message that fails the same way (a constraint violated, a bug) before it is
     /// parked as a dead letter; a compensation parked so makes its saga stuck until an
     /// operator retries it. A database or broker out of reach is retried for ever.
-    #[arg(long, env = "LDT_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "LDT_MAX_ATTEMPTS", default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..), help_heading = "The marketplace")]
     pub max_attempts: u32,
 
     /// Most messages for one queue a service's outbox relay sends as one broker message (a
@@ -113,51 +130,69 @@ pub struct Settings {
     /// free CPU under load; when idle, messages go one by one anyway. 1 sends no bundles: use
     /// it while replicas of a version older than bundles still consume (they would park a
     /// bundle as a dead letter).
-    #[arg(long, env = "LDT_BUNDLE_MAX", default_value_t = DEFAULT_BUNDLE_MAX, value_parser = clap::value_parser!(u16).range(1..=1000))]
+    #[arg(long, env = "LDT_BUNDLE_MAX", default_value_t = DEFAULT_BUNDLE_MAX, value_parser = clap::value_parser!(u16).range(1..=1000), help_heading = "Throughput")]
     pub bundle_max: u16,
 
     /// Orders allowed in flight (PENDING) before new ones are refused with 503 and
     /// `Retry-After`: bounds the backlog, so accepted orders stay fast under overload.
-    #[arg(long, env = "LDT_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(i64).range(1..))]
+    #[arg(long, env = "LDT_MAX_PENDING", default_value_t = DEFAULT_MAX_PENDING, value_parser = clap::value_parser!(i64).range(1..), help_heading = "Throughput")]
     pub max_pending: i64,
 
     /// Adaptive admission (off by default): the order service admits about this much work
     /// (completion rate × this), at least 256 orders and at most --max-pending, and refuses
     /// the rest with 503 — accepted orders stay fast under overload, at the price of
     /// shedding near the knee. 0: the limit is --max-pending.
-    #[arg(long, env = "LDT_TARGET_LATENCY_MS", default_value_t = 0)]
+    #[arg(
+        long,
+        env = "LDT_TARGET_LATENCY_MS",
+        default_value_t = 0,
+        help_heading = "Throughput"
+    )]
     pub target_latency_ms: u64,
 
     /// Connections in each service's database pool.
-    #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Broker and databases")]
     pub db_pool_size: u32,
 
     /// How long to keep retrying the broker and the databases at start before giving up.
-    #[arg(long, env = "LDT_STARTUP_TIMEOUT_S", default_value_t = 30)]
+    #[arg(
+        long,
+        env = "LDT_STARTUP_TIMEOUT_S",
+        default_value_t = 30,
+        help_heading = "Broker and databases"
+    )]
     pub startup_timeout_s: u64,
 
     /// Delete the namespace's queues after this long unused (AMQP `x-expires`); for tests.
     #[arg(long, env = "LDT_QUEUE_EXPIRES_MS", hide = true)]
     pub queue_expires_ms: Option<u32>,
 
-    /// RabbitMQ queue type for the marketplace's queues: `classic`, or `quorum` (replicated;
-    /// for a RabbitMQ cluster).
-    #[arg(long, env = "LDT_QUEUE_TYPE", default_value = "classic", value_parser = ["classic", "quorum"])]
-    pub queue_type: String,
+    /// RabbitMQ queue type for the marketplace's queues (the dead-letter queue included):
+    /// `quorum` replicates them across a cluster's nodes.
+    #[arg(long, env = "LDT_QUEUE_TYPE", value_enum, default_value_t = crate::bus::message::QueueType::Classic, help_heading = "Broker and databases")]
+    pub queue_type: crate::bus::message::QueueType,
 
     /// Accept per-request fault injection (`kill_*`, `timeout_*`, `faults`). Turn it off in
     /// production: requests carrying faults are then rejected with 422.
-    #[arg(long, env = "LDT_FAULT_INJECTION", default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, env = "LDT_FAULT_INJECTION", default_value = "true", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::Set, help_heading = "Operations")]
     pub fault_injection: bool,
 
-    /// When set, admin endpoints (restock, dead-letter replay) require
+    /// When set, admin endpoints (restock, dead-letter replay, saga retry, order cancel,
+    /// fault flags) require
     /// `Authorization: Bearer <token>`.
-    #[arg(long, env = "LDT_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LDT_ADMIN_TOKEN",
+        hide_env_values = true,
+        help_heading = "Operations"
+    )]
     pub admin_token: Option<String>,
 
     /// Abort the process at a named point (`<service>.before_commit|after_commit|after_publish`)
     /// the first time it is reached; for crash testing.
-    #[arg(long, env = "LDT_CRASH_POINT", value_parser = crate::crash::parse)]
+    #[arg(long, env = "LDT_CRASH_POINT", value_parser = crate::crash::parse, help_heading = "Testing")]
     pub crash_point: Option<crate::crash::CrashPoint>,
 
     /// Publish every Nth outbox message twice (0: never); for testing idempotency.
@@ -172,17 +207,17 @@ pub struct Settings {
     /// Where a service this process does not run answers, as `SERVICE=URL` (repeat it, or
     /// separate them with commas): the console and the API of this process then reach it
     /// too, so one address serves everything in split mode.
-    #[arg(long = "service-url", env = "LDT_SERVICE_URLS", value_delimiter = ',', value_parser = parse_service_url)]
+    #[arg(long = "service-url", env = "LDT_SERVICE_URLS", value_delimiter = ',', value_parser = parse_service_url, help_heading = "Operations")]
     pub service_urls: Vec<(Service, String)>,
 
     /// A link from an order in the console to its trace, `{trace_id}` standing for the
     /// order's trace id (e.g. Jaeger's `http://127.0.0.1:16686/trace/{trace_id}`).
-    #[arg(long, env = "LDT_TRACE_URL_TEMPLATE")]
+    #[arg(long, env = "LDT_TRACE_URL_TEMPLATE", help_heading = "Operations")]
     pub trace_url_template: Option<String>,
 
-    /// Log format: `text` (human-readable) or `json`.
-    #[arg(long, env = "LDT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
-    pub log_format: String,
+    /// Log format: one human-readable line per event, or one JSON object.
+    #[arg(long, env = "LDT_LOG_FORMAT", value_enum, default_value_t = crate::telemetry::LogFormat::Text, help_heading = "Operations")]
+    pub log_format: crate::telemetry::LogFormat,
 }
 
 /// Each step's share of an order's deadline by default: three steps make 1.5 s, within the

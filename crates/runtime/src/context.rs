@@ -49,16 +49,22 @@ where
     E: std::fmt::Display,
 {
     let started = Instant::now();
+    let deadline = started + timeout;
     let mut delay = Duration::from_millis(200);
     loop {
         match attempt().await {
             Ok(v) => return Ok(v),
-            Err(e) if started.elapsed() + delay < timeout => {
-                tracing::warn!(error = %e, retry_in = ?delay, "{what} not available yet");
-                tokio::time::sleep(delay).await;
+            Err(e) => {
+                // Up to the whole timeout: the last wait is cut to what is left of it.
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    anyhow::bail!("{what}: {e} (gave up after {:.1?})", started.elapsed());
+                }
+                let wait = delay.min(left);
+                tracing::warn!(error = %e, retry_in = ?wait, "{what} not available yet");
+                tokio::time::sleep(wait).await;
                 delay = (delay * 2).min(Duration::from_secs(5));
             }
-            Err(e) => anyhow::bail!("{what}: {e} (gave up after {:.0?})", started.elapsed()),
         }
     }
 }

@@ -163,8 +163,9 @@ pub async fn ensure_database(server_url: &str, db_name: &str) -> Result<(), DbEr
     Ok(())
 }
 
-/// Drops a service's database (purge, test clean-up), disconnecting anyone still on it.
-pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<(), DbError> {
+/// Drops a service's database (purge, test clean-up), disconnecting anyone still on it;
+/// whether there was one to drop.
+pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<bool, DbError> {
     if !is_safe_identifier(db_name) {
         return Err(DbError::BadUrl(format!("unsafe database name {db_name:?}")));
     }
@@ -175,15 +176,22 @@ pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<(), DbErr
                 .connect()
                 .await
                 .map_err(|e| DbError::Unreachable(e.to_string()))?;
+            let existed: Option<i32> =
+                sqlx::query_scalar("SELECT 1 FROM pg_database WHERE datname = $1")
+                    .bind(db_name)
+                    .fetch_optional(&mut conn)
+                    .await?;
             let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
             sqlx::query(AssertSqlSafe(sql)).execute(&mut conn).await?;
             let _ = conn.close().await;
+            Ok(existed.is_some())
         }
         Backend::Sqlite { dir: Some(dir) } => {
+            let mut existed = false;
             for suffix in ["db", "db-wal", "db-shm"] {
                 let path = dir.join(format!("{db_name}.{suffix}"));
                 match std::fs::remove_file(&path) {
-                    Ok(()) => {}
+                    Ok(()) => existed = true,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                     Err(e) => {
                         return Err(DbError::File {
@@ -193,10 +201,10 @@ pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<(), DbErr
                     }
                 }
             }
+            Ok(existed)
         }
-        Backend::Sqlite { dir: None } => {}
+        Backend::Sqlite { dir: None } => Ok(false),
     }
-    Ok(())
 }
 
 /// Prepared statements kept per PostgreSQL connection (sqlx's default is 100).

@@ -37,15 +37,29 @@ pub fn lock_data_dir(settings: &Settings) -> anyhow::Result<Option<std::fs::File
 }
 
 /// Drops every database and deletes every queue of the settings' namespace (the embedded
-/// mode's files in the data directory included).
-pub async fn purge(settings: &Settings) -> anyhow::Result<()> {
-    let _lock = lock_data_dir(settings)?;
+/// mode's files in the data directory included); what it deleted, one line each. It creates
+/// nothing: a data directory that does not exist has nothing to delete.
+pub async fn purge(settings: &Settings) -> anyhow::Result<Vec<String>> {
+    let mut deleted = Vec::new();
+    let dir_exists = settings.data_dir.is_dir();
+    let _lock = if settings.uses_data_dir() && dir_exists {
+        lock_data_dir(settings)?
+    } else {
+        None
+    };
     let backend = settings.backend();
-    for service in Service::ALL {
-        let name = settings.database_name(service);
-        crate::db::drop_database(&backend, &name)
-            .await
-            .with_context(|| format!("dropping {}", backend.describe(&name)))?;
+    let uses_files = matches!(backend, crate::db::Backend::Sqlite { dir: Some(_) });
+    if !uses_files || dir_exists {
+        for service in Service::ALL {
+            let name = settings.database_name(service);
+            let what = backend.describe(&name);
+            if crate::db::drop_database(&backend, &name)
+                .await
+                .with_context(|| format!("dropping {what}"))?
+            {
+                deleted.push(format!("dropped {what}"));
+            }
+        }
     }
     match &settings.amqp_url {
         Some(url) => {
@@ -57,32 +71,32 @@ pub async fn purge(settings: &Settings) -> anyhow::Result<()> {
             bus.delete_queues(&queues.all())
                 .await
                 .context("deleting queues")?;
+            deleted.push(format!("deleted the queues {}", queues.all().join(", ")));
         }
         None => {
             if let Some(journal) = settings.bus_journal() {
                 for suffix in ["", "-wal", "-shm"] {
                     let mut path = journal.clone().into_os_string();
                     path.push(suffix);
+                    let path = std::path::PathBuf::from(path);
                     match std::fs::remove_file(&path) {
-                        Ok(()) => {}
+                        Ok(()) => deleted.push(format!("deleted {}", path.display())),
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                         Err(e) => {
-                            return Err(anyhow::Error::new(e).context(format!(
-                                "deleting {}",
-                                std::path::Path::new(&path).display()
-                            )));
+                            return Err(anyhow::Error::new(e)
+                                .context(format!("deleting {}", path.display())));
                         }
                     }
                 }
             }
         }
     }
-    if settings.uses_data_dir() {
+    if settings.uses_data_dir() && dir_exists {
         let _ = std::fs::remove_file(
             settings
                 .data_dir
                 .join(format!("{}.lock", settings.namespace)),
         );
     }
-    Ok(())
+    Ok(deleted)
 }

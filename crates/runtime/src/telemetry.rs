@@ -27,6 +27,16 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 use ldt_contract::TRACEPARENT_HEADER;
 
+/// How log lines look.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per event.
+    Json,
+}
+
 /// The providers to flush on exit.
 pub struct Telemetry {
     tracer: SdkTracerProvider,
@@ -63,7 +73,7 @@ fn resource(service_name: &str) -> opentelemetry_sdk::Resource {
 impl Telemetry {
     /// Installs the global `tracing` subscriber. `service_name` is the default
     /// `service.name` (`ldt-payment` for a one-service process, `ldt` for several).
-    pub fn init(format: &str, service_name: &str) -> Telemetry {
+    pub fn init(format: LogFormat, service_name: &str) -> Telemetry {
         let resource = resource(service_name);
         let mut tracer = SdkTracerProvider::builder().with_resource(resource.clone());
         if otlp_configured("TRACES") {
@@ -144,21 +154,7 @@ impl Telemetry {
             .with(otel_traces)
             .with(otel_logs);
         // `try_init` fails only if a subscriber is already set (tests): keep that one.
-        let _ = if format == "json" {
-            registry
-                .with(
-                    tracing_subscriber::fmt::layer()
-                        .json()
-                        .with_current_span(true)
-                        .with_span_list(false)
-                        .with_writer(std::io::stderr),
-                )
-                .try_init()
-        } else {
-            registry
-                .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-                .try_init()
-        };
+        let _ = registry.with(lines(format)).try_init();
         Telemetry {
             tracer,
             logger,
@@ -183,17 +179,147 @@ impl Telemetry {
 }
 
 /// Logging only, for the client commands (`chaos`, `bench`, `purge`): no spans exported.
-pub fn init_plain(format: &str) {
+pub fn init_plain(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if format == "json" {
-        builder.json().try_init()
-    } else {
-        builder.try_init()
-    };
+    let _ = tracing_subscriber::registry()
+        .with(filter)
+        .with(lines(format))
+        .try_init();
+}
+
+/// The log lines on stderr: one short line per event — its time, level, target, message and
+/// fields, and the trace id of the request or message it belongs to (not every field of every
+/// span around it: at thousands of orders a second those made kilobytes a line). Colours only
+/// on a terminal.
+fn lines<S>(format: LogFormat) -> impl tracing_subscriber::Layer<S>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+{
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .event_format(LineFormat {
+            json: format == LogFormat::Json,
+        })
+}
+
+/// See [`lines`].
+struct LineFormat {
+    json: bool,
+}
+
+/// The trace and span ids recorded on the innermost span of the event's scope that has them.
+fn ids_in_scope<S, N>(
+    ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+) -> Option<(String, String)>
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    let scope = ctx.event_scope()?;
+    for span in scope {
+        let ext = span.extensions();
+        let Some(fields) = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>() else {
+            continue;
+        };
+        let find = |key: &str| {
+            let at = fields.find(&format!("{key}="))?;
+            let rest = &fields[at + key.len() + 1..];
+            let end = rest
+                .find(|c: char| !c.is_ascii_hexdigit())
+                .unwrap_or(rest.len());
+            (end > 0).then(|| rest[..end].to_owned())
+        };
+        if let (Some(trace), Some(span_id)) = (find("trace_id"), find("span_id")) {
+            return Some((trace, span_id));
+        }
+    }
+    None
+}
+
+/// An event's fields, as JSON values.
+#[derive(Default)]
+struct JsonFields(serde_json::Map<String, serde_json::Value>);
+
+impl tracing::field::Visit for JsonFields {
+    fn record_debug(&mut self, field: &tracing::field::Field, value: &dyn std::fmt::Debug) {
+        self.0
+            .insert(field.name().to_owned(), format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_i64(&mut self, field: &tracing::field::Field, value: i64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_bool(&mut self, field: &tracing::field::Field, value: bool) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+    fn record_f64(&mut self, field: &tracing::field::Field, value: f64) {
+        self.0.insert(field.name().to_owned(), value.into());
+    }
+}
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LineFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        use tracing_subscriber::fmt::FormatFields;
+        use tracing_subscriber::fmt::time::FormatTime;
+        let meta = event.metadata();
+        let ids = ids_in_scope(ctx);
+        if self.json {
+            let mut fields = JsonFields::default();
+            event.record(&mut fields);
+            let mut line = serde_json::Map::new();
+            let mut ts = String::new();
+            let _ = tracing_subscriber::fmt::time::SystemTime
+                .format_time(&mut tracing_subscriber::fmt::format::Writer::new(&mut ts));
+            line.insert("timestamp".into(), ts.into());
+            line.insert("level".into(), meta.level().as_str().into());
+            line.insert("target".into(), meta.target().into());
+            if let Some(message) = fields.0.remove("message") {
+                line.insert("message".into(), message);
+            }
+            line.insert("fields".into(), fields.0.into());
+            if let Some((trace_id, span_id)) = ids {
+                line.insert("trace_id".into(), trace_id.into());
+                line.insert("span_id".into(), span_id.into());
+            }
+            return writeln!(writer, "{}", serde_json::Value::Object(line));
+        }
+        tracing_subscriber::fmt::time::SystemTime.format_time(&mut writer)?;
+        let level = meta.level();
+        if writer.has_ansi_escapes() {
+            let colour = match *level {
+                tracing::Level::ERROR => "31",
+                tracing::Level::WARN => "33",
+                tracing::Level::INFO => "32",
+                _ => "2",
+            };
+            write!(writer, " \x1b[{colour}m{level:>5}\x1b[0m ")?;
+        } else {
+            write!(writer, " {level:>5} ")?;
+        }
+        write!(writer, "{}: ", meta.target())?;
+        ctx.format_fields(writer.by_ref(), event)?;
+        if let Some((trace_id, _)) = ids {
+            write!(writer, " trace_id={trace_id}")?;
+        }
+        writeln!(writer)
+    }
 }
 
 /// The W3C `traceparent` of the current span, to put into an outgoing message.

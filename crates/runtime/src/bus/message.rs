@@ -152,13 +152,22 @@ impl BusError {
     }
 }
 
+/// The kind of RabbitMQ queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum QueueType {
+    /// One node's.
+    #[default]
+    Classic,
+    /// Replicated across a cluster's nodes (Raft); survives the loss of a minority.
+    Quorum,
+}
+
 /// How the marketplace's queues are declared on RabbitMQ.
 #[derive(Debug, Clone, Default)]
 pub struct QueueOptions {
     /// Delete a queue after this long unused (`x-expires`).
     pub expires_ms: Option<u32>,
-    /// `classic` (default) or `quorum`.
-    pub queue_type: Option<String>,
+    pub queue_type: QueueType,
     /// Refuse publishes past this many ready messages (`x-max-length` with
     /// `x-overflow: reject-publish`): back-pressure instead of unbounded queues.
     pub max_length: Option<u32>,

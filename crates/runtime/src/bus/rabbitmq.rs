@@ -38,7 +38,9 @@ use lapin::types::{AMQPValue, FieldTable, LongString, ShortString};
 use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProperties};
 use tokio::sync::{Mutex, Semaphore};
 
-use super::message::{Acknowledge, BusError, Incoming, Outgoing, QueueOptions, Settling};
+use super::message::{
+    Acknowledge, BusError, Incoming, Outgoing, QueueOptions, QueueType, Settling,
+};
 
 /// The longest the broker may take to answer: connect, confirm a batch, open a channel, take
 /// an ack. A broker that stops answering without closing the socket (frozen, partitioned)
@@ -168,12 +170,10 @@ impl AmqpBus {
         if let Some(ms) = self.options.expires_ms {
             args.insert("x-expires".into(), AMQPValue::LongUInt(ms));
         }
-        if let Some(queue_type) = self.options.queue_type.as_deref()
-            && queue_type != "classic"
-        {
+        if self.options.queue_type == QueueType::Quorum {
             args.insert(
                 "x-queue-type".into(),
-                AMQPValue::LongString(LongString::from(queue_type)),
+                AMQPValue::LongString(LongString::from("quorum")),
             );
         }
         if let Some(max) = self.options.max_length {
