@@ -87,7 +87,12 @@ async fn a_short_bench_reports_its_figures_and_checks_the_invariants() {
         sent
     );
     assert_eq!(report["invariants_ok"], true, "{report}");
-    assert_eq!(report["invariants"].as_array().unwrap().len(), 4);
+    let invariants = report["invariants"].as_object().unwrap();
+    assert_eq!(invariants.len(), 4, "{report}");
+    for name in ["money", "stock", "delivery", "final"] {
+        assert_eq!(invariants[name]["ok"], true, "{name}: {report}");
+        assert!(invariants[name]["detail"].is_string(), "{name}: {report}");
+    }
 
     // The same marketplace checked against a wrong expectation of the initial credits.
     let (status, stdout, _) = bench(&[

@@ -1,4 +1,4 @@
-//! The invariants of DESIGN.md, checked from the outside through the services' own HTTP APIs
+//! The marketplace's four invariants, checked from the outside through the services' own HTTP APIs
 //! (so it works against any running marketplace, whatever its shape):
 //!
 //! 1. money: for every user, initial credits − credits = Σ price × amount of its SUCCESS orders;
@@ -230,7 +230,10 @@ impl Checker {
             let now = credits.unwrap_or(self.initial_credits);
             let expected = self.initial_credits.checked_sub(spent[user.as_str()]);
             if Some(now) != expected || now < 0 {
-                money_bad.push(format!("{user}: credits {now}, expected {expected:?}"));
+                money_bad.push(format!(
+                    "{user}: credits {now}, expected {}",
+                    expected.map_or_else(|| "overflow".to_owned(), |e| e.to_string())
+                ));
             }
         }
         verdicts.push(Verdict {
@@ -268,8 +271,11 @@ impl Checker {
             name: "stock",
             ok: reserved == Some(tokens) && inv.available >= 0,
             detail: format!(
-                "initial {} + restocked {} − available {} = {:?}; SUCCESS orders took {tokens}",
-                inv.initial, inv.restocked, inv.available, reserved
+                "initial {} + restocked {} − available {} = {}; SUCCESS orders took {tokens}",
+                inv.initial,
+                inv.restocked,
+                inv.available,
+                reserved.map_or_else(|| "overflow".to_owned(), |r| r.to_string())
             ),
         });
 

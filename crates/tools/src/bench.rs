@@ -11,7 +11,6 @@
 //! invariants are checked through the API ([`ldt_testkit::check`]); a broken one fails the run.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -164,10 +163,19 @@ pub struct Report {
     pub http_ms: Latency,
     pub saga_ms: Latency,
     pub lost: u64,
-    pub invariants: Vec<String>,
+    /// Each invariant checked (money, stock, delivery, final): whether it held, and what was
+    /// counted. Empty with `--no-check`.
+    pub invariants: BTreeMap<String, Invariant>,
     pub invariants_ok: bool,
     /// The machine's speed just before the measured load ([`crate::probe`]).
     pub machine: MachineProbe,
+}
+
+/// One invariant's verdict.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Invariant {
+    pub ok: bool,
+    pub detail: String,
 }
 
 struct Mix {
@@ -203,8 +211,10 @@ impl Mix {
         }
         edge += self.stock;
         if r < edge {
+            // More than the stock, within the most one order may ask for (10^6 tokens);
+            // with more in stock than that, the order takes it all and succeeds.
             body["price"] = json!(0);
-            body["amount"] = json!(stock_now.saturating_add(1_000_000_000));
+            body["amount"] = json!(stock_now.saturating_add(1_000).min(1_000_000));
         }
         body
     }
@@ -258,29 +268,110 @@ async fn send_one(
     }
 }
 
-fn progress(label: &str, done: u64, total: Option<u64>, started: Instant) {
-    let secs = started.elapsed().as_secs_f64();
-    let line = match total {
-        Some(t) if t > 0 => {
-            let width = 30;
-            let filled = ((done as f64 / t as f64) * width as f64).round() as usize;
-            format!(
-                "\r{label} [{}{}] {done}/{t} {:.1}s {:.0}/s ",
-                "#".repeat(filled.min(width)),
-                ".".repeat(width - filled.min(width)),
-                secs,
-                done as f64 / secs.max(0.001)
-            )
+/// What the bench shows while it works: a progress bar on a terminal (total, rate, ETA,
+/// errors, live p99), a plain line every few seconds otherwise; nothing with `--json`'s
+/// quiet phases.
+struct Progress {
+    bar: Option<indicatif::ProgressBar>,
+    label: &'static str,
+    total: Option<u64>,
+    started: Instant,
+    last_line: Instant,
+    quiet: bool,
+}
+
+impl Progress {
+    fn new(label: &'static str, total: Option<u64>, quiet: bool) -> Progress {
+        use std::io::IsTerminal;
+        let bar = (!quiet && std::io::stderr().is_terminal()).then(|| {
+            let bar = match total {
+                Some(n) => indicatif::ProgressBar::new(n),
+                None => indicatif::ProgressBar::new_spinner(),
+            };
+            let template = if total.is_some() {
+                "{prefix:>8} [{bar:30}] {pos}/{len} ETA {eta:>3} · {msg}"
+            } else {
+                "{prefix:>8} {spinner} {pos} in {elapsed} · {msg}"
+            };
+            if let Ok(style) = indicatif::ProgressStyle::with_template(template) {
+                bar.set_style(style.progress_chars("=> "));
+            }
+            bar.set_prefix(label);
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Progress {
+            bar,
+            label,
+            total,
+            started: Instant::now(),
+            last_line: Instant::now(),
+            quiet,
         }
-        _ => format!(
-            "\r{label} {done} {:.1}s {:.0}/s ",
-            secs,
-            done as f64 / secs.max(0.001)
-        ),
+    }
+
+    fn update(&mut self, done: u64, detail: &str) {
+        if self.quiet {
+            return;
+        }
+        if let Some(bar) = &self.bar {
+            // Our own rate: indicatif's `per_sec` is unformatted and counts a jump as speed.
+            let secs = self.started.elapsed().as_secs_f64().max(0.001);
+            bar.set_position(done);
+            if self.label == "final" {
+                bar.set_message(detail.to_owned());
+            } else {
+                bar.set_message(format!("{:.0}/s · {detail}", done as f64 / secs));
+            }
+            return;
+        }
+        if self.last_line.elapsed() >= Duration::from_secs(5) {
+            self.last_line = Instant::now();
+            let of = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+            eprintln!(
+                "bench: {} {done}{of} after {:.0} s · {detail}",
+                self.label,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+
+    fn finish(&self, done: u64, detail: &str) {
+        if self.quiet {
+            return;
+        }
+        if let Some(bar) = &self.bar {
+            bar.set_position(done);
+            bar.finish_with_message(detail.to_owned());
+        } else {
+            let of = self.total.map(|t| format!("/{t}")).unwrap_or_default();
+            eprintln!(
+                "bench: {} {done}{of} in {:.1} s · {detail}",
+                self.label,
+                self.started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
+
+/// What the sending phase shows beside its count: errors, shed, the HTTP p99 so far.
+async fn sending_detail(shared: &Shared) -> String {
+    let p99 = {
+        let h = shared.http.lock().await;
+        (!h.is_empty()).then(|| h.value_at_quantile(0.99) as f64 / 1000.0)
     };
-    let mut err = std::io::stderr();
-    let _ = err.write_all(line.as_bytes());
-    let _ = err.flush();
+    format!(
+        "errors {} · shed {} · HTTP p99 {}",
+        shared.errors.load(Ordering::Relaxed),
+        shared.shed.load(Ordering::Relaxed),
+        p99.map(|p| format!("{p:.1} ms"))
+            .unwrap_or_else(|| "–".into())
+    )
+}
+
+/// Says what the bench is doing now (stderr: stdout is the report).
+fn stage(what: &str) {
+    eprintln!("bench: {what}");
 }
 
 /// Sends load for `orders` (or `duration`), returns when every request has answered.
@@ -324,6 +415,13 @@ async fn load(
         (None, None) => false,
     };
     let mut tasks = tokio::task::JoinSet::new();
+    let status_of = shared.clone();
+    // An open loop for a duration knows its total too: rate × duration.
+    let expected = orders.or_else(|| {
+        let (rate, d) = (args.rate?, duration?);
+        Some((rate * d.as_secs_f64()).ceil() as u64)
+    });
+    let mut bar = Progress::new(if warmup { "warm-up" } else { "sending" }, expected, quiet);
     if let Some(rate) = args.rate {
         let mut i = 0u64;
         while within(i) {
@@ -341,8 +439,8 @@ async fn load(
             tasks.spawn(async move { send_one(&client, &url, &body, due, &shared).await });
             i += 1;
             while tasks.try_join_next().is_some() {}
-            if !quiet && i.is_multiple_of(100) {
-                progress("sending", i, orders, started);
+            if !quiet && i.is_multiple_of(50) {
+                bar.update(i, &sending_detail(&status_of).await);
             }
         }
     } else {
@@ -382,26 +480,24 @@ async fn load(
                 _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             }
             if !quiet {
-                progress(
-                    "sending",
+                bar.update(
                     shared.sent.load(Ordering::Relaxed),
-                    orders,
-                    started,
+                    &sending_detail(&shared).await,
                 );
             }
         }
     }
     while tasks.join_next().await.is_some() {}
     let secs = started.elapsed().as_secs_f64();
-    if !quiet {
-        progress(
-            "sent   ",
-            shared.sent.load(Ordering::Relaxed),
-            orders,
-            started,
-        );
-        eprintln!();
-    }
+    let sent = shared.sent.load(Ordering::Relaxed);
+    bar.finish(
+        sent,
+        &format!(
+            "{:.0}/s · {}",
+            sent as f64 / secs.max(0.001),
+            sending_detail(&shared).await
+        ),
+    );
     Ok(secs)
 }
 
@@ -437,9 +533,13 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         (args.rate.unwrap_or(1000.0) * args.duration.unwrap_or(60.0)) as u64 * 2
     });
     let warm_orders = (args.warmup * args.rate.unwrap_or(100.0)) as u64;
+    let restock_amount = planned.saturating_add(warm_orders).saturating_add(1000);
+    stage(&format!(
+        "restocking {restock_amount} tokens first, so that the stock cannot run out by accident"
+    ));
     let mut restock = client
         .post(format!("{}/api/v1/inventory/restock", endpoints.inventory))
-        .json(&json!({"amount": planned.saturating_add(warm_orders).saturating_add(1000)}));
+        .json(&json!({"amount": restock_amount}));
     if let Some(token) = &args.admin_token {
         restock = restock.bearer_auth(token);
     }
@@ -453,6 +553,10 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     }
 
     if args.warmup > 0.0 {
+        stage(&format!(
+            "warming up for {:.0} s (not measured)",
+            args.warmup
+        ));
         let shared = Shared::new();
         let span = Span {
             orders: None,
@@ -463,7 +567,21 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     }
 
     // Right before the load, while the marketplace is idle: what state the machine is in.
+    stage("probing the machine's speed (a few seconds)");
     let machine = crate::probe::measure_async().await?;
+    stage(&format!(
+        "sending {} {}",
+        match (orders, duration) {
+            (Some(n), _) => format!("{n} orders"),
+            (None, Some(d)) => format!("orders for {:.0} s", d.as_secs_f64()),
+            (None, None) => "orders".into(),
+        },
+        match (args.rate, args.concurrency) {
+            (Some(r), _) => format!("at {r}/s (open loop)"),
+            (_, Some(c)) => format!("from {c} clients (closed loop)"),
+            _ => String::new(),
+        }
+    ));
     let shared = Shared::new();
     let span = Span {
         orders,
@@ -475,27 +593,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
     // Wait for our orders to be final, then read their server-side timestamps.
     let checker = Checker::new(endpoints, args.initial_credits);
     let accepted = shared.accepted.lock().await.clone();
+    stage(&format!(
+        "waiting for {} orders to be final",
+        accepted.len()
+    ));
     let started = Instant::now();
+    let mut bar = Progress::new("final", Some(accepted.len() as u64), args.json);
     let all = loop {
         let all = checker.orders().await?;
         let ours_pending = all
             .iter()
             .filter(|o| o.status == "PENDING" && accepted.contains(&o.id))
             .count();
-        if !args.json {
-            progress(
-                "waiting for final",
-                (accepted.len() - ours_pending) as u64,
-                Some(accepted.len() as u64),
-                started,
-            );
-        }
+        let done = (accepted.len() - ours_pending) as u64;
+        let detail = format!("{ours_pending} still PENDING");
         if ours_pending == 0 || started.elapsed() > Duration::from_secs(args.settle_timeout_s) {
-            if !args.json {
-                eprintln!();
-            }
+            bar.finish(done, &detail);
             break all;
         }
+        bar.update(done, &detail);
         tokio::time::sleep(Duration::from_millis(500)).await;
     };
     let mut saga = histogram();
@@ -522,16 +638,25 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<Report> {
         0.0
     };
     let (invariants, invariants_ok) = if args.no_check {
-        (
-            vec!["invariant check skipped (--no-check)".to_owned()],
-            true,
-        )
+        (BTreeMap::new(), true)
     } else {
+        stage("checking the invariants");
         let report = checker.check(&all, Some(&accepted)).await?;
-        (
-            report.verdicts.iter().map(|v| v.to_string()).collect(),
-            report.ok(),
-        )
+        let ok = report.ok();
+        let verdicts = report
+            .verdicts
+            .into_iter()
+            .map(|v| {
+                (
+                    v.name.to_owned(),
+                    Invariant {
+                        ok: v.ok,
+                        detail: v.detail,
+                    },
+                )
+            })
+            .collect();
+        (verdicts, ok)
     };
     let http = shared.http.lock().await;
     Ok(Report {
@@ -597,8 +722,25 @@ impl Report {
             self.machine.compute_ms,
             self.machine.wake_us,
         );
-        for line in &self.invariants {
-            out.push_str(line);
+        if self.invariants.is_empty() {
+            out.push_str("invariants      not checked (--no-check)\n");
+        }
+        // In the order they are defined (money, stock, delivery, final).
+        let order = ["money", "stock", "delivery", "final"];
+        let mut names: Vec<&String> = self.invariants.keys().collect();
+        names.sort_by_key(|n| order.iter().position(|o| o == n).unwrap_or(order.len()));
+        for name in names {
+            let v = &self.invariants[name];
+            let verdict = ldt_testkit::check::Verdict {
+                name: order
+                    .iter()
+                    .find(|o| *o == name)
+                    .copied()
+                    .unwrap_or("other"),
+                ok: v.ok,
+                detail: v.detail.clone(),
+            };
+            out.push_str(&verdict.to_string());
             out.push('\n');
         }
         out

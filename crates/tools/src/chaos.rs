@@ -129,7 +129,9 @@ pub struct ChaosArgs {
 }
 
 const INITIAL_CREDITS: i64 = 1_000;
-const INITIAL_STOCK: i64 = 1_000_000;
+/// Below the most tokens one order may ask for (10^6), so an order for more than the stock
+/// is possible (it ends INSUFFICIENT_INVENTORY).
+const INITIAL_STOCK: i64 = 900_000;
 
 /// A small deterministic PRNG (xorshift64*): chaos runs are reproducible from their seed.
 struct Rng(u64);
