@@ -384,6 +384,89 @@ impl Queues {
     }
 }
 
+// ---- usernames ----------------------------------------------------------------------------
+
+/// Longest accepted username, in characters.
+pub const MAX_USERNAME: usize = 64;
+
+/// The characters no username may hold: Unicode's control (Cc), format (Cf), line separator
+/// (Zl) and paragraph separator (Zp) characters — zero-width spaces and joiners, bidi
+/// overrides, a byte-order mark — with which one name can pass for another.
+pub const INVISIBLE: &[(char, char)] = &[
+    ('\u{0000}', '\u{001F}'),
+    ('\u{007F}', '\u{009F}'),
+    ('\u{00AD}', '\u{00AD}'),
+    ('\u{0600}', '\u{0605}'),
+    ('\u{061C}', '\u{061C}'),
+    ('\u{06DD}', '\u{06DD}'),
+    ('\u{070F}', '\u{070F}'),
+    ('\u{0890}', '\u{0891}'),
+    ('\u{08E2}', '\u{08E2}'),
+    ('\u{180E}', '\u{180E}'),
+    ('\u{200B}', '\u{200F}'),
+    ('\u{2028}', '\u{202E}'),
+    ('\u{2060}', '\u{2064}'),
+    ('\u{2066}', '\u{206F}'),
+    ('\u{FEFF}', '\u{FEFF}'),
+    ('\u{FFF9}', '\u{FFFB}'),
+    ('\u{110BD}', '\u{110BD}'),
+    ('\u{110CD}', '\u{110CD}'),
+    ('\u{13430}', '\u{1343F}'),
+    ('\u{1BCA0}', '\u{1BCA3}'),
+    ('\u{1D173}', '\u{1D17A}'),
+    ('\u{E0001}', '\u{E0001}'),
+    ('\u{E0020}', '\u{E007F}'),
+];
+
+/// Whether `c` is one of [`INVISIBLE`].
+pub fn is_invisible(c: char) -> bool {
+    INVISIBLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
+}
+
+/// The username rule as a regular expression (for the OpenAPI document): 1 to 64 characters,
+/// none of them control, format or separator characters, not only whitespace.
+pub fn username_pattern() -> String {
+    let mut class = String::new();
+    for &(lo, hi) in INVISIBLE {
+        let esc = |c: char| {
+            let n = u32::from(c);
+            if n <= 0xFFFF {
+                format!("\\u{n:04X}")
+            } else {
+                // Outside the basic plane a pattern takes the character itself.
+                c.to_string()
+            }
+        };
+        class.push_str(&esc(lo));
+        if hi != lo {
+            class.push('-');
+            class.push_str(&esc(hi));
+        }
+    }
+    format!("^[^{class}]*[^\\s{class}][^{class}]*$")
+}
+
+/// Why `name` cannot be a username, if it cannot: empty or only whitespace, longer than
+/// [`MAX_USERNAME`] characters, or holding one of [`INVISIBLE`].
+pub fn username_problem(name: &str) -> Option<String> {
+    let len = name.chars().count();
+    if name.trim().is_empty() {
+        return Some("username must not be empty or only whitespace".into());
+    }
+    if len > MAX_USERNAME {
+        return Some(format!(
+            "username is {len} characters long; at most {MAX_USERNAME} are allowed"
+        ));
+    }
+    name.chars().find(|c| is_invisible(*c)).map(|c| {
+        format!(
+            "username must not contain control, format or separator characters \
+             (such as U+{:04X}): they make one name look like another",
+            u32::from(c)
+        )
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

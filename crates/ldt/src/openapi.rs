@@ -58,6 +58,12 @@ pub fn finish(doc: OpenApi, username_pattern: &str) -> OpenApi {
             };
             for (method, op) in ops.iter_mut() {
                 finish_operation(path, method, op);
+                // A username in a path or query string follows the same rule as in a body.
+                if let Some(params) = op["parameters"].as_array_mut() {
+                    for param in params.iter_mut().filter(|p| p["name"] == "username") {
+                        param["schema"]["pattern"] = json!(username_pattern);
+                    }
+                }
             }
         }
         paths.insert(

@@ -153,7 +153,7 @@ async fn connect_bus(settings: &Settings, queues: &Queues) -> anyhow::Result<Bus
                         queues.all(),
                         ldt_runtime::bus::QueueOptions {
                             expires_ms: settings.queue_expires_ms,
-                            queue_type: Some(settings.queue_type.clone()),
+                            queue_type: settings.queue_type,
                             max_length: None,
                         },
                     )
@@ -224,7 +224,7 @@ impl Application {
             tracing::info!(service = service.as_str(), "service started");
         }
         let (router, openapi) = api.split_for_parts();
-        let openapi = crate::openapi::finish(openapi, &services::order::username_pattern());
+        let openapi = crate::openapi::finish(openapi, &ldt_contract::username_pattern());
         let health = Health {
             bus: bus.clone(),
             pools,

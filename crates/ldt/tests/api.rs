@@ -140,11 +140,19 @@ async fn bad_orders_are_rejected_with_a_reason_and_store_nothing(stack: Stack) {
             "{path} {body}: {text} should mention {needle}"
         );
     }
-    // A missing content type is a clear error too.
+    // Without a content type the body is still read as JSON, and judged as JSON.
     let resp = app
         .client
         .post(app.url("/api/purchase/"))
         .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 422);
+    let resp = app
+        .client
+        .post(app.url("/api/purchase/"))
+        .body("hello")
         .send()
         .await
         .unwrap();
@@ -179,6 +187,9 @@ async fn health_openapi_and_swagger_are_served(stack: Stack) {
         "/api/v1/inventory",
         "/api/v1/inventory/restock",
         "/api/v1/deliveries",
+        "/api/v1/deliveries?username=a%00b",
+        "/api/v1/orders?username=%E2%80%8B",
+        "/api/v1/users/a%00b",
         "/api/v1/dead-letters",
         "/api/v1/dead-letters/{id}/replay",
     ] {
@@ -377,6 +388,218 @@ async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack:
     );
 }
 
+/// Asserts the answer is `status` with the one error shape, and returns its body.
+async fn json_error(resp: reqwest::Response, status: u16, what: &str) -> serde_json::Value {
+    assert_eq!(resp.status().as_u16(), status, "{what}");
+    let ctype = resp
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert!(ctype.starts_with("application/json"), "{what}: {ctype}");
+    let body: serde_json::Value = resp.json().await.unwrap();
+    assert!(
+        body["error"].is_string() && body["message"].is_string(),
+        "{what}: {body}"
+    );
+    body
+}
+
+// The rows of the contract issue's table, each answered as expected.
+async fn every_bad_request_gets_the_one_error_shape_and_changes_nothing(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
+    let send = |method: reqwest::Method, path: &str, body: Option<String>| {
+        let mut req = app.client.request(method, app.url(path));
+        if let Some(b) = body {
+            req = req.header("content-type", "application/json").body(b);
+        }
+        async move { req.send().await.unwrap() }
+    };
+    use reqwest::Method;
+
+    // A JSON array where an object is expected: 422, not an order read from a sequence.
+    for (path, body) in [
+        ("/api/purchase/", r#"["bob",1,1]"#),
+        ("/api/v1/orders", r#"["bob",1,1]"#),
+        ("/api/v1/inventory/restock", "[1]"),
+    ] {
+        let resp = send(Method::POST, path, Some(body.into())).await;
+        json_error(resp, 422, &format!("{path} {body}")).await;
+    }
+    // Valid JSON of the wrong value: 422; only unparseable JSON is 400.
+    for body in [
+        r#"{"username":"bob","price":1,"amount":1,"faults":{"payment":1}}"#,
+        r#"{"username":"bob","price":1e400,"amount":1}"#,
+        r#"{"username":"bob","price":1,"amount":1.5}"#,
+    ] {
+        let resp = send(Method::POST, "/api/v1/orders", Some(body.into())).await;
+        json_error(resp, 422, body).await;
+    }
+    let resp = send(
+        Method::POST,
+        "/api/v1/orders",
+        Some("{\"username\":".into()),
+    )
+    .await;
+    assert_eq!(
+        json_error(resp, 400, "cut JSON").await["error"],
+        "malformed_request"
+    );
+    // A 10 MB body: 413, answered from its Content-Length before a byte of it is read. (Over
+    // raw TCP, as curl would see it: reqwest, still sending, reports a broken pipe instead.)
+    {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let addr = app.base.trim_start_matches("http://").to_owned();
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        let head = format!(
+            "POST /api/v1/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\n\r\n",
+            10 << 20
+        );
+        conn.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut answer));
+        assert!(read.await.is_ok(), "no answer to a 10 MB Content-Length");
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(
+            answer.contains(r#""error":"payload_too_large""#),
+            "{answer}"
+        );
+    }
+    // Query strings that cannot be read: 422 JSON naming the parameter.
+    for path in [
+        "/api/v1/orders?limit=abc",
+        "/api/v1/orders?limit=1.5",
+        "/api/v1/orders?limit=",
+        "/api/v1/orders?after=x",
+        "/api/v1/orders?limit=1&limit=2",
+        "/api/v1/deliveries",
+        "/api/v1/sagas?limit=abc",
+        "/api/v1/dead-letters?limit=-1",
+    ] {
+        let resp = send(Method::GET, path, None).await;
+        json_error(resp, 422, path).await;
+    }
+    // Routing: an unknown path, a wrong method (with Allow), a bad escape in a path.
+    let resp = send(Method::GET, "/api/v1/nothing-here", None).await;
+    assert_eq!(
+        json_error(resp, 404, "unknown path").await["error"],
+        "not_found"
+    );
+    let resp = send(Method::DELETE, "/api/v1/orders", None).await;
+    let allow = resp.headers().get("allow").cloned();
+    json_error(resp, 405, "DELETE /api/v1/orders").await;
+    let allow = allow.expect("405 names the allowed methods");
+    assert!(allow.to_str().unwrap().contains("POST"), "{allow:?}");
+    for path in [
+        "/api/v1/users/%FF",
+        "/api/v1/orders/%FF",
+        "/api/v1/sagas/%FF",
+    ] {
+        let resp = send(Method::GET, path, None).await;
+        let status = resp.status().as_u16();
+        assert!(matches!(status, 400 | 404 | 422), "{path}: {status}");
+        json_error(resp, status, path).await;
+    }
+    // Too many headers: 431 JSON.
+    let mut req = app.client.get(app.url("/api/v1/inventory"));
+    for i in 0..150 {
+        req = req.header(format!("x-h{i}"), "v");
+    }
+    json_error(req.send().await.unwrap(), 431, "150 headers").await;
+    // Names made to look like others: control and format characters, separators, blank.
+    for name in [
+        "\u{200b}\u{200b}",
+        "bob\u{202e}",
+        "\u{feff}bob",
+        "bo\u{2028}b",
+        "bo\u{2029}b",
+        "b\u{0007}ob",
+        "   ",
+        "\u{2060}",
+    ] {
+        let body = json!({"username": name, "price": 1, "amount": 1}).to_string();
+        let resp = send(Method::POST, "/api/v1/orders", Some(body)).await;
+        let err = json_error(resp, 422, &format!("{name:?}")).await;
+        assert!(
+            err["message"].as_str().unwrap().contains("username"),
+            "{err}"
+        );
+    }
+    // Nothing above stored an order, charged anyone or moved stock.
+    let (_, all) = app.get("/api/all-transaction").await;
+    assert_eq!(all, json!([]));
+    assert_eq!(app.stock().await, 500);
+    assert_eq!(app.credits("bob").await, None);
+
+    // A saga is found by its order's id in any case, as the order is.
+    let id = app.order(common::order_body("casey", 1, 1)).await;
+    app.wait_final(&id, Duration::from_secs(30)).await;
+    let upper = id.to_uppercase();
+    let (status, order) = app.get(&format!("/api/v1/orders/{upper}")).await;
+    assert_eq!(status, 200, "{order}");
+    let (status, saga) = app.get(&format!("/api/v1/sagas/{upper}")).await;
+    assert_eq!(status, 200, "{saga}");
+    assert_eq!(saga["order_id"], json!(id));
+}
+
+// Connections that never finish their request are closed on time, and hold nothing up.
+async fn slow_connections_are_closed_and_starve_nobody(stack: Stack) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &["--http-header-timeout-s", "2", "--http-body-timeout-s", "2"],
+    )
+    .await;
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let opened = std::time::Instant::now();
+    let mut slow = Vec::new();
+    for i in 0..500 {
+        let mut conn = tokio::net::TcpStream::connect(&addr).await.unwrap();
+        // Half of them stop inside the head, half inside a body that never ends.
+        let start = if i % 2 == 0 {
+            "POST /api/v1/orders HTTP/1.1\r\nHost: x\r\nContent-Ty".to_owned()
+        } else {
+            "POST /api/v1/orders HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 100\r\n\r\n{\"username\":"
+                .to_owned()
+        };
+        conn.write_all(start.as_bytes()).await.unwrap();
+        slow.push(conn);
+    }
+    // While they are held, the marketplace answers others at once.
+    for _ in 0..5 {
+        let asked = std::time::Instant::now();
+        let (status, _) = app.get("/readyz").await;
+        let took = asked.elapsed();
+        assert_eq!(status, 200);
+        assert!(took < Duration::from_millis(50), "/readyz took {took:?}");
+    }
+    let id = app.order(common::order_body("steady", 1, 1)).await;
+    let order = app.wait_final(&id, Duration::from_secs(30)).await;
+    assert_eq!(order["status"], "SUCCESS");
+    // Each slow connection is closed (a 408 or nothing, then end of stream) soon after its
+    // timeout: not before 2 s, and not long after.
+    for (i, mut conn) in slow.into_iter().enumerate() {
+        let mut rest = Vec::new();
+        let read = tokio::time::timeout(Duration::from_secs(10), conn.read_to_end(&mut rest)).await;
+        assert!(read.is_ok(), "slow connection {i} still open 10 s later");
+        let text = String::from_utf8_lossy(&rest);
+        assert!(
+            text.is_empty() || text.starts_with("HTTP/1.1 408"),
+            "connection {i}: {text}"
+        );
+    }
+    let all_closed = opened.elapsed();
+    assert!(
+        all_closed >= Duration::from_secs(2) && all_closed < Duration::from_secs(8),
+        "500 slow connections closed after {all_closed:?}"
+    );
+}
+
 on_every_stack!(
     bad_orders_are_rejected_with_a_reason_and_store_nothing,
     health_openapi_and_swagger_are_served,
@@ -385,4 +608,6 @@ on_every_stack!(
     concurrent_orders_never_overshoot_the_admission_limit,
     a_burst_of_orders_is_stored_once_each_and_completes,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
+    every_bad_request_gets_the_one_error_shape_and_changes_nothing,
+    slow_connections_are_closed_and_starve_nobody,
 );

@@ -166,6 +166,18 @@ where
             .get::<BodyLimits>()
             .copied()
             .unwrap_or_default();
+        // A body announced too large is refused before a byte of it is read.
+        let announced = req
+            .headers()
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if announced.is_some_and(|n| n > limits.max_bytes as u64) {
+            return Err(ApiError::PayloadTooLarge(format!(
+                "the request body is larger than {} bytes",
+                limits.max_bytes
+            )));
+        }
         let read = axum::body::to_bytes(req.into_body(), limits.max_bytes);
         let bytes = match tokio::time::timeout(limits.timeout, read).await {
             Err(_) => {
@@ -202,7 +214,9 @@ pub fn parse_json_object<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result
     if !value.is_object() {
         return Err(ApiError::Invalid("the body must be a JSON object".into()));
     }
-    serde_json::from_value(value).map_err(|e| ApiError::Invalid(format!("invalid body: {e}")))
+    // The error names the field it is about (`price: invalid type: string "1", …`).
+    serde_path_to_error::deserialize(value)
+        .map_err(|e| ApiError::Invalid(format!("invalid body: {e}")))
 }
 
 /// `Query<T>` whose rejections (a value of the wrong type, an unknown or repeated parameter)
@@ -351,24 +365,32 @@ pub async fn json_errors(req: Request, next: axum::middleware::Next) -> Response
 /// (`538.0` is the integer 538 to JSON, whatever serde thinks); anything else, or out of
 /// the field's range, is an error. Use with `#[serde(deserialize_with = "…")]`.
 pub mod integer {
-    use serde::Deserialize;
+    /// A whole number, whether JSON wrote it `2` or `2.0`.
+    struct Whole;
+
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = i128;
+
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            f.write_str("an integer")
+        }
+        fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<i128, E> {
+            Ok(i128::from(n))
+        }
+        fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<i128, E> {
+            Ok(i128::from(n))
+        }
+        fn visit_f64<E: serde::de::Error>(self, f: f64) -> Result<i128, E> {
+            if f.fract() == 0.0 && f.abs() < 1e20 {
+                Ok(f as i128)
+            } else {
+                Err(E::custom(format!("expected an integer, got {f}")))
+            }
+        }
+    }
 
     fn whole<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i128, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Number {
-            Signed(i64),
-            Unsigned(u64),
-            Float(f64),
-        }
-        match Number::deserialize(d)? {
-            Number::Signed(n) => Ok(i128::from(n)),
-            Number::Unsigned(n) => Ok(i128::from(n)),
-            Number::Float(f) if f.fract() == 0.0 && f.abs() < 1e20 => Ok(f as i128),
-            Number::Float(f) => Err(serde::de::Error::custom(format!(
-                "expected an integer, got {f}"
-            ))),
-        }
+        d.deserialize_any(Whole)
     }
 
     pub fn i64<'de, D: serde::Deserializer<'de>>(d: D) -> Result<i64, D::Error> {

@@ -105,10 +105,8 @@ async fn list_deliveries(
     ApiQuery(q): ApiQuery<DeliveryQuery>,
 ) -> Result<Json<Vec<Delivery>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;
-    if q.username.is_empty() || q.username.chars().count() > 64 {
-        return Err(ApiError::Invalid(
-            "username must be 1 to 64 characters".into(),
-        ));
+    if let Some(problem) = ldt_contract::username_problem(&q.username) {
+        return Err(ApiError::Invalid(problem));
     }
     Ok(Json(recent_deliveries(&pool, &q.username, limit).await?))
 }

@@ -206,11 +206,15 @@ pub struct User {
 /// A user's current credits.
 #[utoipa::path(get, path = "/api/v1/users/{username}", tag = "payment",
     params(("username" = String, Path, description = "The user")),
-    responses((status = 200, body = User), (status = 404, body = ldt_runtime::http::ErrorBody)))]
+    responses((status = 200, body = User), (status = 404, body = ldt_runtime::http::ErrorBody),
+              (status = 422, description = "Not a username any user can have", body = ldt_runtime::http::ErrorBody)))]
 async fn get_user(
     State(pool): State<Pool>,
     Path(username): Path<String>,
 ) -> Result<Json<User>, ApiError> {
+    if let Some(problem) = ldt_contract::username_problem(&username) {
+        return Err(ApiError::Invalid(problem));
+    }
     find_user(&pool, &username)
         .await?
         .map(Json)

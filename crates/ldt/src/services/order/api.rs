@@ -197,12 +197,12 @@ pub async fn list_orders(
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<OrderPage>, ApiError> {
     let limit = page_limit(q.limit, 100)?;
-    if let Some(name) = &q.username
-        && (name.is_empty() || name.chars().count() > super::domain::MAX_USERNAME)
+    if let Some(problem) = q
+        .username
+        .as_deref()
+        .and_then(ldt_contract::username_problem)
     {
-        return Err(ApiError::Invalid(
-            "username must be 1 to 64 characters".into(),
-        ));
+        return Err(ApiError::Invalid(problem));
     }
     if q.after.is_some_and(|c| c < 0) || q.before.is_some_and(|c| c < 0) {
         return Err(ApiError::Invalid("a cursor is not negative".into()));

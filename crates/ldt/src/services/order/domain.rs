@@ -6,72 +6,12 @@ use ldt_runtime::http::ApiError;
 use serde::{Deserialize, Serialize};
 use uuid::Uuid;
 
-/// Longest accepted username, in characters.
-pub const MAX_USERNAME: usize = 64;
-
 /// Highest price of one token, in credits: with [`MAX_AMOUNT`], an order's total fits in 64
 /// bits (and passes any user's credits, at most 10^15, by far).
 pub const MAX_PRICE: i64 = 1_000_000_000_000;
 
 /// Most tokens in one order.
 pub const MAX_AMOUNT: i64 = 1_000_000;
-
-/// The characters no username may hold: Unicode's control (Cc), format (Cf), line separator
-/// (Zl) and paragraph separator (Zp) characters — zero-width spaces and joiners, bidi
-/// overrides, a byte-order mark — with which one name can pass for another.
-pub const INVISIBLE: &[(char, char)] = &[
-    ('\u{0000}', '\u{001F}'),
-    ('\u{007F}', '\u{009F}'),
-    ('\u{00AD}', '\u{00AD}'),
-    ('\u{0600}', '\u{0605}'),
-    ('\u{061C}', '\u{061C}'),
-    ('\u{06DD}', '\u{06DD}'),
-    ('\u{070F}', '\u{070F}'),
-    ('\u{0890}', '\u{0891}'),
-    ('\u{08E2}', '\u{08E2}'),
-    ('\u{180E}', '\u{180E}'),
-    ('\u{200B}', '\u{200F}'),
-    ('\u{2028}', '\u{202E}'),
-    ('\u{2060}', '\u{2064}'),
-    ('\u{2066}', '\u{206F}'),
-    ('\u{FEFF}', '\u{FEFF}'),
-    ('\u{FFF9}', '\u{FFFB}'),
-    ('\u{110BD}', '\u{110BD}'),
-    ('\u{110CD}', '\u{110CD}'),
-    ('\u{13430}', '\u{1343F}'),
-    ('\u{1BCA0}', '\u{1BCA3}'),
-    ('\u{1D173}', '\u{1D17A}'),
-    ('\u{E0001}', '\u{E0001}'),
-    ('\u{E0020}', '\u{E007F}'),
-];
-
-/// Whether `c` is one of [`INVISIBLE`].
-pub fn is_invisible(c: char) -> bool {
-    INVISIBLE.iter().any(|&(lo, hi)| (lo..=hi).contains(&c))
-}
-
-/// The username rule as a regular expression (for the OpenAPI document): 1 to 64 characters,
-/// none of them control, format or separator characters, not only whitespace.
-pub fn username_pattern() -> String {
-    let mut class = String::new();
-    for &(lo, hi) in INVISIBLE {
-        let esc = |c: char| {
-            let n = u32::from(c);
-            if n <= 0xFFFF {
-                format!("\\u{n:04X}")
-            } else {
-                // Outside the basic plane a pattern takes the character itself.
-                c.to_string()
-            }
-        };
-        class.push_str(&esc(lo));
-        if hi != lo {
-            class.push('-');
-            class.push_str(&esc(hi));
-        }
-    }
-    format!("^[^{class}]*[^\\s{class}][^{class}]*$")
-}
 
 /// An order as the API shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -134,21 +74,8 @@ impl NewOrder {
         faults: FaultPlan,
         kill_create: bool,
     ) -> Result<NewOrder, ApiError> {
-        let name_len = username.chars().count();
-        if username.trim().is_empty() {
-            return Err(ApiError::Invalid("username must not be empty".into()));
-        }
-        if name_len > MAX_USERNAME {
-            return Err(ApiError::Invalid(format!(
-                "username is {name_len} characters long; at most {MAX_USERNAME} are allowed"
-            )));
-        }
-        if let Some(c) = username.chars().find(|c| is_invisible(*c)) {
-            return Err(ApiError::Invalid(format!(
-                "username must not contain control, format or separator characters \
-                 (such as U+{:04X}): they make one name look like another",
-                u32::from(c)
-            )));
+        if let Some(problem) = ldt_contract::username_problem(&username) {
+            return Err(ApiError::Invalid(problem));
         }
         if price < 0 {
             return Err(ApiError::Invalid(format!(

@@ -27,7 +27,6 @@ use ldt_runtime::db::Held;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-pub use domain::{MAX_USERNAME, username_pattern};
 pub use store::MIGRATORS;
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
