@@ -14,12 +14,12 @@
 
 pub mod scenarios;
 
+pub use ldt_testkit::client::TestApi;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
@@ -333,82 +333,6 @@ impl Marketplace {
         &self.bases[service]
     }
 
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.bases[owner(path)], path)
-    }
-
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.client.get(self.url(path)).send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    pub async fn post(&self, path: &str, body: &Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(self.url(path))
-            .json(body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Legacy purchase; returns the new order's id.
-    pub async fn purchase(&self, body: &Value) -> String {
-        let (status, order) = self.post("/api/purchase/", body).await;
-        assert_eq!(status, 200, "POST /api/purchase/ {body}: {order}");
-        order["id"].as_str().unwrap().to_owned()
-    }
-
-    /// Polls the order until it is final; panics after `within`.
-    pub async fn wait_final(&self, id: &str, within: Duration) -> Value {
-        let started = Instant::now();
-        loop {
-            let (status, order) = self.get(&format!("/api/v1/orders/{id}")).await;
-            assert_eq!(status, 200, "{order}");
-            if order["status"] != "PENDING" {
-                return order;
-            }
-            assert!(
-                started.elapsed() < within,
-                "order {id} still PENDING after {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    /// A user's credits; `None` for a user never seen.
-    pub async fn credits(&self, user: &str) -> Option<i64> {
-        let (status, body) = self.get(&format!("/api/v1/users/{user}")).await;
-        match status {
-            200 => Some(body["credits"].as_i64().unwrap()),
-            404 => None,
-            other => panic!("GET /api/v1/users/{user}: {other} {body}"),
-        }
-    }
-
-    pub async fn stock(&self) -> i64 {
-        let (status, body) = self.get("/api/v1/inventory").await;
-        assert_eq!(status, 200, "{body}");
-        body["available"].as_i64().unwrap()
-    }
-
-    /// Order ids of the user's active (DELIVERED) deliveries.
-    pub async fn active_deliveries(&self, user: &str) -> Vec<String> {
-        let (status, body) = self
-            .get(&format!("/api/v1/deliveries?username={user}"))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body.as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["status"] == "DELIVERED")
-            .map(|d| d["order_id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
     /// Drops a raw message on one of the marketplace's queues, as a broken producer would.
     pub async fn publish_raw(&self, service: &str, message_id: &str, payload: &[u8]) {
         use lapin::options::BasicPublishOptions;
@@ -434,21 +358,16 @@ impl Marketplace {
         assert!(confirm.is_ack());
         let _ = conn.close(200, "done".into()).await;
     }
+}
 
-    /// Polls `check` until it returns `Some`, or panics after `within`.
-    pub async fn eventually<T, F, Fut>(&self, within: Duration, what: &str, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let started = Instant::now();
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(started.elapsed() < within, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+impl ldt_testkit::client::TestApi for Marketplace {
+    fn http(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// Where `path` is served: by the service that owns it.
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.bases[owner(path)], path)
     }
 }
 

@@ -2,6 +2,7 @@
 //! Every check is what a user of the API would look at: the order's status, the user's
 //! credits, the stock, the deliveries, the dead letters.
 
+use crate::TestApi as _;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -19,7 +20,7 @@ async fn case(m: &Marketplace, body: Value, expected: &str, debit: i64, tokens: 
     let name = body["username"].as_str().unwrap().to_owned();
     let credits_before = m.credits(&name).await.unwrap_or(500);
     let stock_before = m.stock().await;
-    let id = m.purchase(&body).await;
+    let id = m.order(&body).await;
     let done = m.wait_final(&id, FINAL).await;
     assert_eq!(done["status"], expected, "{body}");
     if expected == "TIMEOUT" {
@@ -92,7 +93,7 @@ pub async fn legacy_contract(m: &Marketplace) {
 /// The legacy clients' timing: final within 0.5 s of the POST, TIMEOUT within 2 s (idle).
 pub async fn legacy_timing(m: &Marketplace) {
     // Warm the connection pools: the contract is about a running system.
-    let warm = m.purchase(&order(&user("warm"), 1, 1)).await;
+    let warm = m.order(&order(&user("warm"), 1, 1)).await;
     m.wait_final(&warm, FINAL).await;
     for (flag, limit) in [
         (None, Duration::from_millis(500)),
@@ -104,7 +105,7 @@ pub async fn legacy_timing(m: &Marketplace) {
             body[flag] = json!(true);
         }
         let started = Instant::now();
-        let id = m.purchase(&body).await;
+        let id = m.order(&body).await;
         let done = m.wait_final(&id, FINAL).await;
         let took = started.elapsed();
         assert!(
@@ -175,8 +176,8 @@ pub async fn stalled_step(m: &Marketplace) {
     let mut slow = order(&slow_user, 50, 2);
     slow["timeout_payment"] = json!(true);
     let stock = m.stock().await;
-    let slow_id = m.purchase(&slow).await;
-    let fast_id = m.purchase(&order(&user("pass"), 1, 1)).await;
+    let slow_id = m.order(&slow).await;
+    let fast_id = m.order(&order(&user("pass"), 1, 1)).await;
     let fast = m.wait_final(&fast_id, FINAL).await;
     assert_eq!(fast["status"], "SUCCESS");
     let slow_done = m.wait_final(&slow_id, FINAL).await;

@@ -11,6 +11,7 @@
 //! `LDT_UPDATE_SCREENSHOTS=1` also copies to `docs/console-order.png` (the README's).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use e2e::TestApi as _;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::{Duration, Instant};

@@ -4,6 +4,8 @@
 //! dead-lettering is checked by the crate's transport and step suites.
 e2e::suite!(e2e::Mode::Embedded);
 
+use e2e::TestApi as _;
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_process_on_the_same_data_directory_is_refused_clearly() {
     let m = e2e::Marketplace::start(e2e::Mode::Embedded).await;

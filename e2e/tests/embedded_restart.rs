@@ -4,6 +4,7 @@
 //! the orders that ended SUCCESS.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use e2e::TestApi as _;
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -39,7 +40,7 @@ async fn orders_in_flight_survive(signal: &str) {
     let mut ids = Vec::new();
     for name in &users {
         let body = json!({"username": name, "price": 7, "amount": 2});
-        let id = m.purchase(&body).await;
+        let id = m.order(&body).await;
         assert_eq!(
             m.wait_final(&id, Duration::from_secs(10)).await["status"],
             "SUCCESS"

@@ -6,9 +6,10 @@
 //! Prometheus text whose counters move with the orders.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use e2e::TestApi as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use e2e::{Marketplace, Mode, user};
 use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::{
@@ -210,18 +211,15 @@ fn parse_prometheus(body: &str) -> BTreeMap<String, f64> {
     out
 }
 
+/// What the receiver has got, polled for up to 30 s.
 async fn eventually<T>(what: &str, mut check: impl FnMut() -> Option<T>) -> T {
-    let started = Instant::now();
-    loop {
-        if let Some(v) = check() {
-            return v;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "timed out waiting for {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ldt_testkit::client::eventually(
+        Duration::from_secs(30),
+        what,
+        || std::future::ready(check()),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("{e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

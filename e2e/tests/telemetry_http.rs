@@ -3,6 +3,7 @@
 //! receiver in this test, which decodes them with the OpenTelemetry protobuf definitions.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use e2e::TestApi as _;
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -3,6 +3,8 @@
 
 mod common;
 
+use ldt_testkit::client::TestApi as _;
+
 use common::{ALL, Stack, spawn_on};
 use futures_util::FutureExt;
 use serde_json::json;

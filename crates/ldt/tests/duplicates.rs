@@ -5,52 +5,14 @@
 
 mod common;
 
+use ldt_testkit::client::TestApi as _;
+
 use std::time::Duration;
 
-use common::{Stack, TestApp, order_body, spawn_on, user};
-use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Queues, Service, Step, StepOutcome};
-use ldt_runtime::bus::{Bus, Outgoing, Subscription};
+use common::{Driver, Stack, next, order_body, spawn_on, user};
+use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Service, Step, StepOutcome};
+use ldt_runtime::bus::Subscription;
 use uuid::Uuid;
-
-struct Driver {
-    bus: Bus,
-    queues: Queues,
-}
-
-impl Driver {
-    async fn new(app: &TestApp) -> Driver {
-        let queues = Queues::new(&app.settings.namespace);
-        let bus = app.bus.clone();
-        Driver { bus, queues }
-    }
-
-    async fn send_twice(&self, env: &Envelope) {
-        let out = Outgoing {
-            queue: self.queues.of(env.body.destination()),
-            message_id: env.id.to_string(),
-            payload: env.to_json(),
-            headers: vec![],
-        };
-        self.bus.publish(&[out.clone(), out]).await.unwrap();
-    }
-
-    async fn listen(&self, service: Service) -> Subscription {
-        self.bus
-            .subscribe(&self.queues.of(service), 100)
-            .await
-            .unwrap()
-    }
-}
-
-async fn next(sub: &mut Subscription) -> Envelope {
-    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
-        .await
-        .expect("a message within 10 s")
-        .unwrap()
-        .unwrap();
-    msg.ack().await.unwrap();
-    Envelope::from_json(&msg.payload).unwrap()
-}
 
 /// The next message about `order_id`: delivery is at least once, and a redelivered message
 /// about an earlier order is not the one the test waits for.
@@ -65,7 +27,7 @@ async fn next_for(sub: &mut Subscription, order_id: &str) -> Envelope {
 
 async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
     let app = spawn_on(stack, &[Service::Orchestrator], &["--prefetch", "1"]).await;
-    let driver = Driver::new(&app).await;
+    let driver = Driver::new(&app);
     let (mut payment, mut inventory, mut delivery, mut order) = (
         driver.listen(Service::Payment).await,
         driver.listen(Service::Inventory).await,
@@ -180,7 +142,7 @@ async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
 
 async fn compensation_answers_delivered_twice_advance_once(stack: Stack) {
     let app = spawn_on(stack, &[Service::Orchestrator], &["--prefetch", "1"]).await;
-    let driver = Driver::new(&app).await;
+    let driver = Driver::new(&app);
     let (mut payment, mut inventory, mut order) = (
         driver.listen(Service::Payment).await,
         driver.listen(Service::Inventory).await,
@@ -253,7 +215,7 @@ async fn compensation_answers_delivered_twice_advance_once(stack: Stack) {
 
 async fn order_finished_delivered_twice_sets_the_status_once(stack: Stack) {
     let app = spawn_on(stack, &[Service::Order], &["--prefetch", "1"]).await;
-    let driver = Driver::new(&app).await;
+    let driver = Driver::new(&app);
     let mut placed = driver.listen(Service::Orchestrator).await;
     let id = app.order(order_body(&user("fin"), 1, 1)).await;
     let env = next(&mut placed).await;

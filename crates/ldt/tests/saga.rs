@@ -4,6 +4,8 @@
 
 mod common;
 
+use ldt_testkit::client::TestApi as _;
+
 use std::time::Duration;
 
 use common::{ALL, Stack, TestApp, order_body, spawn_on, user};

@@ -4,82 +4,36 @@
 
 mod common;
 
+use ldt_testkit::client::TestApi as _;
+
 use std::time::Duration;
 
-use common::{Stack, TestApp, spawn_on};
+use common::{Driver, Stack, spawn_on};
 use ldt_contract::{Envelope, Message, Queues, Service, Step, StepOutcome};
-use ldt_runtime::bus::{Bus, Outgoing, Subscription};
+use ldt_runtime::bus::Outgoing;
 use ldt_runtime::consumer::{ORIGIN_QUEUE_HEADER, REASON_HEADER};
 use uuid::Uuid;
 
-struct Driver {
-    bus: Bus,
-    queues: Queues,
-    answers: Subscription,
-}
-
-impl Driver {
-    async fn new(app: &TestApp) -> Driver {
-        let queues = Queues::new(&app.settings.namespace);
-        let bus = app.bus.clone();
-        let answers = bus
-            .subscribe(&queues.of(Service::Orchestrator), 100)
-            .await
-            .unwrap();
-        Driver {
-            bus,
-            queues,
-            answers,
-        }
+/// The orders answered, reading answers until `n` orders have one (a duplicate answer
+/// counts once), each of them a success.
+async fn successes(driver: &mut Driver, n: usize) -> std::collections::HashSet<Uuid> {
+    let mut answered = std::collections::HashSet::new();
+    while answered.len() < n {
+        let a = driver.answer().await;
+        assert!(
+            matches!(
+                a.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Done,
+                    ..
+                }
+            ),
+            "{:?}",
+            a.body
+        );
+        answered.insert(a.order_id);
     }
-
-    async fn send(&self, env: &Envelope) {
-        self.send_raw(env.body.destination(), env.to_json(), &env.id.to_string())
-            .await;
-    }
-
-    async fn send_raw(&self, to: Service, payload: Vec<u8>, id: &str) {
-        let out = Outgoing {
-            queue: self.queues.of(to),
-            message_id: id.to_owned(),
-            payload,
-            headers: vec![],
-        };
-        self.bus.publish(&[out]).await.unwrap();
-    }
-
-    /// The orders answered, reading answers until `n` orders have one (a duplicate answer
-    /// counts once), each of them a success.
-    async fn successes(&mut self, n: usize) -> std::collections::HashSet<Uuid> {
-        let mut answered = std::collections::HashSet::new();
-        while answered.len() < n {
-            let a = self.answer().await;
-            assert!(
-                matches!(
-                    a.body,
-                    Message::StepResult {
-                        outcome: StepOutcome::Done,
-                        ..
-                    }
-                ),
-                "{:?}",
-                a.body
-            );
-            answered.insert(a.order_id);
-        }
-        answered
-    }
-
-    /// The next answer on the orchestrator's queue.
-    async fn answer(&mut self) -> Envelope {
-        let msg = tokio::time::timeout(Duration::from_secs(10), self.answers.next())
-            .await
-            .expect("an answer within 10 s")
-            .unwrap()
-            .unwrap();
-        msg.ack().await.unwrap();
-        Envelope::from_json(&msg.payload).unwrap()
-    }
+    answered
 }
 
 fn debit(order: Uuid, user: &str, total: i64) -> Envelope {
@@ -96,7 +50,7 @@ fn debit(order: Uuid, user: &str, total: i64) -> Envelope {
 
 async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
 
     // The debit completes after the orchestrator recorded TIMEOUT (it sends the refund then):
     // the refund gives the money back.
@@ -155,7 +109,7 @@ async fn a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refus
 /// nothing on; the slip's last step answers the orchestrator.
 async fn a_step_sends_its_slip_on_only_when_it_succeeds(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::Delivery], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let mut inventory = driver
         .bus
         .subscribe(&driver.queues.of(Service::Inventory), 100)
@@ -236,7 +190,7 @@ async fn duplicates_have_one_effect_and_get_the_first_answer(stack: Stack) {
         &[],
     )
     .await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let order = Uuid::now_v7();
     let cmds = [
         debit(order, "dup", 100),
@@ -301,7 +255,7 @@ async fn duplicates_have_one_effect_and_get_the_first_answer(stack: Stack) {
 /// message at a time.
 async fn a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let mut burst = Vec::new();
     let mut duplicated = Vec::new();
     let mut raced = Vec::new();
@@ -373,7 +327,7 @@ async fn a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order(sta
 /// cover, never more, and refuses the rest.
 async fn bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::Inventory], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let stock = app.stock().await;
     assert_eq!(stock, 500, "the test's initial stock");
     let mut burst = Vec::new();
@@ -483,14 +437,14 @@ async fn answers_the_bus_refuses_stay_in_the_outbox_until_there_is_room() {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    let mut driver = Driver::new(&app).await;
-    let answered = driver.successes(orders.len()).await;
+    let mut driver = Driver::orchestrator(&app).await;
+    let answered = successes(&mut driver, orders.len()).await;
     assert_eq!(answered, orders.into_iter().collect());
 }
 
 async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let order = Uuid::now_v7();
     let wrong_version =
         format!(r#"{{"v":9,"id":"{order}","order_id":"{order}","at_ms":0,"type":"refund"}}"#);
@@ -560,7 +514,7 @@ async fn poison_messages_are_parked_and_replayable_and_the_service_keeps_working
 /// is handled.
 async fn a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part(stack: Stack) {
     let app = spawn_on(stack, &[Service::Payment, Service::DeadLetter], &[]).await;
-    let mut driver = Driver::new(&app).await;
+    let mut driver = Driver::orchestrator(&app).await;
     let payment = driver.queues.of(Service::Payment);
     let debits = [
         debit(Uuid::now_v7(), "bundled-a", 3),
@@ -612,7 +566,7 @@ async fn a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part(stack
             .unwrap();
         assert_eq!(resp.status(), 200);
     }
-    let answered = driver.successes(2).await;
+    let answered = successes(&mut driver, 2).await;
     assert_eq!(answered, debits.iter().map(|d| d.order_id).collect());
 }
 

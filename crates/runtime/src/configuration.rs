@@ -224,12 +224,9 @@ pub struct Settings {
 /// legacy contract's "a timed-out order is final within 2 s" (compensations included).
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
 
-/// Orders in flight by default before new ones are shed: at 1,000 orders/s on two cores
-/// (saga p99 about 0.15–0.25 s with bundles) none are shed, and under overload the accepted
-/// orders' p99 stays under a second. With bundles, 350–450 completed more under overload
-/// than 600 (1,412–1,499 against 1,344–1,380 orders/s) with a lower p99 (BENCHMARKS.md).
-/// With the group-commit intake (2026-12-04), 600 shed none at 1,000/s where 400 shed 0.2 %
-/// in stalls, but raised the accepted p99 at 2,000/s from 333 to 452 ms: 400 stays.
+/// Orders in flight by default before new ones are shed: enough that a sustainable load is
+/// not shed, few enough that under overload the accepted orders stay fast (a bigger backlog
+/// only adds waiting). How 400 was chosen: BENCHMARKS.md, "Where the defaults come from".
 pub const DEFAULT_MAX_PENDING: i64 = 400;
 
 /// Default `--bundle-max`: a consumer's batch takes up to 100 deliveries, so a bundle fits in one.

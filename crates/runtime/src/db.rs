@@ -17,7 +17,6 @@ use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
 pub type Pool = sqlx::AnyPool;
 /// One connection (or an open transaction, which derefs to one).
 pub type Conn = sqlx::AnyConnection;
-pub type Tx = sqlx::Transaction<'static, sqlx::Any>;
 pub type DbRow = sqlx::any::AnyRow;
 
 /// Milliseconds since the Unix epoch: every timestamp in every database.
@@ -511,9 +510,9 @@ const LOOK_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
 ///   between a sequential scan and an index, which changes while a table grows from nothing
 ///   and then no more: analyzing at each doubling catches that with a handful of `ANALYZE`s.
 ///   Autovacuum's 10 % rule, checked every 2 s, analyzed every growing table every few
-///   seconds — an eighth of PostgreSQL's CPU at 300 orders/s (perf), plus replanning every cached
-///   statement of the table after each — and the outbox, always nearly empty and never read
-///   by a cached plan that could go wrong, at every round.
+///   seconds (a noticeable share of PostgreSQL's CPU, plus replanning every cached statement
+///   of the table after each) and the outbox, always nearly empty and never read by a cached
+///   plan that could go wrong, at every round.
 const DUE_FOR_MAINTENANCE: &str = "\
     SELECT name, due_vacuum, due_analyze FROM ( \
         SELECT s.relname::text AS name, \
@@ -563,9 +562,8 @@ pub async fn vacuum_if_autovacuum_is_off(
 /// dead index entries pile up and every scan wades through them. And every prepared
 /// statement's generic plan is made once per connection and kept until its table's
 /// statistics change: a plan made while `sagas` was nearly empty seq-scans it for each answer
-/// until the next `ANALYZE` (measured: 1,100 seq scans of a growing `sagas` in 30 s at
-/// 300 orders/s, the saga p50 creeping from 30 to 100 ms). Analyzing as a table grows by a
-/// tenth replaces those plans while the table is still small.
+/// until the next `ANALYZE`, and the saga latency creeps up as the table grows. Analyzing as
+/// a table grows replaces those plans while the table is still small.
 pub async fn maintain(pool: &Pool) -> Result<Vec<String>, sqlx::Error> {
     let due: Vec<(String, bool, bool)> =
         sqlx::query_as(DUE_FOR_MAINTENANCE).fetch_all(pool).await?;

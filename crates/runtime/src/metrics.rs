@@ -2,8 +2,9 @@
 //! atomics, rendered as Prometheus text at `/metrics`, and mirrored to OpenTelemetry
 //! instruments so they are exported over OTLP too (when an endpoint is configured).
 //!
-//! Label sets are few and known (statuses, steps, queues), so each series is created once
-//! and updated lock-free afterwards.
+//! Label sets are few and known (statuses, steps, queues), so each series is created once;
+//! an update finds it under one short mutex (a map of a few dozen series) and adds to it
+//! atomically.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

@@ -3,6 +3,7 @@
 //! of sleeping, and a stream of orders that keeps going through outages (each order retried
 //! with its `Idempotency-Key` until it is accepted or refused for good).
 
+use std::borrow::Borrow;
 use std::collections::BTreeSet;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
@@ -208,4 +209,123 @@ pub fn order_body(prefix: &str, i: u64, faults: bool) -> Value {
         body["faults"] = json!({ step: "timeout" });
     }
     body
+}
+
+/// The calls a test makes against a marketplace's API, for anything that knows where each
+/// path is served (one address, or one per service in split mode). A test must not see a
+/// connection refused or an unexpected status here, so these panic with what they got.
+#[allow(async_fn_in_trait)] // used by tests on their own runtime; no Send bound needed
+pub trait TestApi {
+    fn http(&self) -> &reqwest::Client;
+    /// The full URL of `path`.
+    fn url(&self, path: &str) -> String;
+
+    /// GET `path`: the status and the JSON body (`Null` when it is not JSON).
+    async fn get(&self, path: &str) -> (u16, Value) {
+        let resp = self
+            .http()
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// POST `body` as JSON to `path`: the status and the JSON body.
+    async fn post(&self, path: &str, body: impl Borrow<Value>) -> (u16, Value) {
+        let resp = self
+            .http()
+            .post(self.url(path))
+            .json(body.borrow())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = resp.status().as_u16();
+        (status, resp.json().await.unwrap_or(Value::Null))
+    }
+
+    /// A legacy purchase: the status and the body.
+    async fn purchase(&self, body: impl Borrow<Value>) -> (u16, Value) {
+        self.post("/api/purchase/", body).await
+    }
+
+    /// Places an order through the legacy API; its id.
+    async fn order(&self, body: impl Borrow<Value>) -> String {
+        let body = body.borrow();
+        let (status, order) = self.purchase(body).await;
+        assert_eq!(status, 200, "POST /api/purchase/ {body}: {order}");
+        order["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("an order without an id: {order}"))
+            .to_owned()
+    }
+
+    /// Polls the order until it is final (the order as JSON); panics after `within`.
+    async fn wait_final(&self, id: &str, within: Duration) -> Value {
+        self.eventually(within, &format!("order {id} to be final"), || async {
+            let (status, order) = self.get(&format!("/api/v1/orders/{id}")).await;
+            assert_eq!(status, 200, "GET order {id}: {order}");
+            (order["status"] != "PENDING").then_some(order)
+        })
+        .await
+    }
+
+    /// Places an order and waits for it: its final status.
+    async fn status_of(&self, body: impl Borrow<Value>) -> String {
+        let id = self.order(body).await;
+        let order = self.wait_final(&id, Duration::from_secs(10)).await;
+        order["status"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// A user's credits; `None` for a user never seen.
+    async fn credits(&self, user: &str) -> Option<i64> {
+        let (status, body) = self.get(&format!("/api/v1/users/{user}")).await;
+        match status {
+            200 => body["credits"].as_i64(),
+            404 => None,
+            other => panic!("GET /api/v1/users/{user}: {other} {body}"),
+        }
+    }
+
+    /// The tokens available.
+    async fn stock(&self) -> i64 {
+        let (status, body) = self.get("/api/v1/inventory").await;
+        assert_eq!(status, 200, "GET /api/v1/inventory: {body}");
+        body["available"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no available stock in {body}"))
+    }
+
+    /// Order ids of the user's active (DELIVERED) deliveries.
+    async fn active_deliveries(&self, user: &str) -> Vec<String> {
+        let (status, body) = self
+            .get(&format!("/api/v1/deliveries?username={user}"))
+            .await;
+        assert_eq!(status, 200, "GET deliveries of {user}: {body}");
+        body.as_array()
+            .into_iter()
+            .flatten()
+            .filter(|d| d["status"] == "DELIVERED")
+            .filter_map(|d| d["order_id"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    /// The parked messages.
+    async fn dead_letters(&self) -> Vec<Value> {
+        let (status, body) = self.get("/api/v1/dead-letters").await;
+        assert_eq!(status, 200, "GET /api/v1/dead-letters: {body}");
+        body.as_array().cloned().unwrap_or_default()
+    }
+
+    /// Polls `check` until it returns `Some`, or panics after `within`.
+    async fn eventually<T, F, Fut>(&self, within: Duration, what: &str, check: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        eventually(within, what, check)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+    }
 }

@@ -67,10 +67,10 @@ pub struct Delivery {
 
 impl From<LedgerRow> for Delivery {
     fn from(row: LedgerRow) -> Self {
-        let status = match (row.outcome.as_str(), row.compensated) {
-            (step::SUCCESS, false) => "DELIVERED",
-            (step::SUCCESS, true) => "CANCELLED",
-            (step::TIMEOUT, _) => "REFUSED",
+        let status = match (row.outcome, row.compensated) {
+            (step::Outcome::Success, false) => "DELIVERED",
+            (step::Outcome::Success, true) => "CANCELLED",
+            (step::Outcome::Timeout, _) => "REFUSED",
             _ => "FAILED",
         };
         Delivery {

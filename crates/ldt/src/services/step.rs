@@ -97,7 +97,7 @@ pub struct LedgerRow {
     pub order_id: String,
     pub username: Option<String>,
     pub quantity: i64,
-    pub outcome: String,
+    pub outcome: Outcome,
     pub compensated: bool,
     pub created_ms: i64,
     pub updated_ms: i64,
@@ -109,7 +109,7 @@ impl LedgerRow {
             order_id: row.try_get("order_id")?,
             username: row.try_get("username")?,
             quantity: row.try_get("quantity")?,
-            outcome: row.try_get("outcome")?,
+            outcome: Outcome::parse(&row.try_get::<String, _>("outcome")?),
             compensated: ldt_runtime::db::get_bool(row, "compensated")?,
             created_ms: row.try_get("created_ms")?,
             updated_ms: row.try_get("updated_ms")?,
@@ -123,11 +123,55 @@ const LOCK_LEDGER_ROW: ldt_runtime::db::Sql = ldt_runtime::db::Sql {
     sqlite: "SELECT * FROM ledger WHERE order_id = $1",
 };
 
-/// Outcome labels stored in the ledger (the legacy vocabulary).
-pub const SUCCESS: &str = "SUCCESS";
-pub const UNKNOWN: &str = "UNKNOWN";
-/// The action timed out and its compensation came first: a late action is refused.
-pub const TIMEOUT: &str = "TIMEOUT";
+/// What the ledger records of one order at a step. Stored as the legacy vocabulary's
+/// labels (`SUCCESS`, the step's own refusal such as `INSUFFICIENT_FUND`, …).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Claimed by a transaction that has not decided yet (never seen outside it).
+    Pending,
+    /// The effect was applied.
+    Success,
+    /// The business rule refused the action (the step's [`StepEffect::INSUFFICIENT`] label).
+    Insufficient,
+    /// An injected failure: the step failed without an effect.
+    Unknown,
+    /// The compensation came before the action: a late action is refused.
+    Timeout,
+}
+
+impl Outcome {
+    /// The label stored for this outcome at a step whose refusal is `insufficient`.
+    pub fn label(self, insufficient: &'static str) -> &'static str {
+        match self {
+            Outcome::Pending => "PENDING",
+            Outcome::Success => "SUCCESS",
+            Outcome::Insufficient => insufficient,
+            Outcome::Unknown => "UNKNOWN",
+            Outcome::Timeout => "TIMEOUT",
+        }
+    }
+
+    /// The outcome a stored label stands for: the step's refusal is the only label left.
+    pub fn parse(label: &str) -> Outcome {
+        match label {
+            "PENDING" => Outcome::Pending,
+            "SUCCESS" => Outcome::Success,
+            "UNKNOWN" => Outcome::Unknown,
+            "TIMEOUT" => Outcome::Timeout,
+            _ => Outcome::Insufficient,
+        }
+    }
+
+    /// The answer the orchestrator gets for it.
+    fn step_outcome(self) -> StepOutcome {
+        match self {
+            Outcome::Success => StepOutcome::Done,
+            Outcome::Timeout => StepOutcome::Refused,
+            Outcome::Insufficient => StepOutcome::Insufficient,
+            Outcome::Pending | Outcome::Unknown => StepOutcome::Failed,
+        }
+    }
+}
 
 /// A step service's own effect and undo, run inside the ledger's transaction.
 pub trait StepEffect: Send + Sync + 'static {
@@ -237,15 +281,6 @@ impl<E: StepEffect> StepService<E> {
         })
     }
 
-    fn outcome_of(label: &str) -> StepOutcome {
-        match label {
-            SUCCESS => StepOutcome::Done,
-            TIMEOUT => StepOutcome::Refused,
-            l if l == E::INSUFFICIENT => StepOutcome::Insufficient,
-            _ => StepOutcome::Failed,
-        }
-    }
-
     /// The command a delivery carries, or why it is poison.
     fn command(msg: &Incoming) -> Result<(Uuid, Command), HandleError> {
         let env = ldt_runtime::consumer::decode(msg)?;
@@ -329,26 +364,26 @@ impl<E: StepEffect> StepService<E> {
         .await?
         .rows_affected()
             == 1;
-        let label: String = if claimed {
-            let label = self.act(tx, order_id, action).await?;
+        let outcome = if claimed {
+            let outcome = self.act(tx, order_id, action).await?;
             sqlx::query("UPDATE ledger SET outcome = $2, updated_ms = $3 WHERE order_id = $1")
                 .bind(&id)
-                .bind(label)
+                .bind(outcome.label(E::INSUFFICIENT))
                 .bind(now)
                 .execute(&mut *tx)
                 .await?;
-            label.to_owned()
+            outcome
         } else {
             // A duplicate, or an action arriving after its compensation: answer as before.
-            sqlx::query_scalar("SELECT outcome FROM ledger WHERE order_id = $1")
-                .bind(&id)
-                .fetch_one(&mut *tx)
-                .await?
-        };
-        if !claimed {
+            let label: String =
+                sqlx::query_scalar("SELECT outcome FROM ledger WHERE order_id = $1")
+                    .bind(&id)
+                    .fetch_one(&mut *tx)
+                    .await?;
             tracing::info!(%order_id, step = E::STEP.as_str(), outcome = %label, "repeated or late action; answered from the ledger");
-        }
-        self.reply(outbox, order_id, action, now, &label);
+            Outcome::parse(&label)
+        };
+        self.reply(outbox, order_id, action, now, outcome);
         Ok(())
     }
 
@@ -365,9 +400,9 @@ impl<E: StepEffect> StepService<E> {
         let now = now_ms();
         // Both possible replies, made beforehand: the statement keeps the one that applies.
         let mut done = OutboxBatch::default();
-        self.reply(&mut done, order_id, action, now, SUCCESS);
+        self.reply(&mut done, order_id, action, now, Outcome::Success);
         let mut refused = OutboxBatch::default();
-        self.reply(&mut refused, order_id, action, now, E::INSUFFICIENT);
+        self.reply(&mut refused, order_id, action, now, Outcome::Insufficient);
         let (Some(done), Some(refused)) = (done.into_single(), refused.into_single()) else {
             return Ok(false);
         };
@@ -437,19 +472,19 @@ impl<E: StepEffect> StepService<E> {
         Some(outcomes)
     }
 
-    /// Applies the action's effect (or its injected failure); returns the ledger label.
+    /// Applies the action's effect (or its injected failure); returns its outcome.
     async fn act(
         &self,
         tx: &mut Conn,
         order_id: Uuid,
         action: &Action,
-    ) -> Result<&'static str, sqlx::Error> {
+    ) -> Result<Outcome, sqlx::Error> {
         let applied = if Self::takes_effect(action) {
             self.effect.apply(tx, action).await?
         } else {
             false
         };
-        Ok(self.label(order_id, action, applied))
+        Ok(self.outcome(order_id, action, applied))
     }
 
     /// Whether the action gets to its effect (an injected `kill` fails the step first).
@@ -457,19 +492,19 @@ impl<E: StepEffect> StepService<E> {
         action.fault != Some(Fault::Kill)
     }
 
-    /// The ledger label of an action whose effect was (or was not) applied.
-    fn label(&self, order_id: Uuid, action: &Action, applied: bool) -> &'static str {
+    /// The outcome of an action whose effect was (or was not) applied.
+    fn outcome(&self, order_id: Uuid, action: &Action, applied: bool) -> Outcome {
         if !Self::takes_effect(action) {
             tracing::info!(%order_id, step = E::STEP.as_str(), "injected fault: the step fails");
-            UNKNOWN
+            Outcome::Unknown
         } else if applied {
-            SUCCESS
+            Outcome::Success
         } else {
-            E::INSUFFICIENT
+            Outcome::Insufficient
         }
     }
 
-    /// Puts what follows an action with ledger label `label` into the outbox: after a success
+    /// Puts what follows an action with this outcome into the outbox: after a success
     /// the next command of its routing slip, if there is one; else the answer to the
     /// orchestrator. (A duplicate does the same again, and the next step ignores it.)
     fn reply(
@@ -478,9 +513,9 @@ impl<E: StepEffect> StepService<E> {
         order_id: Uuid,
         action: &Action,
         now: i64,
-        label: &str,
+        outcome: Outcome,
     ) {
-        let outcome = Self::outcome_of(label);
+        let outcome = outcome.step_outcome();
         let mut reply = Envelope::new(
             order_id,
             now,
@@ -524,7 +559,7 @@ impl<E: StepEffect> StepService<E> {
                 .fetch_one(&mut *tx)
                 .await?;
             let row = LedgerRow::from_row(&row)?;
-            if row.outcome == SUCCESS && !row.compensated {
+            if row.outcome == Outcome::Success && !row.compensated {
                 self.effect.undo(&mut *tx, &row).await?;
                 sqlx::query(
                     "UPDATE ledger SET compensated = TRUE, updated_ms = $2 WHERE order_id = $1",
@@ -580,15 +615,15 @@ impl<E: StepEffect> StepService<E> {
                 Command::Act(action) => {
                     let now = now_ms();
                     let applied = Self::takes_effect(action) && applied.next() == Some(true);
-                    let label = span.in_scope(|| self.label(*order_id, action, applied));
+                    let outcome = span.in_scope(|| self.outcome(*order_id, action, applied));
                     ledger.push(NewLedgerRow {
                         order_id: order_id.to_string(),
                         username: action.username.clone(),
                         quantity: action.quantity,
-                        outcome: label,
+                        outcome: outcome.label(E::INSUFFICIENT),
                         at_ms: now,
                     });
-                    span.in_scope(|| self.reply(&mut outbox, *order_id, action, now, label));
+                    span.in_scope(|| self.reply(&mut outbox, *order_id, action, now, outcome));
                 }
                 Command::Compensate => {
                     self.compensate_in(&mut tx, &mut outbox, *order_id)
@@ -613,17 +648,20 @@ impl<E: StepEffect> StepService<E> {
 /// the trace context. The ledger insert has no `ON CONFLICT`: a duplicate fails the whole
 /// statement, the effect with it.
 fn one_statement_sql(sql: &OneStatement) -> String {
+    // The reply's outbox row, its columns in the outbox's order.
+    let reply = ldt_runtime::outbox::insert_from(
+        "SELECT CASE WHEN d.applied THEN $6 ELSE $9 END, \
+                CASE WHEN d.applied THEN $7 ELSE $10 END, \
+                CASE WHEN d.applied THEN $8 ELSE $11 END, $12, $5 \
+         FROM d WHERE d.decided RETURNING id",
+    );
     format!(
         "WITH effect AS ({effect}), \
          d AS (SELECT EXISTS (SELECT 1 FROM effect) AS applied, ({decided}) AS decided), \
          l AS (INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
-               SELECT $3, $1, $2, CASE WHEN d.applied THEN '{SUCCESS}' ELSE $4 END, FALSE, $5, $5 \
+               SELECT $3, $1, $2, CASE WHEN d.applied THEN 'SUCCESS' ELSE $4 END, FALSE, $5, $5 \
                FROM d WHERE d.decided), \
-         o AS (INSERT INTO outbox (queue, message_id, payload, traceparent, created_ms) \
-               SELECT CASE WHEN d.applied THEN $6 ELSE $9 END, \
-                      CASE WHEN d.applied THEN $7 ELSE $10 END, \
-                      CASE WHEN d.applied THEN $8 ELSE $11 END, $12, $5 \
-               FROM d WHERE d.decided RETURNING id) \
+         o AS ({reply}) \
          SELECT d.applied, (SELECT id FROM o) AS outbox_id FROM d",
         effect = sql.effect,
         decided = sql.decided,

@@ -5,7 +5,7 @@
 //! the suites that run on both are the store conformance suite.
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use ldt::startup::Application;
 use ldt_contract::Service;
@@ -107,10 +107,6 @@ pub async fn spawn_with(services: &[Service], settings: Settings) -> TestApp {
 }
 
 impl TestApp {
-    pub fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
     /// Stops the services gracefully (the databases and queues stay until drop).
     pub async fn stop(&mut self) {
         if let Some(stop) = self.stop.take() {
@@ -119,90 +115,6 @@ impl TestApp {
         if let Some(server) = self.server.take() {
             server.await.unwrap().unwrap();
         }
-    }
-
-    pub async fn purchase(&self, body: Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(self.url("/api/purchase/"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Places an order through the legacy API and returns its id.
-    pub async fn order(&self, body: Value) -> String {
-        let (status, order) = self.purchase(body).await;
-        assert_eq!(status, 200, "{order}");
-        order["id"].as_str().unwrap().to_owned()
-    }
-
-    pub async fn get(&self, path: &str) -> (u16, Value) {
-        let resp = self.client.get(self.url(path)).send().await.unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
-    }
-
-    /// Polls the order until it is final; panics after `within`.
-    pub async fn wait_final(&self, id: &str, within: Duration) -> Value {
-        let started = Instant::now();
-        loop {
-            let (status, order) = self.get(&format!("/api/v1/orders/{id}")).await;
-            assert_eq!(status, 200, "{order}");
-            if order["status"] != "PENDING" {
-                return order;
-            }
-            assert!(
-                started.elapsed() < within,
-                "order {id} still PENDING after {within:?}"
-            );
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    pub async fn status_of(&self, body: Value) -> String {
-        let id = self.order(body).await;
-        let order = self.wait_final(&id, Duration::from_secs(10)).await;
-        order["status"].as_str().unwrap().to_owned()
-    }
-
-    /// Credits of a user; `None` if never seen.
-    pub async fn credits(&self, user: &str) -> Option<i64> {
-        let (status, body) = self.get(&format!("/api/v1/users/{user}")).await;
-        match status {
-            200 => Some(body["credits"].as_i64().unwrap()),
-            404 => None,
-            other => panic!("GET user: {other} {body}"),
-        }
-    }
-
-    pub async fn stock(&self) -> i64 {
-        let (status, body) = self.get("/api/v1/inventory").await;
-        assert_eq!(status, 200, "{body}");
-        body["available"].as_i64().unwrap()
-    }
-
-    /// Deliveries of a user that are active (DELIVERED).
-    pub async fn active_deliveries(&self, user: &str) -> Vec<String> {
-        let (status, body) = self
-            .get(&format!("/api/v1/deliveries?username={user}"))
-            .await;
-        assert_eq!(status, 200, "{body}");
-        body.as_array()
-            .unwrap()
-            .iter()
-            .filter(|d| d["status"] == "DELIVERED")
-            .map(|d| d["order_id"].as_str().unwrap().to_owned())
-            .collect()
-    }
-
-    pub async fn dead_letters(&self) -> Vec<Value> {
-        let (status, body) = self.get("/api/v1/dead-letters").await;
-        assert_eq!(status, 200, "{body}");
-        body.as_array().unwrap().clone()
     }
 
     /// A connection pool on a service's own database, for a test that must do what the API
@@ -220,6 +132,7 @@ impl TestApp {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
+        use ldt_testkit::client::TestApi as _;
         self.client
             .get(self.url("/metrics"))
             .send()
@@ -229,35 +142,98 @@ impl TestApp {
             .await
             .unwrap()
     }
+}
 
-    /// POSTs `body` (JSON) and returns the status and the body.
-    pub async fn post(&self, path: &str, body: Value) -> (u16, Value) {
-        let resp = self
-            .client
-            .post(self.url(path))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        let status = resp.status().as_u16();
-        (status, resp.json().await.unwrap_or(Value::Null))
+impl ldt_testkit::client::TestApi for TestApp {
+    fn http(&self) -> &reqwest::Client {
+        &self.client
     }
 
-    /// Polls `check` until it returns `Some`, or panics after `within`.
-    pub async fn eventually<T, F, Fut>(&self, within: Duration, what: &str, mut check: F) -> T
-    where
-        F: FnMut() -> Fut,
-        Fut: std::future::Future<Output = Option<T>>,
-    {
-        let started = Instant::now();
-        loop {
-            if let Some(v) = check().await {
-                return v;
-            }
-            assert!(started.elapsed() < within, "timed out waiting for {what}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+}
+
+/// Plays the other services on the bus: publishes their messages to a service under test
+/// and reads what it sends them.
+pub struct Driver {
+    pub bus: ldt_runtime::bus::Bus,
+    pub queues: ldt_contract::Queues,
+    /// The orchestrator's queue, when the driver plays the orchestrator.
+    answers: Option<ldt_runtime::bus::Subscription>,
+}
+
+impl Driver {
+    pub fn new(app: &TestApp) -> Driver {
+        Driver {
+            bus: app.bus.clone(),
+            queues: ldt_contract::Queues::new(&app.settings.namespace),
+            answers: None,
         }
     }
+
+    /// A driver that plays the orchestrator: the step services' answers come to it.
+    pub async fn orchestrator(app: &TestApp) -> Driver {
+        let mut driver = Driver::new(app);
+        driver.answers = Some(driver.listen(Service::Orchestrator).await);
+        driver
+    }
+
+    /// Publishes `env` to the service it is for.
+    pub async fn send(&self, env: &ldt_contract::Envelope) {
+        self.send_raw(env.body.destination(), env.to_json(), &env.id.to_string())
+            .await;
+    }
+
+    /// Publishes `env` twice in one batch, as a relay that crashed after publishing would.
+    pub async fn send_twice(&self, env: &ldt_contract::Envelope) {
+        let out = self.outgoing(env.body.destination(), env.to_json(), &env.id.to_string());
+        self.bus.publish(&[out.clone(), out]).await.unwrap();
+    }
+
+    /// Publishes any bytes to a service's queue, as a broken producer would.
+    pub async fn send_raw(&self, to: Service, payload: Vec<u8>, id: &str) {
+        let out = self.outgoing(to, payload, id);
+        self.bus.publish(&[out]).await.unwrap();
+    }
+
+    fn outgoing(&self, to: Service, payload: Vec<u8>, id: &str) -> ldt_runtime::bus::Outgoing {
+        ldt_runtime::bus::Outgoing {
+            queue: self.queues.of(to),
+            message_id: id.to_owned(),
+            payload,
+            headers: vec![],
+        }
+    }
+
+    /// Subscribes to a service's queue, to read what the service under test sends it.
+    pub async fn listen(&self, service: Service) -> ldt_runtime::bus::Subscription {
+        self.bus
+            .subscribe(&self.queues.of(service), 100)
+            .await
+            .unwrap()
+    }
+
+    /// The next answer to the orchestrator (see [`Driver::orchestrator`]).
+    pub async fn answer(&mut self) -> ldt_contract::Envelope {
+        next(
+            self.answers
+                .as_mut()
+                .expect("a driver playing the orchestrator"),
+        )
+        .await
+    }
+}
+
+/// The next message on `sub` (acked), within 10 s.
+pub async fn next(sub: &mut ldt_runtime::bus::Subscription) -> ldt_contract::Envelope {
+    let msg = tokio::time::timeout(Duration::from_secs(10), sub.next())
+        .await
+        .expect("a message within 10 s")
+        .unwrap()
+        .unwrap();
+    msg.ack().await.unwrap();
+    ldt_contract::Envelope::from_json(&msg.payload).unwrap()
 }
 
 /// A unique username for one test.

@@ -474,9 +474,9 @@ async fn write_journal(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Journal
 }
 
 /// Messages per journal statement. Each statement is a round trip to SQLite's worker thread,
-/// and one per message made the journal writer the embedded mode's bottleneck (about 1,500
-/// orders/s, with a quarter of the CPU idle). Not far more: sqlx looks up each bound
-/// parameter's name, at a cost that grows with the statement's number of parameters.
+/// and one per message made the journal writer the embedded mode's bottleneck. Not far
+/// more: sqlx looks up each bound parameter's name, at a cost that grows with the
+/// statement's number of parameters.
 const JOURNAL_CHUNK: usize = 100;
 
 /// Writes a gathered run of appends and forgets in one transaction, many rows a statement.

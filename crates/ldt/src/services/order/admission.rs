@@ -169,7 +169,7 @@ impl Admission {
     /// process's commits and finishes; the count corrects it for other replicas' and for
     /// restarts. Not more often: every order leaves a dead `PENDING` entry in the status
     /// index until the table is vacuumed, so a count wades through every order since the
-    /// last vacuum (tens of milliseconds at 1,000 orders/s), and commits wait at the gate
+    /// last vacuum (tens of milliseconds under load), and commits wait at the gate
     /// meanwhile.
     pub async fn refresh(self, pool: Pool, shutdown: tokio_util::sync::CancellationToken) {
         const TICK: std::time::Duration = std::time::Duration::from_secs(1);

@@ -17,10 +17,9 @@ const INTAKE_GROUP: usize = 64;
 
 /// PostgreSQL: how many groups of new orders are written at once. While fewer are in
 /// flight, an order is written as soon as it comes, with one statement of its own; when all
-/// are busy (under load), the orders that arrive meanwhile wait and go in together. At
-/// 1,000 orders/s the order service made 1,100 of the 1,500 commits a second the five
-/// services made: each step service commits once per consumed batch, the intake once per
-/// order.
+/// are busy (under load), the orders that arrive meanwhile wait and go in together — an
+/// intake committing once per order made most of the marketplace's commits (BENCHMARKS.md,
+/// "Where the defaults come from").
 pub const INTAKE_WRITERS_POSTGRES: usize = 2;
 
 /// The intake (group commit): requests hand their order to the writer task, which writes
