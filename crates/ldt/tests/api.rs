@@ -189,9 +189,6 @@ async fn health_openapi_and_swagger_are_served(stack: Stack) {
         "/api/v1/inventory",
         "/api/v1/inventory/restock",
         "/api/v1/deliveries",
-        "/api/v1/deliveries?username=a%00b",
-        "/api/v1/orders?username=%E2%80%8B",
-        "/api/v1/users/a%00b",
         "/api/v1/dead-letters",
         "/api/v1/dead-letters/{id}/replay",
     ] {
@@ -478,6 +475,9 @@ async fn every_bad_request_gets_the_one_error_shape_and_changes_nothing(stack: S
         "/api/v1/orders?after=x",
         "/api/v1/orders?limit=1&limit=2",
         "/api/v1/deliveries",
+        "/api/v1/deliveries?username=a%00b",
+        "/api/v1/orders?username=%E2%80%8B",
+        "/api/v1/users/a%00b",
         "/api/v1/sagas?limit=abc",
         "/api/v1/dead-letters?limit=-1",
     ] {
