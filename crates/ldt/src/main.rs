@@ -108,6 +108,10 @@ async fn main() -> ExitCode {
                 Ok(settings) => settings,
                 Err(e) => cli::explain(e).exit(),
             };
+            let settings = match with_service_databases(settings) {
+                Ok(settings) => settings,
+                Err(code) => return code,
+            };
             return match ldt_runtime::namespace::purge(&settings).await {
                 Ok(deleted) if deleted.is_empty() => {
                     println!("namespace {:?}: nothing to delete", args.namespace);
@@ -126,6 +130,10 @@ async fn main() -> ExitCode {
                 }
             };
         }
+    };
+    let settings = match with_service_databases(settings) {
+        Ok(settings) => settings,
+        Err(code) => return code,
     };
     // One service per process: it is named after it (ldt-payment); several: ldt.
     let name = match services.as_slice() {
@@ -188,4 +196,28 @@ async fn run(
     // The console first: it is where a newcomer starts. (Scripts read the first URL.)
     println!("ldt ready: http://{local}/ (console), http://{local}/docs (API, Swagger UI)");
     app.run_until(shutdown_signal()).await
+}
+
+/// The `LDT_DATABASE_URL_<SERVICE>` variables added to the settings, each URL checked like
+/// --database-url's.
+fn with_service_databases(
+    settings: ldt_runtime::configuration::Settings,
+) -> Result<ldt_runtime::configuration::Settings, ExitCode> {
+    let settings = settings
+        .with_service_database_urls_from(std::env::vars())
+        .map_err(|e| {
+            eprintln!("ldt: error: {e}");
+            ExitCode::from(2)
+        })?;
+    for (service, url) in &settings.service_database_urls {
+        if let Some(why) = ldt_runtime::urls::database_url_problem(url) {
+            eprintln!(
+                "ldt: error: the database of {} (--service-database-url or LDT_DATABASE_URL_{}): {why}",
+                service.as_str(),
+                service.as_str().to_uppercase().replace('-', "_")
+            );
+            return Err(ExitCode::from(2));
+        }
+    }
+    Ok(settings)
 }

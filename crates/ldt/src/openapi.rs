@@ -139,6 +139,19 @@ fn finish_operation(path: &str, method: &str, op: &mut Value) {
             shed
         });
     }
+    if path.starts_with("/api/") {
+        responses.entry("503".to_owned()).or_insert_with(|| {
+            let mut down = error(
+                "The service's database is out of reach for now (a restart, a failover): \
+                 nothing was done; try again after `Retry-After`",
+            );
+            down["headers"] = json!({"Retry-After": {
+                "description": "Seconds to wait before trying again",
+                "schema": {"type": "integer", "minimum": 1}
+            }});
+            down
+        });
+    }
     for (status, response) in responses.iter_mut() {
         let missing = response
             .get("description")

@@ -62,6 +62,19 @@ pub struct Settings {
     )]
     pub database_url: Option<String>,
 
+    /// A database server of its own for one service, as `SERVICE=URL` (repeat it, or
+    /// separate them with commas), overriding --database-url for that service; so are
+    /// `LDT_DATABASE_URL_<SERVICE>` variables (`LDT_DATABASE_URL_PAYMENT=postgres://…`).
+    #[arg(
+        long = "service-database-url",
+        env = "LDT_SERVICE_DATABASE_URLS",
+        value_delimiter = ',',
+        value_parser = parse_service_database_url,
+        hide_env_values = true,
+        help_heading = "Broker and databases"
+    )]
+    pub service_database_urls: Vec<(Service, String)>,
+
     /// Where the embedded mode keeps its files (one SQLite database per service and the
     /// in-process bus's journal), when no database or broker URL is given.
     #[arg(
@@ -263,7 +276,44 @@ impl Settings {
 
     /// Where the services keep their data: PostgreSQL when a URL is set, else SQLite.
     pub fn backend(&self) -> crate::db::Backend {
-        match &self.database_url {
+        self.backend_of(self.database_url.as_ref())
+    }
+
+    /// Where one service keeps its data: its own server when one is set for it
+    /// (--service-database-url), else as every service does ([`Settings::backend`]).
+    pub fn backend_for(&self, service: Service) -> crate::db::Backend {
+        let own = self
+            .service_database_urls
+            .iter()
+            .rev()
+            .find(|(s, _)| *s == service)
+            .map(|(_, url)| url);
+        self.backend_of(own.or(self.database_url.as_ref()))
+    }
+
+    /// Adds the `LDT_DATABASE_URL_<SERVICE>` variables of `env` to the per-service database
+    /// servers (a flag given for the same service wins).
+    pub fn with_service_database_urls_from(
+        mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Settings, String> {
+        let mut found = Vec::new();
+        for (key, url) in env {
+            let Some(name) = key.strip_prefix("LDT_DATABASE_URL_") else {
+                continue;
+            };
+            let service = <Service as clap::ValueEnum>::from_str(&name.replace('_', "-"), true)
+                .map_err(|_| format!("{key}: no service is called {:?}", name.to_lowercase()))?;
+            found.push((service, url));
+        }
+        // The flags come last, so they win.
+        found.append(&mut self.service_database_urls);
+        self.service_database_urls = found;
+        Ok(self)
+    }
+
+    fn backend_of(&self, url: Option<&String>) -> crate::db::Backend {
+        match url {
             Some(url) => crate::db::Backend::Postgres {
                 server_url: url.clone(),
             },
@@ -283,7 +333,11 @@ impl Settings {
     /// Whether anything is kept in the data directory (so it must not be shared by two
     /// processes).
     pub fn uses_data_dir(&self) -> bool {
-        !self.ephemeral && (self.amqp_url.is_none() || self.database_url.is_none())
+        !self.ephemeral
+            && (self.amqp_url.is_none()
+                || Service::ALL
+                    .iter()
+                    .any(|s| matches!(self.backend_for(*s), crate::db::Backend::Sqlite { .. })))
     }
 }
 
@@ -359,6 +413,15 @@ fn parse_service_url(s: &str) -> Result<(Service, String), String> {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
     }
     Ok((service, url.to_owned()))
+}
+
+fn parse_service_database_url(s: &str) -> Result<(Service, String), String> {
+    let (name, url) = s.split_once('=').ok_or_else(|| {
+        format!("expected SERVICE=URL, e.g. payment=postgres://postgres@db-payment:5432; got {s:?}")
+    })?;
+    let service = <Service as clap::ValueEnum>::from_str(name.trim(), true)
+        .map_err(|_| format!("unknown service {name:?}"))?;
+    Ok((service, url.trim().to_owned()))
 }
 
 /// Namespaces end up in database and queue names: keep them to a safe alphabet.

@@ -149,25 +149,7 @@ impl Attempts {
 pub fn is_retryable_for_ever(e: &anyhow::Error) -> bool {
     for cause in e.chain() {
         if let Some(e) = cause.downcast_ref::<sqlx::Error>() {
-            return match e {
-                sqlx::Error::Io(_)
-                | sqlx::Error::Tls(_)
-                | sqlx::Error::Protocol(_)
-                | sqlx::Error::PoolTimedOut
-                | sqlx::Error::PoolClosed
-                | sqlx::Error::WorkerCrashed => true,
-                sqlx::Error::Database(d) => d.code().is_some_and(|code| {
-                    // 08: connection; 40001 serialization, 40P01 deadlock; 53: out of
-                    // resources; 55P03 lock not available; 57P0x: shut down, restarting.
-                    code.starts_with("08")
-                        || code.starts_with("53")
-                        || matches!(
-                            &*code,
-                            "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
-                        )
-                }),
-                _ => false,
-            };
+            return crate::db::is_transient(e);
         }
         if cause.downcast_ref::<crate::bus::BusError>().is_some() {
             return true;

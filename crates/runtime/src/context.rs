@@ -77,7 +77,7 @@ impl Context {
         migrators: &crate::db::Migrators,
     ) -> anyhow::Result<Pool> {
         let name = self.settings.database_name(service);
-        let backend = self.settings.backend();
+        let backend = self.settings.backend_for(service);
         let what = backend.describe(&name);
         let pool = with_retry(&what, self.settings.startup_timeout(), || {
             crate::db::open(&backend, &name, migrators, self.settings.db_pool_size)

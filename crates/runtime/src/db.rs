@@ -13,6 +13,32 @@ use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnectOptions;
 use sqlx::{AssertSqlSafe, ConnectOptions, Connection, Executor};
 
+/// Whether `e` says the database is out of reach or busy for now (a restart, a failover, a
+/// connection cut, a deadlock), so that the same work can succeed later, rather than that
+/// the work itself is wrong.
+pub fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => true,
+        sqlx::Error::Database(d) => d.code().is_some_and(|code| {
+            // 08: connection; 25006: a write on a standby (mid-failover); 40001
+            // serialization, 40P01 deadlock; 53: out of resources; 55P03 lock not available;
+            // 57P0x: shut down, restarting, starting up.
+            code.starts_with("08")
+                || code.starts_with("53")
+                || matches!(
+                    &*code,
+                    "25006" | "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+                )
+        }),
+        _ => false,
+    }
+}
+
 /// A service's connection pool, whichever the backend.
 pub type Pool = sqlx::AnyPool;
 /// One connection (or an open transaction, which derefs to one).

@@ -61,7 +61,14 @@ impl From<crate::consumer::HandleError> for ApiError {
 
 impl From<sqlx::Error> for ApiError {
     fn from(e: sqlx::Error) -> Self {
-        ApiError::Internal(e.into())
+        // A database out of reach for a while (a restart, a failover) is the client's cue to
+        // come back, not a bug: 503 with Retry-After, and nothing was done.
+        if crate::db::is_transient(&e) {
+            tracing::warn!(error = %e, "database unavailable; answering 503");
+            ApiError::Unavailable("the database is unavailable for now; try again".into())
+        } else {
+            ApiError::Internal(e.into())
+        }
     }
 }
 

@@ -47,10 +47,10 @@ pub async fn purge(settings: &Settings) -> anyhow::Result<Vec<String>> {
     } else {
         None
     };
-    let backend = settings.backend();
-    let uses_files = matches!(backend, crate::db::Backend::Sqlite { dir: Some(_) });
-    if !uses_files || dir_exists {
-        for service in Service::ALL {
+    for service in Service::ALL {
+        let backend = settings.backend_for(service);
+        let uses_files = matches!(backend, crate::db::Backend::Sqlite { dir: Some(_) });
+        if !uses_files || dir_exists {
             let name = settings.database_name(service);
             let what = backend.describe(&name);
             if crate::db::drop_database(&backend, &name)
