@@ -140,9 +140,7 @@ impl Telemetry {
         }
         let meter = meter.build();
 
-        let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-            EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn,h2=warn,tonic=warn,hyper=warn,opentelemetry=warn,opentelemetry_sdk=warn")
-        });
+        let filter = log_filter();
         let otel_traces = tracing_opentelemetry::layer()
             .with_tracer(tracer.tracer("ldt"))
             .with_error_records_to_exceptions(true);
@@ -178,10 +176,42 @@ impl Telemetry {
     }
 }
 
+/// `RUST_LOG` (default `info`), with the libraries' own chatter turned down unless `RUST_LOG`
+/// names them. lapin is off: it logs every broker I/O error at error level, one line per
+/// channel, where the bus already says what failed and what it does about it
+/// (`RUST_LOG=lapin=debug` brings it back).
+fn log_filter() -> EnvFilter {
+    const QUIET: [(&str, &str); 9] = [
+        ("sqlx", "warn"),
+        ("lapin", "off"),
+        ("amq_protocol", "warn"),
+        ("h2", "warn"),
+        ("tonic", "warn"),
+        ("hyper", "warn"),
+        ("opentelemetry", "warn"),
+        ("opentelemetry_sdk", "warn"),
+        ("tower", "warn"),
+    ];
+    let asked = std::env::var("RUST_LOG").unwrap_or_default();
+    let mut spec = if asked.trim().is_empty() {
+        "info".to_owned()
+    } else {
+        asked.clone()
+    };
+    for (target, level) in QUIET {
+        if !asked.contains(target) {
+            spec.push_str(&format!(",{target}={level}"));
+        }
+    }
+    EnvFilter::try_new(&spec).unwrap_or_else(|e| {
+        eprintln!("ldt: warning: RUST_LOG={asked:?} is not a log filter ({e}); using info");
+        EnvFilter::new("info")
+    })
+}
+
 /// Logging only, for the client commands (`chaos`, `bench`, `purge`): no spans exported.
 pub fn init_plain(format: LogFormat) {
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,lapin=warn,amq_protocol=warn"));
+    let filter = log_filter();
     let _ = tracing_subscriber::registry()
         .with(filter)
         .with(lines(format))

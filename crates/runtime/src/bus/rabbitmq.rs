@@ -363,7 +363,11 @@ impl AmqpBus {
                 Ok(())
             }
             Some(Err(e @ BusError::Nacked(_))) => {
-                keep(channel);
+                // A channel's view of a quorum queue can outlive the queue's leader: after a
+                // node is lost, RabbitMQ 3.10 went on refusing every publish on the channels
+                // that had published to it, while a new channel's were confirmed. So a refused
+                // batch takes its channel with it; the retry gets a fresh one.
+                close_in_background_channel(channel);
                 Err(e)
             }
             Some(Err(e @ BusError::Returned { .. })) => {
