@@ -14,7 +14,7 @@ import re
 pg_match = re.search(r"\d+\.\d+", sh("psql --version") or "")
 pg = pg_match.group(0) if pg_match else "?"
 rabbit = sh("rabbitmqctl version 2>/dev/null")
-commit = sh("git rev-parse --short HEAD")
+commit = os.environ.get("BENCH_LABEL") or sh("git rev-parse --short HEAD")
 rows = []
 for rate in rates:
     try: r = json.load(open(f"{work}/bench-{rate}.json"))

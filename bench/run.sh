@@ -6,6 +6,9 @@
 #   BENCH_MODE=embedded bench/run.sh  # `ldt up` on SQLite files and the in-process bus
 #   BENCH_DURATION=60 BENCH_RATES="300 1000 2000" bench/run.sh
 #   BENCH_FLOOR=0 bench/run.sh    # without the floor (below)
+#   BENCH_SERVER_BIN=/tmp/ldt-before BENCH_LABEL=e7e30dd bench/run.sh
+#                                 # the services from another build (the code before a change),
+#                                 # driven and checked by this build's `ldt bench`
 #
 # In split mode it first measures the machine's floor at 300 orders/s (bench/limits.sh:
 # pgbench and the bare broker-hop probe, about two minutes) and puts it under the table: the
@@ -29,6 +32,8 @@ credits=1000000000
 [ "$mode" = embedded ] || scripts/ensure-services.sh
 cargo build --release --locked --bin ldt
 bin=target/release/ldt
+server=${BENCH_SERVER_BIN:-$bin}
+[ -x "$server" ] || { echo "bench: BENCH_SERVER_BIN=$server is not an executable" >&2; exit 2; }
 if [ "$mode" = split ] && [ "${BENCH_FLOOR:-1}" != 0 ]; then
   echo "bench: the machine's floor at 300/s (bench/limits.sh)" >&2
   # Not a reason to give up the run (no pgbench here, say): the table goes without it.
@@ -56,13 +61,13 @@ trap cleanup EXIT
 
 declare -A port=([order]=18100 [orchestrator]=18101 [payment]=18102 [inventory]=18103 [delivery]=18104 [dead-letter]=18105)
 if [ "$mode" = up ] || [ "$mode" = embedded ]; then
-  LDT_HTTP_ADDR=127.0.0.1:18100 "$bin" up >"$work/up.log" 2>&1 &
+  LDT_HTTP_ADDR=127.0.0.1:18100 "$server" up >"$work/up.log" 2>&1 &
   pids+=($!); echo "up $!" >"$work/pids"
   urls=()
 else
   : >"$work/pids"
   for s in order orchestrator payment inventory delivery dead-letter; do
-    LDT_HTTP_ADDR=127.0.0.1:${port[$s]} "$bin" serve "$s" >"$work/$s.log" 2>&1 &
+    LDT_HTTP_ADDR=127.0.0.1:${port[$s]} "$server" serve "$s" >"$work/$s.log" 2>&1 &
     pids+=($!); echo "$s $!" >>"$work/pids"
   done
   urls=(--service-url payment=http://127.0.0.1:18102 --service-url inventory=http://127.0.0.1:18103
@@ -108,4 +113,4 @@ for rate in $rates; do
 done
 kill "$sampler" 2>/dev/null || true
 
-python3 bench/render.py "$work" "$mode" "$out" "${results[@]}"
+BENCH_LABEL=${BENCH_LABEL:-} python3 bench/render.py "$work" "$mode" "$out" "${results[@]}"
