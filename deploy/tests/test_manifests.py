@@ -231,6 +231,15 @@ def test_settings_and_secrets(overlay, service):
              "LDT_INITIAL_CREDITS", "LDT_INITIAL_STOCK", "LDT_STEP_TIMEOUT_MS", "LDT_STALL_MS",
              "LDT_PREFETCH", "LDT_DB_POOL_SIZE", "LDT_STARTUP_TIMEOUT_S", "LDT_LOG_FORMAT",
              "LDT_QUEUE_TYPE", "LDT_FAULT_INJECTION", "LDT_ADMIN_TOKEN", "LDT_BUNDLE_MAX"}
+    # A service's own database server (LDT_DATABASE_URL_<SERVICE>): only its own, from the
+    # credentials, optional (without the key, the shared server).
+    own = f"LDT_DATABASE_URL_{service.upper().replace('-', '_')}"
+    if own in env:
+        kind, secret, k = env[own]
+        assert kind == "secret" and k == f"{service}-database-url"
+        assert secret == "ldt-credentials" or secret.startswith("ldt-credentials-")
+        assert env_of(c)[own]["valueFrom"]["secretKeyRef"].get("optional") is True
+        known = known | {own}
     assert {k for k in env if k.startswith("LDT_")} <= known
     # Test-only knobs (crash points, duplicate injection, expiring queues) stay out of clusters.
     assert not {"LDT_CRASH_POINT", "LDT_CHAOS_DUPLICATE_EVERY", "LDT_QUEUE_EXPIRES_MS"} & set(env)

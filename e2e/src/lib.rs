@@ -94,6 +94,8 @@ pub struct Marketplace {
     children: Vec<Child>,
     /// The processes' environment (`None`: removed).
     env: Vec<(String, Option<String>)>,
+    /// The `ldt` binary the processes run.
+    bin: PathBuf,
     owned: bool,
 }
 
@@ -155,11 +157,16 @@ impl Marketplace {
                 bases: SERVICES.iter().map(|s| (*s, base.clone())).collect(),
                 children: Vec::new(),
                 env: Vec::new(),
+                bin: ldt_bin(),
                 owned: false,
             };
         }
         let namespace = format!("e2e_{}", &uuid::Uuid::new_v4().simple().to_string()[..12]);
-        let bin = ldt_bin();
+        // `LDT_BIN` among `env` picks the binary for this marketplace alone.
+        let bin = env
+            .iter()
+            .find(|(k, _)| *k == "LDT_BIN")
+            .map_or_else(ldt_bin, |(_, v)| PathBuf::from(v));
         assert!(
             bin.exists(),
             "the ldt binary is not at {} (build it with `cargo build --bin ldt`, or set LDT_BIN)",
@@ -210,6 +217,7 @@ impl Marketplace {
             bases: BTreeMap::new(),
             children: Vec::new(),
             env: vars,
+            bin,
             owned: true,
         };
         let groups: Vec<Vec<&'static str>> = match mode {
@@ -243,7 +251,7 @@ impl Marketplace {
     /// Starts `ldt up` (no services named) or `ldt serve <group>` with the marketplace's
     /// environment.
     fn spawn(&self, group: &[&str]) -> (Child, tokio::process::ChildStdout) {
-        let mut cmd = Command::new(ldt_bin());
+        let mut cmd = Command::new(&self.bin);
         if group.is_empty() {
             cmd.arg("up");
         } else {
@@ -267,7 +275,7 @@ impl Marketplace {
     /// The `ldt` binary with this marketplace's environment (same namespace, data directory,
     /// broker and database), to run another command against it.
     pub fn ldt(&self) -> std::process::Command {
-        let mut cmd = std::process::Command::new(ldt_bin());
+        let mut cmd = std::process::Command::new(&self.bin);
         for (k, v) in &self.env {
             match v {
                 Some(v) => cmd.env(k, v),
@@ -310,7 +318,7 @@ impl Marketplace {
             .filter(|s| **s != "order")
             .map(|s| format!("{s}={}", self.bases[s]))
             .collect();
-        let mut cmd = Command::new(ldt_bin());
+        let mut cmd = Command::new(&self.bin);
         cmd.args(["serve", "order", "--service-url", &urls.join(",")]);
         for (k, v) in &self.env {
             match v {

@@ -4,7 +4,7 @@
 //! with its `Idempotency-Key` until it is accepted or refused for good).
 
 use std::borrow::Borrow;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -74,10 +74,28 @@ impl Api {
     /// Places an order through the v1 API, retrying (same key) until it is accepted or
     /// refused with a 4xx, or `within` has passed: its id, or the last answer.
     pub async fn place(&self, body: &Value, key: &str, within: Duration) -> Result<String, String> {
+        self.place_counting(body, key, within, &Mutex::default())
+            .await
+    }
+
+    /// [`Api::place`], counting every answer by status in `seen` (0: no answer at all).
+    pub async fn place_counting(
+        &self,
+        body: &Value,
+        key: &str,
+        within: Duration,
+        seen: &Mutex<BTreeMap<u16, u64>>,
+    ) -> Result<String, String> {
         let started = Instant::now();
         let mut last = String::from("no answer");
         while started.elapsed() < within {
-            match self.post("/api/v1/orders", body, Some(key)).await {
+            let answer = self.post("/api/v1/orders", body, Some(key)).await;
+            *seen
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry(answer.as_ref().map_or(0, |(status, _)| *status))
+                .or_default() += 1;
+            match answer {
                 Some((200 | 202, order)) => {
                     if let Some(id) = order["id"].as_str() {
                         return Ok(id.to_owned());
@@ -117,13 +135,28 @@ impl Api {
     }
 }
 
+/// Orders of an [`OrderStream`] in flight at most.
+const MAX_IN_FLIGHT: usize = 256;
+
 /// Orders sent at a steady rate in the background, each retried until accepted: what was
 /// accepted is what must end final.
 pub struct OrderStream {
     accepted: Arc<Mutex<BTreeSet<String>>>,
     refused: Arc<Mutex<Vec<String>>>,
+    /// Every answer the stream got, by status (retries included; 0: no answer).
+    seen: Arc<Mutex<BTreeMap<u16, u64>>>,
     stop: tokio_util::sync::CancellationToken,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for OrderStream {
+    /// A stream dropped unfinished (a test that failed) stops sending at once.
+    fn drop(&mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
 }
 
 impl OrderStream {
@@ -132,16 +165,22 @@ impl OrderStream {
     pub fn start(api: Api, per_second: u32, prefix: &str, faults: bool) -> OrderStream {
         let accepted = Arc::new(Mutex::new(BTreeSet::new()));
         let refused = Arc::new(Mutex::new(Vec::new()));
+        let seen = Arc::new(Mutex::new(BTreeMap::new()));
         let stop = tokio_util::sync::CancellationToken::new();
-        let (acc, refs, halt, prefix) = (
+        let (acc, refs, counts, halt, prefix) = (
             accepted.clone(),
             refused.clone(),
+            seen.clone(),
             stop.clone(),
             prefix.to_owned(),
         );
         let task = tokio::spawn(async move {
             let gap = Duration::from_secs_f64(1.0 / f64::from(per_second.max(1)));
             let mut sending = tokio::task::JoinSet::new();
+            // A client's connections are finite: while the marketplace cannot answer, the
+            // stream waits for one instead of opening thousands (each order is retried for
+            // up to two minutes).
+            let connections = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
             let mut i: u64 = 0;
             let mut next = tokio::time::Instant::now();
             while !halt.is_cancelled() {
@@ -149,13 +188,26 @@ impl OrderStream {
                     _ = tokio::time::sleep_until(next) => {}
                     _ = halt.cancelled() => break,
                 }
-                next += gap;
+                let permit = tokio::select! {
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                    _ = halt.cancelled() => break,
+                };
+                // After a wait, the rate resumes from now rather than catching up in a burst.
+                next = (next + gap).max(tokio::time::Instant::now());
                 i += 1;
                 let body = order_body(&prefix, i, faults);
                 let key = format!("{prefix}-{i}");
-                let (api, acc, refs) = (api.clone(), acc.clone(), refs.clone());
+                let (api, acc, refs, counts) =
+                    (api.clone(), acc.clone(), refs.clone(), counts.clone());
                 sending.spawn(async move {
-                    match api.place(&body, &key, Duration::from_secs(120)).await {
+                    let _permit = permit;
+                    match api
+                        .place_counting(&body, &key, Duration::from_secs(120), &counts)
+                        .await
+                    {
                         Ok(id) => {
                             acc.lock().unwrap_or_else(|e| e.into_inner()).insert(id);
                         }
@@ -168,16 +220,24 @@ impl OrderStream {
         OrderStream {
             accepted,
             refused,
+            seen,
             stop,
-            task,
+            task: Some(task),
         }
+    }
+
+    /// Every answer so far, by status (retries included; 0: no answer at all).
+    pub fn answers(&self) -> BTreeMap<u16, u64> {
+        self.seen.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Stops sending, waits for the orders in flight to be answered; the ids accepted and
     /// the answers of those refused.
-    pub async fn finish(self) -> (BTreeSet<String>, Vec<String>) {
+    pub async fn finish(mut self) -> (BTreeSet<String>, Vec<String>) {
         self.stop.cancel();
-        let _ = self.task.await;
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
         let accepted = self
             .accepted
             .lock()
@@ -197,7 +257,8 @@ impl OrderStream {
 pub fn order_body(prefix: &str, i: u64, faults: bool) -> Value {
     let steps = ["payment", "inventory", "delivery"];
     let step = steps[(i % 3) as usize];
-    let username = format!("{prefix}-u{}", i % 8);
+    // 64 users: enough that two replicas' batches seldom wait on the same rows.
+    let username = format!("{prefix}-u{}", i % 64);
     let mut body =
         json!({"username": username, "price": 1 + (i % 5) as i64, "amount": 1 + (i % 3) as i64});
     if i.is_multiple_of(7) {

@@ -178,7 +178,10 @@ async fn pump(state: Arc<State>, mut from: Reader, mut to: Writer) {
     let mut paused = state.paused.subscribe();
     let write = async {
         while let Some((due, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(due).await;
+            // Without latency the chunk is due already: no timer.
+            if due > Instant::now() {
+                tokio::time::sleep_until(due).await;
+            }
             while *paused.borrow_and_update() {
                 if paused.changed().await.is_err() {
                     return;
