@@ -48,6 +48,29 @@ for rate, r, rss in rows:
     other = ", ".join(f"{k} {v}" for k, v in sorted((r.get("statuses") or {}).items()) if k != "SUCCESS") or "0"
     lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
 lines.append("")
+# CPU of every process over the middle of each run (bench/cpu.py), per order.
+cpu_lines = []
+for rate in rates:
+    path = f"{work}/cpu-{rate}"
+    if not os.path.exists(path):
+        continue
+    usage = {}
+    for line in open(path):
+        name, _, pct = line.rstrip().rpartition(" ")
+        try:
+            usage[name.strip()] = float(pct)
+        except ValueError:
+            pass
+    total = usage.get("total", 0.0) - usage.get("ldt bench", 0.0)
+    services = sum(v for k, v in usage.items() if k.startswith("ldt ") and k != "ldt bench")
+    ms = total / 100 * 1000 / float(rate)
+    cpu_lines.append(f"| {rate} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % |")
+if cpu_lines:
+    lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core):\n")
+    lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator |")
+    lines.append("|---|---|---|---|---|---|---|")
+    lines.extend(cpu_lines)
+    lines.append("")
 floor = open(f"{work}/floor.md").read().strip() if os.path.exists(f"{work}/floor.md") else ""
 if floor:
     lines.append("The machine's floor in the same sitting, just before (`bench/limits.sh` at 300/s: pgbench at an order's seven durable commits, and six persistent, confirmed broker hops without and with a durable insert each; CPU in % of one core):\n")

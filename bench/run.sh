@@ -105,7 +105,11 @@ for rate in $rates; do
   echo "bench: $rate orders/s for $d s" >&2
   : >"$work/rss"
   before=$(checkpoints)
+  # CPU of every process over the run's middle (its first and last 5 s left out).
+  ( sleep 5; python3 bench/cpu.py $(( d > 15 ? d - 10 : d / 2 )) >"$work/cpu-$rate" ) &
+  cpu=$!
   "$bin" bench "${common[@]}" --rate "$rate" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
+  wait "$cpu" || true
   after=$(checkpoints)
   [ -n "$before" ] && [ -n "$after" ] && echo $(( after - before )) >"$work/checkpoints-$rate"
   cp "$work/rss" "$work/rss-$rate"
