@@ -627,7 +627,7 @@
       username: (query.get('username') || '').trim(),
       since: Number(query.get('since_ms')) > 0 ? Number(query.get('since_ms')) : null,
     };
-    const st = { gen: 0, orders: new Map(), seen: new Map(), cursor: null, olderLoaded: false, loaded: false, error: null };
+    const st = { gen: 0, orders: new Map(), seen: new Map(), cursor: null, olderLoaded: false, loaded: false, trimmed: false, error: null };
 
     // counts
     const countSpans = {};
@@ -795,11 +795,28 @@
       setText(caption, st.loaded ? list.length + ' order' + (list.length === 1 ? '' : 's') + ' shown, newest first' : '');
     }
 
+    // At a thousand orders a second the live list would grow without end, and every render
+    // would sort it and every new order scan it (a browser took half a core on the server's
+    // machine in the benchmark). While only the first page is loaded, the list keeps the
+    // newest orders and now and then takes a fresh first page, and with it the cursor
+    // "Older orders" continues from.
+    const LIVE_ROWS = 100;
+    let refreshQueued = false;
+    function trim() {
+      if (st.olderLoaded || st.orders.size <= LIVE_ROWS) return;
+      const keep = [...st.orders.values()].sort(cmpOrders).slice(0, LIVE_ROWS / 2);
+      st.orders = new Map(keep.map((o) => [o.id, o]));
+      st.trimmed = true;
+      if (refreshQueued) return;
+      refreshQueued = true;
+      ctx.after(2000, () => { refreshQueued = false; return loadFirst(false); });
+    }
+
     let renderQueued = false;
     function scheduleRender() {
       if (renderQueued) return;
       renderQueued = true;
-      ctx.after(100, () => { renderQueued = false; render(); });
+      ctx.after(100, () => { renderQueued = false; trim(); render(); });
     }
 
     async function loadFirst(reset) {
@@ -834,11 +851,14 @@
       st.orders = next;
       if (reset || !st.olderLoaded) st.cursor = page && page.next != null ? page.next : null;
       st.loaded = true;
+      st.trimmed = false;
       for (const [id, t] of st.seen) if (t < started - 60000) st.seen.delete(id);
       render();
     }
 
     async function loadOlder() {
+      // A trimmed list's cursor is behind what it shows: a fresh first page first.
+      if (st.trimmed) await loadFirst(false);
       if (st.cursor == null) return;
       const gen = st.gen;
       older.disabled = true;
