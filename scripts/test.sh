@@ -9,9 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 scripts/ensure-browser.sh
-# The e2e suite runs the ldt binary itself; the cluster test runs the release build (twelve
-# service processes beside three broker nodes and two database servers on this machine).
+# The e2e suite runs the ldt binary itself. (The cluster test is apart: scripts/cluster-test.sh.)
 cargo build --locked --bin ldt
-cargo build --release --locked --bin ldt
 cargo test --locked --workspace "$@"
 scripts/contract.sh
