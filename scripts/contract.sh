@@ -10,6 +10,8 @@ cd "$(dirname "$0")/.."
 examples=${1:-${CONTRACT_MAX_EXAMPLES:-100}}
 target=${CARGO_TARGET_DIR:-target}
 venv="$target/contract-venv"
+# Absolute: it is used from another directory below (CARGO_TARGET_DIR may be either).
+case "$venv" in /*) ;; *) venv="$PWD/$venv" ;; esac
 bin="$target/debug/ldt"
 say() { echo "contract: $*" >&2; }
 
@@ -43,7 +45,7 @@ run_schemathesis() { # label schema base-url
   say "schemathesis on $1 ($examples examples per operation)"
   # The event stream never ends: it has its own test (api.rs); everything else is checked.
   (cd "$work" && SCHEMATHESIS_HOOKS=hooks PYTHONPATH="$PWD/scripts/schemathesis" \
-    "$OLDPWD/$venv/bin/st" run "$2" --url "$3" --checks all \
+    "$venv/bin/st" run "$2" --url "$3" --checks all \
       --exclude-path /api/v1/orders/events \
       --max-examples "$examples" --workers 2 --no-color --request-timeout 15 \
       --seed 42 --generation-deterministic)
