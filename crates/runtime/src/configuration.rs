@@ -401,27 +401,30 @@ impl Settings {
     }
 }
 
-/// `SERVICE=URL`: where one service answers.
-fn parse_service_url(s: &str) -> Result<(Service, String), String> {
-    let (name, url) = s.split_once('=').ok_or_else(|| {
-        format!("expected SERVICE=URL, e.g. order=http://127.0.0.1:8101; got {s:?}")
-    })?;
+/// `SERVICE=VALUE`, the service named as `ldt serve` names it; `example` shows the form.
+fn parse_service_pair<'a>(s: &'a str, example: &str) -> Result<(Service, &'a str), String> {
+    let (name, value) = s
+        .split_once('=')
+        .ok_or_else(|| format!("expected SERVICE=URL, e.g. {example}; got {s:?}"))?;
     let service = <Service as clap::ValueEnum>::from_str(name.trim(), true)
         .map_err(|_| format!("unknown service {name:?}"))?;
-    let url = url.trim().trim_end_matches('/');
+    Ok((service, value.trim()))
+}
+
+/// `SERVICE=URL`: where one service answers.
+fn parse_service_url(s: &str) -> Result<(Service, String), String> {
+    let (service, url) = parse_service_pair(s, "order=http://127.0.0.1:8101")?;
+    let url = url.trim_end_matches('/');
     if !(url.starts_with("http://") || url.starts_with("https://")) || url.len() < 8 {
         return Err(format!("{url:?} is not an http:// or https:// URL"));
     }
     Ok((service, url.to_owned()))
 }
 
+/// `SERVICE=URL`: the database server of one service (checked at start, with the others).
 fn parse_service_database_url(s: &str) -> Result<(Service, String), String> {
-    let (name, url) = s.split_once('=').ok_or_else(|| {
-        format!("expected SERVICE=URL, e.g. payment=postgres://postgres@db-payment:5432; got {s:?}")
-    })?;
-    let service = <Service as clap::ValueEnum>::from_str(name.trim(), true)
-        .map_err(|_| format!("unknown service {name:?}"))?;
-    Ok((service, url.trim().to_owned()))
+    let (service, url) = parse_service_pair(s, "payment=postgres://postgres@db-payment:5432")?;
+    Ok((service, url.to_owned()))
 }
 
 /// Namespaces end up in database and queue names: keep them to a safe alphabet.
