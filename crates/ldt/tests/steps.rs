@@ -394,6 +394,117 @@ async fn bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover(st
     assert_eq!(app.stock().await, 10);
 }
 
+/// Compensations that arrive together (after an outage, thousands of sagas compensate at
+/// once, with retries beside the first tries) are applied together: each successful action
+/// undone exactly once, several of one user's refunds summed right, the stock given back
+/// whole, and an order whose action never came tombstoned so that its late action is refused.
+async fn a_burst_of_compensations_undoes_each_order_once(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment, Service::Inventory], &[]).await;
+    let mut driver = Driver::orchestrator(&app).await;
+    let queues = driver.queues.clone();
+    let publish = |envs: &[Envelope]| -> Vec<Outgoing> {
+        envs.iter()
+            .map(|env| Outgoing {
+                queue: queues.of(env.body.destination()),
+                message_id: Uuid::now_v7().to_string(),
+                payload: env.to_json(),
+                headers: vec![],
+            })
+            .collect()
+    };
+    let users = ["refund-a", "refund-b", "refund-c"];
+    let mut done = Vec::new();
+    let mut actions = Vec::new();
+    for i in 0..12 {
+        let order = Uuid::now_v7();
+        actions.push(debit(order, users[i % users.len()], 7));
+        actions.push(Envelope::new(
+            order,
+            0,
+            Message::Reserve {
+                amount: 3,
+                fault: None,
+            },
+        ));
+        done.push(order);
+    }
+    driver.bus.publish(&publish(&actions)).await.unwrap();
+    for _ in 0..actions.len() {
+        let a = driver.answer().await;
+        assert!(
+            matches!(
+                a.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Done,
+                    ..
+                }
+            ),
+            "{:?}",
+            a.body
+        );
+    }
+    assert_eq!(app.credits("refund-a").await, Some(500 - 4 * 7));
+    assert_eq!(app.stock().await, 500 - 12 * 3);
+
+    // Every compensation twice, and three for orders whose actions never came.
+    let never: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+    let mut undo = Vec::new();
+    for order in done.iter().chain(&never) {
+        for _ in 0..2 {
+            undo.push(Envelope::new(*order, 0, Message::Refund));
+            undo.push(Envelope::new(*order, 0, Message::Release));
+        }
+    }
+    driver.bus.publish(&publish(&undo)).await.unwrap();
+    let mut compensated: std::collections::HashMap<(Uuid, Step), usize> = Default::default();
+    for _ in 0..undo.len() {
+        let a = driver.answer().await;
+        let Message::Compensated { step } = a.body else {
+            panic!("unexpected answer {:?}", a.body);
+        };
+        *compensated.entry((a.order_id, step)).or_default() += 1;
+    }
+    for order in done.iter().chain(&never) {
+        for step in [Step::Payment, Step::Inventory] {
+            assert_eq!(
+                compensated.get(&(*order, step)),
+                Some(&2),
+                "{order} at {step:?}"
+            );
+        }
+    }
+    for user in users {
+        assert_eq!(
+            app.credits(user).await,
+            Some(500),
+            "{user} refunded once per order"
+        );
+    }
+    assert_eq!(app.stock().await, 500, "every reservation released once");
+
+    // The actions of the tombstoned orders, late: refused, without effect.
+    let late: Vec<Envelope> = never
+        .iter()
+        .map(|order| debit(*order, "refund-a", 7))
+        .collect();
+    driver.bus.publish(&publish(&late)).await.unwrap();
+    for _ in 0..late.len() {
+        let a = driver.answer().await;
+        assert!(
+            matches!(
+                a.body,
+                Message::StepResult {
+                    outcome: StepOutcome::Refused,
+                    ..
+                }
+            ),
+            "{:?}",
+            a.body
+        );
+    }
+    assert_eq!(app.credits("refund-a").await, Some(500));
+}
+
 /// Answers the bus refuses (their queue is full) are not lost: they stay in the service's
 /// outbox and its sweep publishes them once there is room. (The in-process bus is the one
 /// with a configurable bound; the relay is the same on both stacks.)
@@ -576,6 +687,7 @@ on_every_stack!(
     duplicates_have_one_effect_and_get_the_first_answer,
     a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order,
     bursts_beyond_the_credits_and_the_stock_take_exactly_what_they_cover,
+    a_burst_of_compensations_undoes_each_order_once,
     poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
     a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part,
 );

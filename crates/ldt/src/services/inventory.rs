@@ -92,6 +92,40 @@ impl StepEffect for Stock {
             .await?;
         Ok(())
     }
+
+    /// Every release of a batch goes to the one stock row: one update for them all.
+    async fn undo_all(&self, conn: &mut Conn, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+        let total = rows
+            .iter()
+            .try_fold(0i64, |sum, row| sum.checked_add(row.quantity));
+        match total {
+            Some(total) if rows.len() > 1 => {
+                self.undo(
+                    conn,
+                    &LedgerRow {
+                        quantity: total,
+                        ..rows[0].clone()
+                    },
+                )
+                .await
+            }
+            // One row, or a sum past i64 (the stock's CHECK refuses it anyway): one each.
+            _ => crate::services::step::undo_each(self, conn, rows).await,
+        }
+    }
+
+    /// Reservations and releases all write the stock row: lock it first.
+    async fn lock_shared(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+        undone: &[LedgerRow],
+    ) -> Result<(), sqlx::Error> {
+        if !actions.is_empty() || !undone.is_empty() {
+            sqlx::query(LOCK_STOCK.on(conn)).execute(&mut *conn).await?;
+        }
+        Ok(())
+    }
 }
 
 pub async fn start(ctx: &Context) -> anyhow::Result<Started> {

@@ -137,6 +137,49 @@ impl StepEffect for Credits {
             .await?;
         Ok(())
     }
+
+    /// The refunds of a batch summed per user: one update per user, in name order.
+    async fn undo_all(&self, conn: &mut Conn, rows: &[LedgerRow]) -> Result<(), sqlx::Error> {
+        let mut per_user: std::collections::BTreeMap<&str, i64> = Default::default();
+        for row in rows {
+            let sum = per_user
+                .entry(row.username.as_deref().unwrap_or_default())
+                .or_insert(0);
+            match sum.checked_add(row.quantity) {
+                Some(total) => *sum = total,
+                // Past i64 (the credits' CHECK refuses it anyway): one refund each.
+                None => return crate::services::step::undo_each(self, conn, rows).await,
+            }
+        }
+        for (username, total) in per_user {
+            sqlx::query("UPDATE users SET credits = credits + $2 WHERE username = $1")
+                .bind(username)
+                .bind(total)
+                .execute(&mut *conn)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// The users the batch's debits and refunds write, locked in name order.
+    async fn lock_shared(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+        undone: &[LedgerRow],
+    ) -> Result<(), sqlx::Error> {
+        let mut names: Vec<String> = actions
+            .iter()
+            .filter_map(|a| a.username.clone())
+            .chain(undone.iter().filter_map(|r| r.username.clone()))
+            .collect();
+        names.sort_unstable();
+        names.dedup();
+        if !names.is_empty() {
+            lock_users(conn, &names).await?;
+        }
+        Ok(())
+    }
 }
 
 /// The credits of the users among `names` (sorted) that exist, locked until the transaction

@@ -210,6 +210,77 @@ pub trait StepEffect: Send + Sync + 'static {
         conn: &mut Conn,
         row: &LedgerRow,
     ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send;
+
+    /// Undoes successful actions, as one `undo` each would. By default one `undo` each;
+    /// effects whose rows many undos share override it to write those rows once.
+    fn undo_all(
+        &self,
+        conn: &mut Conn,
+        rows: &[LedgerRow],
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send {
+        undo_each(self, conn, rows)
+    }
+
+    /// Locks the rows that `actions` and the undos of `undone` are going to write, in one
+    /// order, before a batch with compensations locks any ledger row. An action batch takes
+    /// these rows first (in [`StepEffect::apply_all`]) and its ledger keys last; a
+    /// compensation batch that took its ledger rows first and the shared rows last would
+    /// deadlock against it whenever the two concern the same order (an action and its
+    /// compensation racing after a deadline). By default nothing to lock.
+    fn lock_shared(
+        &self,
+        conn: &mut Conn,
+        actions: &[&Action],
+        undone: &[LedgerRow],
+    ) -> impl std::future::Future<Output = Result<(), sqlx::Error>> + Send {
+        let _ = (conn, actions, undone);
+        std::future::ready(Ok(()))
+    }
+}
+
+/// Undoes actions one `undo` each: `StepEffect::undo_all`'s default.
+pub async fn undo_each<E: StepEffect + ?Sized>(
+    effect: &E,
+    conn: &mut Conn,
+    rows: &[LedgerRow],
+) -> Result<(), sqlx::Error> {
+    for row in rows {
+        effect.undo(&mut *conn, row).await?;
+    }
+    Ok(())
+}
+
+/// The ledger rows of `order_ids` (sorted, distinct), in order-id order; locked until the
+/// transaction ends when `lock` (SQLite: its single writer does that).
+async fn read_ledger(
+    conn: &mut Conn,
+    order_ids: &[String],
+    lock: bool,
+) -> Result<Vec<LedgerRow>, sqlx::Error> {
+    let lock = lock && !ldt_runtime::db::conn_is_sqlite(conn);
+    let mut rows = Vec::with_capacity(order_ids.len());
+    for chunk in order_ids.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
+        let mut sql = format!(
+            "SELECT * FROM ledger WHERE order_id IN ({}) ORDER BY order_id",
+            ldt_runtime::db::placeholders(1, chunk.len())
+        );
+        if lock {
+            sql.push_str(" FOR UPDATE");
+        }
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for id in chunk {
+            query = query.bind(id.as_str());
+        }
+        for row in query.fetch_all(&mut *conn).await? {
+            rows.push(LedgerRow::from_row(&row)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// Whether compensating this row undoes something.
+fn to_undo(row: &LedgerRow) -> bool {
+    row.outcome == Outcome::Success && !row.compensated
 }
 
 /// An action's effect as SQL, for [`StepEffect::one_statement`]. `$1` is the action's
@@ -576,6 +647,89 @@ impl<E: StepEffect> StepService<E> {
         Ok(())
     }
 
+    /// The compensations of a batch (order-id order; an order may come twice, a retry beside
+    /// the first) in `tx`, a few statements for them all: the ledger rows they concern locked
+    /// at once, the undos applied together ([`StepEffect::undo_all`]) and marked, a
+    /// tombstone for each order whose action has not come, a `Compensated` reply for each.
+    async fn compensate_all(
+        &self,
+        tx: &mut Conn,
+        outbox: &mut OutboxBatch,
+        compensating: &[(Uuid, &tracing::Span)],
+    ) -> Result<(), HandleError> {
+        if compensating.is_empty() {
+            return Ok(());
+        }
+        let now = now_ms();
+        let ids = distinct_ids(compensating);
+        let mut found = read_ledger(tx, &ids, true).await?;
+        let absent: Vec<&String> = ids
+            .iter()
+            .filter(|id| found.binary_search_by(|r| r.order_id.cmp(id)).is_err())
+            .collect();
+        let mut tombstoned = std::collections::HashSet::new();
+        for chunk in absent.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
+            let sql = ldt_runtime::db::multi_row_insert(
+                "INSERT INTO ledger (order_id, username, quantity, outcome, compensated, \
+                 created_ms, updated_ms)",
+                7,
+                chunk.len(),
+            ) + " ON CONFLICT (order_id) DO NOTHING RETURNING order_id";
+            let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+            for id in chunk {
+                query = query
+                    .bind(id.as_str())
+                    .bind(None::<String>)
+                    .bind(0i64)
+                    .bind("TIMEOUT")
+                    .bind(true)
+                    .bind(now)
+                    .bind(now);
+            }
+            tombstoned.extend(query.fetch_all(&mut *tx).await?);
+        }
+        // An action that claimed its row after the read above (and has committed since:
+        // the insert waited for it) is compensated like the others.
+        let raced: Vec<String> = absent
+            .into_iter()
+            .filter(|id| !tombstoned.contains(*id))
+            .cloned()
+            .collect();
+        if !raced.is_empty() {
+            found.extend(read_ledger(tx, &raced, true).await?);
+        }
+        let undo: Vec<LedgerRow> = found.into_iter().filter(to_undo).collect();
+        if !undo.is_empty() {
+            self.effect.undo_all(tx, &undo).await?;
+            for chunk in undo.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
+                let sql = format!(
+                    "UPDATE ledger SET compensated = TRUE, updated_ms = $1 WHERE order_id IN ({})",
+                    ldt_runtime::db::placeholders(2, chunk.len())
+                );
+                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                for row in chunk {
+                    query = query.bind(row.order_id.as_str());
+                }
+                query.execute(&mut *tx).await?;
+            }
+        }
+        let undone: std::collections::HashSet<&str> =
+            undo.iter().map(|r| r.order_id.as_str()).collect();
+        for (order_id, span) in compensating {
+            let id = order_id.to_string();
+            span.in_scope(|| {
+                if tombstoned.remove(&id) {
+                    tracing::info!(%order_id, step = E::STEP.as_str(), "compensation before its action: a late action will be refused");
+                } else if undone.contains(id.as_str()) {
+                    tracing::info!(%order_id, step = E::STEP.as_str(), "compensated");
+                }
+                let reply = Envelope::new(*order_id, now, Message::Compensated { step: E::STEP });
+                outbox.push(&self.queues, &reply);
+            });
+        }
+        Ok(())
+    }
+
     /// Applies `work` (delivery index, order, command) in one transaction, in order-id order
     /// so that concurrent batches take row locks in the same order.
     ///
@@ -607,6 +761,23 @@ impl<E: StepEffect> StepService<E> {
                 _ => None,
             })
             .collect();
+        let compensating: Vec<(Uuid, &tracing::Span)> = work
+            .iter()
+            .zip(&spans)
+            .filter(|((_, _, cmd), _)| matches!(cmd, Command::Compensate))
+            .map(|((_, order_id, _), span)| (*order_id, span))
+            .collect();
+        if !compensating.is_empty() {
+            // The rows the undos will write, locked with the actions' before any ledger row
+            // (read unlocked first: a ledger row's user and quantity never change).
+            let ids = distinct_ids(&compensating);
+            let undone: Vec<LedgerRow> = read_ledger(&mut tx, &ids, false)
+                .await?
+                .into_iter()
+                .filter(to_undo)
+                .collect();
+            self.effect.lock_shared(&mut tx, &acting, &undone).await?;
+        }
         let mut applied = self.effect.apply_all(&mut tx, &acting).await?.into_iter();
         let mut outbox = OutboxBatch::default();
         let mut ledger = Vec::new();
@@ -625,13 +796,12 @@ impl<E: StepEffect> StepService<E> {
                     });
                     span.in_scope(|| self.reply(&mut outbox, *order_id, action, now, outcome));
                 }
-                Command::Compensate => {
-                    self.compensate_in(&mut tx, &mut outbox, *order_id)
-                        .instrument(span.clone())
-                        .await?
-                }
+                // Together, below.
+                Command::Compensate => {}
             }
         }
+        self.compensate_all(&mut tx, &mut outbox, &compensating)
+            .await?;
         NewLedgerRow::insert_all(&mut tx, &ledger).await?;
         outbox.write(&mut tx).await?;
         self.crash.commit(tx).await?;
@@ -639,6 +809,14 @@ impl<E: StepEffect> StepService<E> {
         self.signal.committed(outbox);
         Ok(())
     }
+}
+
+/// The orders of `compensating` (in order-id order), each once, as the ledger keys them.
+fn distinct_ids(compensating: &[(Uuid, &tracing::Span)]) -> Vec<String> {
+    let mut ids: Vec<String> = compensating.iter().map(|(id, _)| id.to_string()).collect();
+    ids.sort_unstable();
+    ids.dedup();
+    ids
 }
 
 /// The statement of [`StepService::act_in_one_statement`]: the effect, its ledger row and

@@ -123,11 +123,21 @@ impl Policy {
             .saturating_mul(i64::try_from(Step::ALL.len()).unwrap_or(i64::MAX))
     }
 
-    /// The wait before the compensation in flight is sent again, after `attempts` tries.
-    pub fn backoff_ms(&self, attempts: u32) -> i64 {
-        self.step_timeout_ms
+    /// The wait before the compensation in flight is sent again, after `attempts` tries:
+    /// four step timeouts, doubling with each try up to `max_backoff_ms`, spread ±25 % by the
+    /// order's id. A compensation goes unanswered far more often because its step is slow (a
+    /// backlog in its queue after an outage) than because it was lost; sending it again soon
+    /// only lengthens that backlog, and thousands of sagas compensating after one outage
+    /// would otherwise all send again in the same instant.
+    pub fn backoff_ms(&self, attempts: u32, order_id: Uuid) -> i64 {
+        let wait = self
+            .step_timeout_ms
+            .saturating_mul(4)
             .saturating_mul(1i64 << attempts.min(20))
-            .min(self.max_backoff_ms)
+            .min(self.max_backoff_ms);
+        // 0.75 + 0.5 × (the id's low 16 bits / 2^16): random bits in a v4 or v7 UUID.
+        let spread = i64::from(order_id.as_u128() as u16);
+        wait.saturating_mul(3 * 65_536 + 2 * spread) / (4 * 65_536)
     }
 }
 
@@ -595,7 +605,8 @@ fn send_head_compensation(saga: &mut Saga, policy: &Policy, now: i64, fx: &mut E
             body: Message::compensation(head),
             then: Vec::new(),
         });
-        saga.deadline_ms = Some(now.saturating_add(policy.backoff_ms(saga.attempts)));
+        saga.deadline_ms =
+            Some(now.saturating_add(policy.backoff_ms(saga.attempts, saga.order_id)));
     }
 }
 

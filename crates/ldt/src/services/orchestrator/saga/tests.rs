@@ -481,3 +481,25 @@ fn cancel_undoes_every_step_of_a_running_saga_and_nothing_else() {
     assert_eq!(again, saga);
     assert!(fx.send.is_empty());
 }
+
+#[test]
+fn compensation_retries_back_off_and_are_spread_over_sagas() {
+    let ids: Vec<Uuid> = (0..1_000u128)
+        .map(|i| Uuid::from_u128(i.wrapping_mul(0x9e37_79b9_7f4a_7c15_f39c_c060_5ced_c835)))
+        .collect();
+    for attempts in 0..8 {
+        // Four step timeouts, doubled per try, at most `max_backoff_ms`: then ±25 %.
+        let nominal = (400i64 << attempts).min(POLICY.max_backoff_ms);
+        let waits: Vec<i64> = ids
+            .iter()
+            .map(|id| POLICY.backoff_ms(attempts, *id))
+            .collect();
+        let (lo, hi) = (*waits.iter().min().unwrap(), *waits.iter().max().unwrap());
+        assert!(
+            lo >= nominal * 3 / 4 && hi <= nominal * 5 / 4,
+            "try {attempts}: {lo}..{hi} ms around {nominal}"
+        );
+        // Sagas that failed together do not all send again together.
+        assert!(hi - lo >= nominal * 2 / 5, "try {attempts}: {lo}..{hi} ms");
+    }
+}
