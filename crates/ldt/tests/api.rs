@@ -388,6 +388,130 @@ async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack:
 }
 
 /// Asserts the answer is `status` with the one error shape, and returns its body.
+/// A reader of `/api/v1/orders/events`: its events, as (name, data).
+struct Events {
+    resp: reqwest::Response,
+    buf: String,
+}
+
+impl Events {
+    async fn open(app: &common::TestApp, query: &str) -> Events {
+        let resp = app
+            .client
+            .get(app.url(&format!("/api/v1/orders/events{query}")))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(resp.status(), 200, "{query}");
+        Events {
+            resp,
+            buf: String::new(),
+        }
+    }
+
+    /// The next event (keep-alive comments skipped).
+    async fn next(&mut self) -> (String, serde_json::Value) {
+        loop {
+            if let Some(end) = self.buf.find("\n\n") {
+                let block: String = self.buf.drain(..end + 2).collect();
+                let mut name = String::new();
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        name = v.trim().to_owned();
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim());
+                    }
+                }
+                if !data.is_empty() {
+                    return (name, serde_json::from_str(&data).unwrap());
+                }
+                continue;
+            }
+            let chunk = self
+                .resp
+                .chunk()
+                .await
+                .unwrap()
+                .expect("the stream stays open");
+            self.buf.push_str(std::str::from_utf8(&chunk).unwrap());
+        }
+    }
+}
+
+/// The order stream brings every order, created and then final: one `order` event per
+/// change, or with `coalesce_ms` one `orders` event per window holding each order once.
+async fn the_order_stream_brings_every_change_alone_or_gathered(stack: Stack) {
+    let app = spawn_on(stack, &ALL, &[]).await;
+    for bad in ["0", "5001", "soon"] {
+        let resp = app
+            .client
+            .get(app.url(&format!("/api/v1/orders/events?coalesce_ms={bad}")))
+            .send()
+            .await
+            .unwrap();
+        let status = resp.status().as_u16();
+        assert!(
+            status == 400 || status == 422,
+            "coalesce_ms={bad}: {status}"
+        );
+        json_error(resp, status, "coalesce_ms").await;
+    }
+    let mut single = Events::open(&app, "").await;
+    let mut gathered = Events::open(&app, "?coalesce_ms=200").await;
+    let user = common::user("stream");
+    let mut placed = std::collections::HashSet::new();
+    for _ in 0..6 {
+        let resp = app
+            .client
+            .post(app.url("/api/v1/orders"))
+            .json(&common::order_body(&user, 1, 1))
+            .send()
+            .await
+            .unwrap();
+        let body: serde_json::Value = resp.json().await.unwrap();
+        placed.insert(body["id"].as_str().unwrap().to_owned());
+    }
+    let finals = |seen: &std::collections::HashMap<String, String>| {
+        placed
+            .iter()
+            .all(|id| seen.get(id).is_some_and(|s| s == "SUCCESS"))
+    };
+    let read = async {
+        let mut seen = std::collections::HashMap::new();
+        while !finals(&seen) {
+            let (name, order) = single.next().await;
+            assert_eq!(name, "order", "{order}");
+            seen.insert(
+                order["id"].as_str().unwrap().to_owned(),
+                order["status"].as_str().unwrap().to_owned(),
+            );
+        }
+        let mut seen = std::collections::HashMap::new();
+        while !finals(&seen) {
+            let (name, orders) = gathered.next().await;
+            assert_eq!(name, "orders", "{orders}");
+            let orders = orders.as_array().unwrap();
+            let ids: std::collections::HashSet<&str> =
+                orders.iter().map(|o| o["id"].as_str().unwrap()).collect();
+            assert_eq!(
+                ids.len(),
+                orders.len(),
+                "each order once per event: {orders:?}"
+            );
+            for o in orders {
+                seen.insert(
+                    o["id"].as_str().unwrap().to_owned(),
+                    o["status"].as_str().unwrap().to_owned(),
+                );
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), read)
+        .await
+        .expect("every order seen final on both streams");
+}
+
 async fn json_error(resp: reqwest::Response, status: u16, what: &str) -> serde_json::Value {
     assert_eq!(resp.status().as_u16(), status, "{what}");
     let ctype = resp
@@ -612,4 +736,5 @@ on_every_stack!(
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
     every_bad_request_gets_the_one_error_shape_and_changes_nothing,
     slow_connections_are_closed_and_starve_nobody,
+    the_order_stream_brings_every_change_alone_or_gathered,
 );

@@ -238,36 +238,122 @@ pub async fn order_counts(
     ))
 }
 
+/// How the order stream is delivered.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+#[serde(deny_unknown_fields)]
+pub struct EventsQuery {
+    /// Gather the changes of this many milliseconds into one `orders` event (a JSON array,
+    /// each order once, in its latest state) instead of one `order` event per change: a
+    /// reader at a thousand orders a second then gets a few events a second, not thousands.
+    #[param(minimum = 1, maximum = 5000)]
+    pub coalesce_ms: Option<u64>,
+}
+
+/// The longest `coalesce_ms`.
+const MAX_COALESCE_MS: u64 = 5_000;
+
 /// A stream of orders as they are created and as they change status (Server-Sent Events:
-/// `event: order`, the order as JSON). It carries what this process sees; with several
-/// replicas of the order service, read the list again now and then.
+/// `event: order`, the order as JSON; with `coalesce_ms`, `event: orders`, an array). It
+/// carries what this process sees; with several replicas of the order service, read the list
+/// again now and then.
 #[utoipa::path(get, path = "/api/v1/orders/events", tag = "orders",
-    responses((status = 200, description = "Server-Sent Events, one `order` event per change",
-               content_type = "text/event-stream", body = String)))]
+    params(EventsQuery),
+    responses((status = 200, description = "Server-Sent Events: one `order` event per change, \
+                or one `orders` event per `coalesce_ms`",
+               content_type = "text/event-stream", body = String),
+              (status = 422, description = "An invalid `coalesce_ms`", body = ldt_runtime::http::ErrorBody)))]
 pub async fn order_events(
     State(state): State<OrderState>,
-) -> axum::response::sse::Sse<
-    impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>,
-> {
-    use axum::response::sse::{Event, KeepAlive, Sse};
+    ApiQuery(q): ApiQuery<EventsQuery>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{KeepAlive, Sse};
+    use futures_util::StreamExt;
     let rx = state.events.subscribe();
-    let stream = futures_util::stream::unfold(rx, |mut rx| async move {
-        loop {
-            match rx.recv().await {
-                Ok(order) => {
-                    let event = Event::default()
-                        .event("order")
-                        .json_data(&order)
-                        .unwrap_or_else(|_| Event::default().comment("unserializable order"));
-                    return Some((Ok(event), rx));
+    let stream = match q.coalesce_ms {
+        None => per_change(rx).boxed(),
+        Some(ms @ 1..=MAX_COALESCE_MS) => {
+            coalesced(rx, std::time::Duration::from_millis(ms)).boxed()
+        }
+        Some(ms) => {
+            return Err(ApiError::Invalid(format!(
+                "coalesce_ms must be from 1 to {MAX_COALESCE_MS}, not {ms}"
+            )));
+        }
+    };
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// The next order of the stream; `None` once the order service stops. A slow reader that
+/// missed some goes on with the next (its list catches up when it reads the list again).
+async fn next_order(rx: &mut tokio::sync::broadcast::Receiver<Order>) -> Option<Order> {
+    loop {
+        match rx.recv().await {
+            Ok(order) => return Some(order),
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+        }
+    }
+}
+
+fn sse_json(name: &'static str, data: &impl Serialize) -> axum::response::sse::Event {
+    axum::response::sse::Event::default()
+        .event(name)
+        .json_data(data)
+        .unwrap_or_else(|_| axum::response::sse::Event::default().comment("unserializable"))
+}
+
+/// One `order` event per change.
+fn per_change(
+    rx: tokio::sync::broadcast::Receiver<Order>,
+) -> impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+{
+    futures_util::stream::unfold(rx, |mut rx| async move {
+        let order = next_order(&mut rx).await?;
+        Some((Ok(sse_json("order", &order)), rx))
+    })
+}
+
+/// One `orders` event per `window` that saw a change: each order once, in its latest state
+/// (a final one kept over a late PENDING), in the order of their first change.
+fn coalesced(
+    rx: tokio::sync::broadcast::Receiver<Order>,
+    window: std::time::Duration,
+) -> impl futures_util::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+{
+    futures_util::stream::unfold(Some(rx), move |rx| async move {
+        let mut rx = rx?;
+        // The window opens with its first change: nothing is sent while nothing happens.
+        let first = next_order(&mut rx).await?;
+        let until = tokio::time::Instant::now() + window;
+        let mut batch = vec![first];
+        let mut at: std::collections::HashMap<Uuid, usize> =
+            std::collections::HashMap::from([(batch[0].id, 0)]);
+        let mut open = true;
+        while let Ok(next) = tokio::time::timeout_at(until, next_order(&mut rx)).await {
+            let Some(order) = next else {
+                open = false;
+                break;
+            };
+            match at.get(&order.id) {
+                // A final status is never taken back by a late PENDING.
+                Some(i) => {
+                    if order.status != OrderStatus::Pending
+                        || batch[*i].status == OrderStatus::Pending
+                    {
+                        batch[*i] = order;
+                    }
                 }
-                // A slow reader missed some: it goes on with the next (the list catches up).
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+                None => {
+                    at.insert(order.id, batch.len());
+                    batch.push(order);
+                }
             }
         }
-    });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+        Some((Ok(sse_json("orders", &batch)), open.then_some(rx)))
+    })
 }
 
 /// The runtime fault flags and whether fault injection is on.
