@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
-"""CPU used by each group of processes over a window, in % of one core.
+"""CPU used by each group of processes over a window, in % of one core, and their context
+switches per second (voluntary and involuntary, every thread).
 
     bench/cpu.py SECONDS
+
+Prints `group  cpu%  switches/s` per line.
 
 Groups: each `ldt serve <role>`, `ldt up`, `ldt bench`, the hop probe, PostgreSQL, RabbitMQ
 (the Erlang VM), and everything else by command name. Reads /proc twice: no tool needed.
@@ -27,8 +30,26 @@ def snapshot():
             continue
         comm = stat[stat.index("(") + 1 : stat.rindex(")")]
         fields = stat[stat.rindex(")") + 2 :].split()
-        procs[pid] = (comm, args, int(fields[11]) + int(fields[12]))
+        procs[pid] = (comm, args, int(fields[11]) + int(fields[12]), switches(pid))
     return procs
+
+
+def switches(pid):
+    """Context switches of every thread of a process so far."""
+    total = 0
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return 0
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/status") as f:
+                for line in f:
+                    if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                        total += int(line.split()[1])
+        except (OSError, ValueError):
+            continue
+    return total
 
 
 def group(comm, args):
@@ -54,15 +75,18 @@ def main():
     time.sleep(seconds)
     after = snapshot()
     usage = {}
-    for pid, (comm, args, ticks) in after.items():
+    switched = {}
+    for pid, (comm, args, ticks, cs) in after.items():
         # A process that started during the window counts from its start.
-        start = before.get(pid, (comm, args, 0))[2]
-        usage[group(comm, args)] = usage.get(group(comm, args), 0.0) + (ticks - start) / HZ / seconds * 100
+        _, _, start, cs_start = before.get(pid, (comm, args, 0, 0))
+        name = group(comm, args)
+        usage[name] = usage.get(name, 0.0) + (ticks - start) / HZ / seconds * 100
+        switched[name] = switched.get(name, 0.0) + max(cs - cs_start, 0) / seconds
     total = sum(usage.values())
     for name, pct in sorted(usage.items(), key=lambda kv: -kv[1]):
         if pct >= 1.0:
-            print(f"{name:28s} {pct:6.1f}")
-    print(f"{'total':28s} {total:6.1f}")
+            print(f"{name:28s} {pct:6.1f} {switched[name]:9.0f}")
+    print(f"{'total':28s} {total:6.1f} {sum(switched.values()):9.0f}")
 
 
 if __name__ == "__main__":

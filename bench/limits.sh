@@ -30,8 +30,9 @@ trap cleanup EXIT
 
 # Samples the CPU over the middle half of a run of $1 seconds into $2.
 sample() { ( sleep "$(( $1 / 4 ))"; bench/cpu.py "$(( $1 / 2 ))" >"$2" ) & }
-cpu_of() { awk -v g="$2" '$0 ~ "^"g" " {print $NF}' "$1" | head -1; }
-total_of() { awk '/^total/ {print $NF}' "$1"; }
+# bench/cpu.py prints `group cpu% switches/s`: the CPU is the next to last column.
+cpu_of() { awk -v g="$2" '$0 ~ "^"g" " {print $(NF-1)}' "$1" | head -1; }
+total_of() { awk '/^total/ {print $(NF-1)}' "$1"; }
 
 echo "| run | rate | latency p50 / p99 (ms) | done/s | PostgreSQL % | RabbitMQ % | client % | machine % |"
 echo "|---|---|---|---|---|---|---|---|"

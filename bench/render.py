@@ -49,26 +49,43 @@ for rate, r, rss in rows:
     lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
 lines.append("")
 # CPU of every process over the middle of each run (bench/cpu.py), per order.
+reports = {rate: r for rate, r, _ in rows if r}
 cpu_lines = []
 for rate in rates:
     path = f"{work}/cpu-{rate}"
     if not os.path.exists(path):
         continue
     usage = {}
+    switched = {}
     for line in open(path):
-        name, _, pct = line.rstrip().rpartition(" ")
+        words = line.split()
+        # `group cpu% switches/s` (the group may have spaces in it).
         try:
-            usage[name.strip()] = float(pct)
-        except ValueError:
+            usage[" ".join(words[:-2])] = float(words[-2])
+            switched[" ".join(words[:-2])] = float(words[-1])
+        except (ValueError, IndexError):
             pass
     total = usage.get("total", 0.0) - usage.get("ldt bench", 0.0)
     services = sum(v for k, v in usage.items() if k.startswith("ldt ") and k != "ldt bench")
     ms = total / 100 * 1000 / float(rate)
-    cpu_lines.append(f"| {rate} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % |")
+    cs = (switched.get("total", 0.0) - switched.get("ldt bench", 0.0)) / float(rate)
+    cs_services = sum(v for k, v in switched.items() if k.startswith("ldt ") and k != "ldt bench") / float(rate)
+
+    def per_order(name):
+        path = f"{work}/{name}-{rate}"
+        r = reports.get(rate)
+        if not os.path.exists(path) or not r or not r.get("accepted"):
+            return "–"
+        try:
+            return f"{float(open(path).read().strip()) / r['accepted']:.1f}"
+        except ValueError:
+            return "–"
+
+    cpu_lines.append(f"| {rate} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {per_order('messages')} ({per_order('broker')}) | {per_order('commits')} | {per_order('walsyncs')} |")
 if cpu_lines:
-    lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core):\n")
-    lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator |")
-    lines.append("|---|---|---|---|---|---|---|")
+    lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core); context switches per order (every thread of those processes, the services' own in brackets); messages per order (the services' `ldt_messages_published_total`; in brackets the broker messages they went in, `ldt_bus_messages_published_total`, a bundle counting once), PostgreSQL transactions committed per order (`pg_stat_database.xact_commit`, reads included) and WAL flushes per order (`pg_stat_wal.wal_sync`), each over the whole run:\n")
+    lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator | context switches per order | messages (broker messages) per order | transactions per order | WAL flushes per order |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
     lines.extend(cpu_lines)
     lines.append("")
 floor = open(f"{work}/floor.md").read().strip() if os.path.exists(f"{work}/floor.md") else ""

@@ -96,6 +96,23 @@ checkpoints() {
     "SELECT checkpoints_timed + checkpoints_req FROM pg_stat_bgwriter" 2>/dev/null || true
 }
 
+# Messages the services published so far (`metric`: every message, or broker messages, where a
+# bundle counts once), and PostgreSQL's committed transactions and WAL flushes (none in
+# embedded mode): per order in the table.
+published() {
+  local metric=$1 total=0 p n
+  for p in 18100 $( [ "$mode" = split ] && echo 18101 18102 18103 18104 18105 ); do
+    n=$(curl -sf "http://127.0.0.1:$p/metrics" | awk -v m="$metric" '$1 ~ "^" m "({|$)" {s += $NF} END {printf "%d", s}')
+    total=$(( total + ${n:-0} ))
+  done
+  echo "$total"
+}
+pg_counters() {
+  [ "$mode" = embedded ] && return 0
+  psql "${LDT_DATABASE_URL%/}/postgres" -Atc \
+    "SELECT (SELECT sum(xact_commit) FROM pg_stat_database), (SELECT wal_sync FROM pg_stat_wal)" 2>/dev/null || true
+}
+
 common=(--url http://127.0.0.1:18100 "${urls[@]}" --users 1000 --initial-credits "$credits" --json)
 echo "bench: warming up (10 s at 200/s)" >&2
 "$bin" bench "${common[@]}" --rate 200 --duration 10 --no-check >/dev/null
@@ -105,12 +122,22 @@ for rate in $rates; do
   echo "bench: $rate orders/s for $d s" >&2
   : >"$work/rss"
   before=$(checkpoints)
+  msgs_before=$(published ldt_messages_published_total)
+  bus_before=$(published ldt_bus_messages_published_total)
+  pg_before=$(pg_counters)
   # CPU of every process over the run's middle (its first and last 5 s left out).
   ( sleep 5; python3 bench/cpu.py $(( d > 15 ? d - 10 : d / 2 )) >"$work/cpu-$rate" ) &
   cpu=$!
   "$bin" bench "${common[@]}" --rate "$rate" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
   wait "$cpu" || true
   after=$(checkpoints)
+  echo $(( $(published ldt_messages_published_total) - msgs_before )) >"$work/messages-$rate"
+  echo $(( $(published ldt_bus_messages_published_total) - bus_before )) >"$work/broker-$rate"
+  pg_after=$(pg_counters)
+  if [ -n "$pg_before" ] && [ -n "$pg_after" ]; then
+    echo $(( ${pg_after%%|*} - ${pg_before%%|*} )) >"$work/commits-$rate"
+    echo $(( ${pg_after##*|} - ${pg_before##*|} )) >"$work/walsyncs-$rate"
+  fi
   [ -n "$before" ] && [ -n "$after" ] && echo $(( after - before )) >"$work/checkpoints-$rate"
   cp "$work/rss" "$work/rss-$rate"
   results+=("$rate")
