@@ -9,8 +9,7 @@ use ldt::startup::Application;
 use ldt_contract::Service;
 use ldt_runtime::signal::shutdown_signal;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     let matches = match <Cli as clap::CommandFactory>::command().try_get_matches() {
         Ok(matches) => matches,
         Err(e) => cli::explain(e).exit(),
@@ -19,6 +18,25 @@ async fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => cli::explain(e).exit(),
     };
+    // `--worker-threads` sizes the runtime of the services; the tools take the default.
+    let threads = match &cli.command {
+        Command::Up(settings) | Command::Serve { settings, .. } => settings.runtime_threads(),
+        _ => None,
+    };
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = threads {
+        builder.worker_threads(n);
+    }
+    match builder.enable_all().build() {
+        Ok(runtime) => runtime.block_on(run_command(cli, matches)),
+        Err(e) => {
+            eprintln!("ldt: error: cannot start the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_command(cli: Cli, matches: clap::ArgMatches) -> ExitCode {
     // A URL that cannot work is said at once, not retried as if the server were slow.
     if let Some((_, sub)) = matches.subcommand()
         && let Some(problem) = cli.command.url_problem()

@@ -122,6 +122,14 @@ pub struct Settings {
     #[arg(long, env = "LDT_STALL_MS", help_heading = "Testing")]
     pub stall_ms: Option<u64>,
 
+    /// Threads of this process's async runtime; by default one per core. One suits a split
+    /// deployment's processes sharing a machine's cores (fewer hand-offs between threads: at
+    /// 300 orders/s the saga's median went from 27–31 to 17–19 ms, BENCHMARKS.md), but it is
+    /// not the default: in the cluster test, delivery services on one thread stalled after a
+    /// broker node was lost, which is not explained yet.
+    #[arg(long, env = "LDT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), help_heading = "Throughput")]
+    pub worker_threads: Option<u16>,
+
     /// Messages each consumer may hold unacknowledged (AMQP prefetch).
     #[arg(long, env = "LDT_PREFETCH", default_value_t = 200, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Throughput")]
     pub prefetch: u16,
@@ -250,6 +258,12 @@ pub const DEFAULT_BUNDLE_MAX: u16 = 64;
 const STALL_IN_STEP_TIMEOUTS: u64 = ldt_contract::Step::ALL.len() as u64 + 1;
 
 impl Settings {
+    /// The runtime's threads: `--worker-threads`; `None`: one per core (or
+    /// `TOKIO_WORKER_THREADS`).
+    pub fn runtime_threads(&self) -> Option<usize> {
+        self.worker_threads.map(usize::from)
+    }
+
     pub fn step_timeout(&self) -> Duration {
         Duration::from_millis(self.step_timeout_ms)
     }
@@ -465,6 +479,15 @@ mod tests {
             s.bus_journal(),
             Some(std::path::PathBuf::from("ldt-data/ldt_bus.db"))
         );
+    }
+
+    #[test]
+    fn the_runtime_has_a_thread_per_core_unless_told() {
+        let s = Settings::try_parse_from(["ldt"]).unwrap();
+        assert_eq!(s.runtime_threads(), None);
+        let s = Settings::try_parse_from(["ldt", "--worker-threads", "1"]).unwrap();
+        assert_eq!(s.runtime_threads(), Some(1));
+        assert!(Settings::try_parse_from(["ldt", "--worker-threads", "0"]).is_err());
     }
 
     #[test]
