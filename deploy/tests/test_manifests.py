@@ -219,6 +219,8 @@ def test_settings_and_secrets(overlay, service):
     assert env["LDT_HTTP_ADDR"] == "0.0.0.0:8080"
     assert env["LDT_LOG_FORMAT"] == "json"
     assert env["LDT_QUEUE_TYPE"] == "quorum"
+    # The deadline the cluster test proves on a replicated broker.
+    assert env["LDT_STEP_TIMEOUT_MS"] == ("2000" if overlay == "prod" else "500")
     assert env["OTEL_SERVICE_NAME"] == f"ldt-{service}"
     for var, key in [("LDT_AMQP_URL", "amqp-url"), ("LDT_DATABASE_URL", "database-url")]:
         kind, secret, k = env[var]
