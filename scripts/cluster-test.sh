@@ -3,8 +3,7 @@
 # cluster and a PostgreSQL primary with a synchronous standby (scripts/cluster.sh, their own
 # ports and directories), two processes of every service (the release build: twelve service
 # processes beside five servers on one machine), orders at 200/s while broker nodes and the
-# database primary are SIGKILLed. Not part of scripts/test.sh: it is not yet reliable on a
-# 2-core machine (see the test's comment). Takes about 3 minutes after its builds.
+# database primary are SIGKILLed. Not part of scripts/test.sh yet (see the test's comment). Takes about 3 minutes after its builds.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
