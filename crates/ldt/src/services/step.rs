@@ -663,9 +663,11 @@ impl<E: StepEffect> StepService<E> {
         let now = now_ms();
         let ids = distinct_ids(compensating);
         let mut found = read_ledger(tx, &ids, true).await?;
+        let present: std::collections::HashSet<&str> =
+            found.iter().map(|r| r.order_id.as_str()).collect();
         let absent: Vec<&String> = ids
             .iter()
-            .filter(|id| found.binary_search_by(|r| r.order_id.cmp(id)).is_err())
+            .filter(|id| !present.contains(id.as_str()))
             .collect();
         let mut tombstoned = std::collections::HashSet::new();
         for chunk in absent.chunks(ldt_runtime::outbox::ROWS_PER_INSERT) {
