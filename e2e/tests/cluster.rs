@@ -198,11 +198,13 @@ async fn recovery(api: &Api, what: &str, i: u32) -> Duration {
     took
 }
 
-// With the default 500 ms step timeout this passed 9 of 10 runs on this 2-core machine, with a
-// long tail of recovery (up to 50 s): every saga in flight when a node went timed out, and the
-// compensations that doubled the work behind them outgrew what the machine drained while
-// orders kept coming. With the 2 s step timeout above it passed twenty runs in a row before it
-// joined the default suite (recoveries within 4.7 s).
+// Not in the default suite yet. With the default 500 ms step timeout it passed 9 of 10 runs
+// on this 2-core machine, and recovery had a long tail (up to 50 s): every saga in flight when
+// a node went timed out, and the compensations that doubled the work behind them outgrew what
+// the machine drained while orders kept coming. With the 2 s step timeout it has passed every
+// run so far (8 in a row, recovery within 4.1 s), but fewer than the twenty runs a new test
+// needs before it gates CI. Run it with `scripts/cluster-test.sh`.
+#[ignore = "not yet proven in twenty runs: scripts/cluster-test.sh runs it"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_marketplace_survives_losing_broker_nodes_and_its_database_primary() {
     // A fresh cluster: an earlier run may have left a promoted standby behind.
