@@ -681,6 +681,106 @@ async fn a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part(stack
     assert_eq!(answered, debits.iter().map(|d| d.order_id).collect());
 }
 
+/// After a broker node is lost, duplicates and actions that come after their compensation are
+/// everywhere. A batch holding some beside new actions is still applied as a batch, those
+/// answered from the ledger: a step that fell to one transaction per message (as it did)
+/// fell behind its queue, and the sagas waiting on it timed out, which made more of them.
+async fn a_batch_with_actions_already_in_the_ledger_is_still_applied_as_a_batch(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Payment], &[]).await;
+    let mut driver = Driver::orchestrator(&app).await;
+    let seen: Vec<Envelope> = (0..10)
+        .map(|i| debit(Uuid::now_v7(), &format!("seen{i}"), 10))
+        .collect();
+    for cmd in &seen {
+        driver.send(cmd).await;
+    }
+    successes(&mut driver, seen.len()).await;
+    // A refund before its debit: the debit, when it comes, is refused.
+    let late = Uuid::now_v7();
+    driver.send(&Envelope::new(late, 0, Message::Refund)).await;
+    assert!(matches!(
+        driver.answer().await.body,
+        Message::Compensated { .. }
+    ));
+
+    // One bundle, so that it is one batch: the ten again, the late debit, ten new debits and
+    // one of those twice.
+    let fresh: Vec<Envelope> = (0..10)
+        .map(|i| debit(Uuid::now_v7(), &format!("fresh{i}"), 10))
+        .collect();
+    let late_debit = debit(late, "late", 10);
+    let parts: Vec<Outgoing> = seen
+        .iter()
+        .chain(&fresh)
+        .chain([&late_debit, &fresh[0]])
+        .map(|env| Outgoing {
+            queue: driver.queues.of(Service::Payment),
+            message_id: Uuid::now_v7().to_string(),
+            payload: env.to_json(),
+            headers: vec![],
+        })
+        .collect();
+    let bundle = Outgoing::bundle(&driver.queues.of(Service::Payment), &parts).unwrap();
+    driver.bus.publish(&[bundle]).await.unwrap();
+
+    let mut results: std::collections::HashMap<Uuid, Vec<StepOutcome>> =
+        std::collections::HashMap::new();
+    for _ in 0..parts.len() {
+        let a = driver.answer().await;
+        match a.body {
+            Message::StepResult { outcome, .. } => {
+                results.entry(a.order_id).or_default().push(outcome)
+            }
+            other => panic!("unexpected answer {other:?}"),
+        }
+    }
+    for (i, cmd) in seen.iter().enumerate() {
+        assert_eq!(results[&cmd.order_id], [StepOutcome::Done], "seen{i}");
+        assert_eq!(
+            app.credits(&format!("seen{i}")).await,
+            Some(490),
+            "seen{i} debited once"
+        );
+    }
+    for (i, cmd) in fresh.iter().enumerate() {
+        let copies = if i == 0 { 2 } else { 1 };
+        assert_eq!(
+            results[&cmd.order_id],
+            vec![StepOutcome::Done; copies],
+            "fresh{i}"
+        );
+        assert_eq!(
+            app.credits(&format!("fresh{i}")).await,
+            Some(490),
+            "fresh{i} debited once"
+        );
+    }
+    assert_eq!(results[&late], [StepOutcome::Refused]);
+    assert_eq!(
+        app.credits("late").await,
+        None,
+        "the late debit took nothing"
+    );
+
+    // The batch failed on the rows it found taken, and was done again as a batch.
+    let metrics = app.metrics().await;
+    let failed = |then: &str| {
+        metrics
+            .lines()
+            .find(|l| {
+                l.starts_with("ldt_step_batches_failed_total{")
+                    && l.contains(&format!("then=\"{then}\""))
+            })
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(
+        failed("answered_from_ledger").as_deref(),
+        Some("1"),
+        "{metrics}"
+    );
+    assert_eq!(failed("one_at_a_time"), None, "{metrics}");
+}
+
 on_every_stack!(
     a_debit_after_the_timeout_is_refunded_and_one_after_its_refund_is_refused,
     a_step_sends_its_slip_on_only_when_it_succeeds,
@@ -690,4 +790,5 @@ on_every_stack!(
     a_burst_of_compensations_undoes_each_order_once,
     poison_messages_are_parked_and_replayable_and_the_service_keeps_working,
     a_bundle_parked_whole_becomes_one_replayable_dead_letter_per_part,
+    a_batch_with_actions_already_in_the_ledger_is_still_applied_as_a_batch,
 );

@@ -13,8 +13,9 @@
 //! ([`StepEffect::apply_all`]: payment and inventory read the rows they share once, locked,
 //! and write them back once), and all their ledger rows (outcome decided) go in with one
 //! insert at the end. A duplicate or a refused late action makes that insert fail on the
-//! primary key; the batch then rolls back and each message is redone on its own, claiming
-//! first as above.
+//! primary key; the batch then rolls back and is done again as a batch, the actions whose
+//! ledger rows it found answered from them. Only when that fails too is each message redone
+//! on its own, claiming first as above.
 //!
 //! Each service only supplies its effect ([`StepEffect`]); it never learns the saga's order.
 
@@ -327,6 +328,7 @@ pub struct StepService<E: StepEffect> {
     /// How long an action injected with a `timeout` fault stalls before it acts.
     pub stall: Duration,
     pub crash: ldt_runtime::crash::Crash,
+    pub metrics: ldt_runtime::metrics::Metrics,
 }
 
 impl<E: StepEffect> StepService<E> {
@@ -349,6 +351,7 @@ impl<E: StepEffect> StepService<E> {
             signal,
             stall: ctx.settings.stall(),
             crash: ctx.crash(E::STEP.service()),
+            metrics: ctx.metrics.clone(),
         })
     }
 
@@ -737,12 +740,17 @@ impl<E: StepEffect> StepService<E> {
     ///
     /// The actions' effects are applied together first; their ledger rows (outcome decided)
     /// go in with one insert at the end. No claim first: a duplicate or an action whose
-    /// compensation came first finds its ledger row taken, the insert fails on the primary
-    /// key, and the batch is redone one message at a time on the claiming path.
+    /// compensation came first finds its ledger row taken and the insert fails on the primary
+    /// key (see [`StepService::handle_batch`] for what follows). The actions in `answered`
+    /// (order id → the outcome its ledger row records) are not applied: each is answered as
+    /// recorded, as the claiming path answers a duplicate. So is an action whose order came
+    /// earlier in this batch (a message and its duplicate taken together): the first one's
+    /// outcome.
     async fn apply_batch(
         &self,
         batch: &[Delivery],
         work: &mut [(usize, Uuid, Command)],
+        answered: &std::collections::HashMap<Uuid, Outcome>,
     ) -> Result<(), HandleError> {
         work.sort_by_key(|(_, order_id, _)| *order_id);
         // Each message's database span covers the statements it shares with the others.
@@ -756,10 +764,25 @@ impl<E: StepEffect> StepService<E> {
             .collect();
         let mut conn = self.conns.get().await?;
         let mut tx = conn.begin().await?;
+        // Which actions act: not those answered from the ledger, nor a second one for the same
+        // order (`work` is in order-id order, so it follows the first).
+        let mut first = None;
+        let acts: Vec<bool> = work
+            .iter()
+            .map(|(_, order_id, cmd)| match cmd {
+                Command::Act(_) => {
+                    let again = first == Some(*order_id);
+                    first = Some(*order_id);
+                    !again && !answered.contains_key(order_id)
+                }
+                Command::Compensate => false,
+            })
+            .collect();
         let acting: Vec<&Action> = work
             .iter()
-            .filter_map(|(_, _, cmd)| match cmd {
-                Command::Act(action) if Self::takes_effect(action) => Some(action),
+            .zip(&acts)
+            .filter_map(|((_, _, cmd), acts)| match cmd {
+                Command::Act(action) if *acts && Self::takes_effect(action) => Some(action),
                 _ => None,
             })
             .collect();
@@ -783,12 +806,25 @@ impl<E: StepEffect> StepService<E> {
         let mut applied = self.effect.apply_all(&mut tx, &acting).await?.into_iter();
         let mut outbox = OutboxBatch::default();
         let mut ledger = Vec::new();
-        for ((_, order_id, cmd), span) in work.iter().zip(&spans) {
+        let mut decided: std::collections::HashMap<Uuid, Outcome> = Default::default();
+        for (((_, order_id, cmd), span), acts) in work.iter().zip(&spans).zip(&acts) {
             match cmd {
+                Command::Act(action) if !*acts => {
+                    let outcome = answered
+                        .get(order_id)
+                        .or_else(|| decided.get(order_id))
+                        .copied()
+                        .unwrap_or(Outcome::Unknown);
+                    span.in_scope(|| {
+                        tracing::info!(%order_id, step = E::STEP.as_str(), outcome = outcome.label(E::INSUFFICIENT), "repeated or late action; answered from the ledger");
+                        self.reply(&mut outbox, *order_id, action, now_ms(), outcome);
+                    });
+                }
                 Command::Act(action) => {
                     let now = now_ms();
                     let applied = Self::takes_effect(action) && applied.next() == Some(true);
                     let outcome = span.in_scope(|| self.outcome(*order_id, action, applied));
+                    decided.insert(*order_id, outcome);
                     ledger.push(NewLedgerRow {
                         order_id: order_id.to_string(),
                         username: action.username.clone(),
@@ -810,6 +846,45 @@ impl<E: StepEffect> StepService<E> {
         conn.reuse();
         self.signal.committed(outbox);
         Ok(())
+    }
+}
+
+impl<E: StepEffect> StepService<E> {
+    /// After a batch failed: if some of its actions have a ledger row already (duplicates,
+    /// actions whose compensation came first, an order another replica claimed meanwhile),
+    /// the batch once more, those answered from the ledger. Whether that succeeded.
+    ///
+    /// Without it, one such message sent the whole batch down the one-at-a-time path: after a
+    /// broker node is lost, when redelivered and republished messages are everywhere, nearly
+    /// every batch did, each message paid a commit of its own (on a synchronous standby, a
+    /// round trip to it), the step fell behind its queue, and the sagas waiting on it timed
+    /// out, which sent more actions after their compensations.
+    async fn apply_batch_again(
+        &self,
+        batch: &[Delivery],
+        work: &mut [(usize, Uuid, Command)],
+    ) -> bool {
+        let mut ids: Vec<String> = work
+            .iter()
+            .filter(|(_, _, cmd)| matches!(cmd, Command::Act(_)))
+            .map(|(_, order_id, _)| order_id.to_string())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let recorded = async {
+            let mut conn = self.conns.get().await?;
+            let rows = read_ledger(&mut conn, &ids, false).await?;
+            conn.reuse();
+            Ok::<_, sqlx::Error>(rows)
+        };
+        let answered: std::collections::HashMap<Uuid, Outcome> = match recorded.await {
+            Ok(rows) => rows
+                .iter()
+                .filter_map(|r| Some((r.order_id.parse().ok()?, r.outcome)))
+                .collect(),
+            Err(_) => return false,
+        };
+        !answered.is_empty() && self.apply_batch(batch, work, &answered).await.is_ok()
     }
 }
 
@@ -922,9 +997,11 @@ impl<E: StepEffect> Handler for StepService<E> {
     }
 
     /// One transaction for the whole batch (a batch of one too: the batch path takes fewer
-    /// statements). A stalled command (injected `timeout`) waits on its own; if the batch's
-    /// transaction fails, each command is retried in its own, one after the other, so one bad
-    /// message cannot hold back the others.
+    /// statements). A stalled command (injected `timeout`) waits on its own. If the batch's
+    /// transaction fails because some of its actions have a ledger row already, it is done
+    /// again as a batch with those answered from the ledger; if it fails otherwise (or again),
+    /// each command is retried in its own, one after the other, so one bad message cannot
+    /// hold back the others.
     async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
         let mut results: Vec<Option<Result<(), HandleError>>> =
             batch.iter().map(|_| None).collect();
@@ -947,7 +1024,31 @@ impl<E: StepEffect> Handler for StepService<E> {
             if let Some(outcomes) = self.act_each_in_one_statement(batch, &work).await {
                 return outcomes;
             }
-            if work.is_empty() || self.apply_batch(batch, &mut work).await.is_err() {
+            let failed = |then: &str| {
+                self.metrics.inc(
+                    "ldt_step_batches_failed_total",
+                    "Batches of a step whose transaction failed, by what followed: done again \
+                     with the actions already in the ledger answered from it, or one message \
+                     at a time.",
+                    &[("step", E::STEP.as_str()), ("then", then)],
+                    1,
+                )
+            };
+            let done = !work.is_empty()
+                && (self
+                    .apply_batch(batch, &mut work, &Default::default())
+                    .await
+                    .is_ok()
+                    || {
+                        let again = self.apply_batch_again(batch, &mut work).await;
+                        failed(if again {
+                            "answered_from_ledger"
+                        } else {
+                            "one_at_a_time"
+                        });
+                        again
+                    });
+            if !done {
                 // One at a time, in delivery order per order: a refund that was delivered
                 // before its debit still comes first.
                 let mut outcomes = Vec::with_capacity(work.len());
