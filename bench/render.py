@@ -28,6 +28,14 @@ for rate in rates:
     except OSError: ckpt = "–"
     r["checkpoints"] = ckpt
     rows.append((rate, r, rss))
+def label(rate):
+    """A rate's row label: orders offered a second, or a closed loop's clients."""
+    return f"closed, {rate[1:]} clients" if rate.startswith("c") else rate
+def per_second(rate, r):
+    """Orders a second the per-order figures divide by: offered, or (closed loop) final."""
+    if not rate.startswith("c"):
+        return float(rate)
+    return float(r["throughput"]) if r and r.get("throughput") else float("nan")
 lines = []
 lines.append(f"## {datetime.date.today()} — mode `{mode}`, commit `{commit}`\n")
 if mode == "embedded":
@@ -38,7 +46,7 @@ lines.append("| offered/s | sent | accepted | shed | lost | final/s | not SUCCES
 lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 for rate, r, rss in rows:
     if r is None:
-        lines.append(f"| {rate} | run failed | | | | | | | | | | | | | | | | |"); continue
+        lines.append(f"| {label(rate)} | run failed | | | | | | | | | | | | | | | | |"); continue
     s, h = r["saga_ms"], r["http_ms"]
     m = r.get("machine") or {}
     machine = f"{m['compute_ms']:.0f}, {m['wake_us']:.0f}" if m else "–"
@@ -46,7 +54,7 @@ for rate, r, rss in rows:
     # With no fault injected every accepted order should succeed: any other final status
     # (TIMEOUT from queueing past the step timeout, most of all) is a failure of the run.
     other = ", ".join(f"{k} {v}" for k, v in sorted((r.get("statuses") or {}).items()) if k != "SUCCESS") or "0"
-    lines.append(f"| {rate} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
+    lines.append(f"| {label(rate)} | {r['sent']} | {r['accepted']} | {r['shed']} | {r['lost']} | {r['throughput']:.0f} | {other} | {s['p50']:.0f} ms | {s['p90']:.0f} | {s['p99']:.0f} | {s['p999']:.0f} | {s['max']:.0f} | {h['p50']:.1f} ms | {h['p99']:.1f} | {'ok' if r['invariants_ok'] else 'FAIL'} | {peak} | {machine} | {r['checkpoints']} |")
 lines.append("")
 # CPU of every process over the middle of each run (bench/cpu.py), per order.
 reports = {rate: r for rate, r, _ in rows if r}
@@ -67,9 +75,10 @@ for rate in rates:
             pass
     total = usage.get("total", 0.0) - usage.get("ldt bench", 0.0)
     services = sum(v for k, v in usage.items() if k.startswith("ldt ") and k != "ldt bench")
-    ms = total / 100 * 1000 / float(rate)
-    cs = (switched.get("total", 0.0) - switched.get("ldt bench", 0.0)) / float(rate)
-    cs_services = sum(v for k, v in switched.items() if k.startswith("ldt ") and k != "ldt bench") / float(rate)
+    per_s = per_second(rate, reports.get(rate))
+    ms = total / 100 * 1000 / per_s
+    cs = (switched.get("total", 0.0) - switched.get("ldt bench", 0.0)) / per_s
+    cs_services = sum(v for k, v in switched.items() if k.startswith("ldt ") and k != "ldt bench") / per_s
 
     def per_order(name):
         path = f"{work}/{name}-{rate}"
@@ -81,7 +90,7 @@ for rate in rates:
         except ValueError:
             return "–"
 
-    cpu_lines.append(f"| {rate} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {per_order('messages')} ({per_order('broker')}) | {per_order('commits')} | {per_order('walsyncs')} |")
+    cpu_lines.append(f"| {label(rate)} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {per_order('messages')} ({per_order('broker')}) | {per_order('commits')} | {per_order('walsyncs')} |")
 if cpu_lines:
     lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core); context switches per order (every thread of those processes, the services' own in brackets); messages per order (the services' `ldt_messages_published_total`; in brackets the broker messages they went in, `ldt_bus_messages_published_total`, a bundle counting once), PostgreSQL transactions committed per order (`pg_stat_database.xact_commit`, reads included) and WAL flushes per order (`pg_stat_wal.wal_sync`), each over the whole run:\n")
     lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator | context switches per order | messages (broker messages) per order | transactions per order | WAL flushes per order |")

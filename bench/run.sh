@@ -5,6 +5,9 @@
 #   BENCH_MODE=up bench/run.sh    # every service in one process
 #   BENCH_MODE=embedded bench/run.sh  # `ldt up` on SQLite files and the in-process bus
 #   BENCH_DURATION=60 BENCH_RATES="300 1000 2000" bench/run.sh
+#   BENCH_RATES="c128" bench/run.sh   # closed loop: 128 clients, each sending its next order
+#                                 # when the last one is answered (the peak, `ldt bench
+#                                 # --concurrency 128`); per-order figures over what was final
 #   BENCH_FLOOR=0 bench/run.sh    # without the floor (below)
 #   BENCH_SERVER_BIN=/tmp/ldt-before BENCH_LABEL=e7e30dd bench/run.sh
 #                                 # the services from another build (the code before a change),
@@ -118,8 +121,15 @@ echo "bench: warming up (10 s at 200/s)" >&2
 "$bin" bench "${common[@]}" --rate 200 --duration 10 --no-check >/dev/null
 results=()
 for rate in $rates; do
-  d=$duration; [ "$rate" -ge 2000 ] && d=$(( duration < 30 ? duration : 30 ))
-  echo "bench: $rate orders/s for $d s" >&2
+  d=$duration
+  if [[ $rate == c* ]]; then
+    load=(--concurrency "${rate#c}")
+    echo "bench: closed loop, ${rate#c} clients for $d s" >&2
+  else
+    load=(--rate "$rate")
+    [ "$rate" -ge 2000 ] && d=$(( duration < 30 ? duration : 30 ))
+    echo "bench: $rate orders/s for $d s" >&2
+  fi
   : >"$work/rss"
   before=$(checkpoints)
   msgs_before=$(published ldt_messages_published_total)
@@ -128,7 +138,7 @@ for rate in $rates; do
   # CPU of every process over the run's middle (its first and last 5 s left out).
   ( sleep 5; python3 bench/cpu.py $(( d > 15 ? d - 10 : d / 2 )) >"$work/cpu-$rate" ) &
   cpu=$!
-  "$bin" bench "${common[@]}" --rate "$rate" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
+  "$bin" bench "${common[@]}" "${load[@]}" --duration "$d" --settle-timeout-s 300 >"$work/bench-$rate.json" || true
   wait "$cpu" || true
   after=$(checkpoints)
   echo $(( $(published ldt_messages_published_total) - msgs_before )) >"$work/messages-$rate"
