@@ -9,7 +9,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-services.sh
 scripts/ensure-browser.sh
-# The e2e suite runs the ldt binary itself. (The cluster test is apart: scripts/cluster-test.sh.)
+# The e2e suite runs the ldt binary itself; the cluster test (e2e/tests/cluster.rs: three
+# broker nodes, two database servers and twelve service processes on this machine) runs the
+# release build.
 cargo build --locked --bin ldt
+cargo build --locked --release --bin ldt
 cargo test --locked --workspace "$@"
 scripts/contract.sh
