@@ -36,6 +36,16 @@ async fn successes(driver: &mut Driver, n: usize) -> std::collections::HashSet<U
     answered
 }
 
+/// `env` as a message to the payment service, with an id of its own.
+fn to_payment(driver: &Driver, env: &Envelope) -> Outgoing {
+    Outgoing {
+        queue: driver.queues.of(Service::Payment),
+        message_id: Uuid::now_v7().to_string(),
+        payload: env.to_json(),
+        headers: vec![],
+    }
+}
+
 fn debit(order: Uuid, user: &str, total: i64) -> Envelope {
     Envelope::new(
         order,
@@ -272,15 +282,7 @@ async fn a_burst_with_duplicates_and_racing_refunds_has_one_effect_per_order(sta
         burst.push(debit(order, &format!("raced{i}"), 10));
         raced.push(order);
     }
-    let out: Vec<Outgoing> = burst
-        .iter()
-        .map(|env| Outgoing {
-            queue: driver.queues.of(Service::Payment),
-            message_id: Uuid::now_v7().to_string(),
-            payload: env.to_json(),
-            headers: vec![],
-        })
-        .collect();
+    let out: Vec<Outgoing> = burst.iter().map(|env| to_payment(&driver, env)).collect();
     driver.bus.publish(&out).await.unwrap();
 
     let mut results: std::collections::HashMap<Uuid, Vec<StepOutcome>> =
@@ -713,12 +715,7 @@ async fn a_batch_with_actions_already_in_the_ledger_is_still_applied_as_a_batch(
         .iter()
         .chain(&fresh)
         .chain([&late_debit, &fresh[0]])
-        .map(|env| Outgoing {
-            queue: driver.queues.of(Service::Payment),
-            message_id: Uuid::now_v7().to_string(),
-            payload: env.to_json(),
-            headers: vec![],
-        })
+        .map(|env| to_payment(&driver, env))
         .collect();
     let bundle = Outgoing::bundle(&driver.queues.of(Service::Payment), &parts).unwrap();
     driver.bus.publish(&[bundle]).await.unwrap();

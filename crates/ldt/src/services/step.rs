@@ -847,9 +847,7 @@ impl<E: StepEffect> StepService<E> {
         self.signal.committed(outbox);
         Ok(())
     }
-}
 
-impl<E: StepEffect> StepService<E> {
     /// After a batch failed: if some of its actions have a ledger row already (duplicates,
     /// actions whose compensation came first, an order another replica claimed meanwhile),
     /// the batch once more, those answered from the ledger. Whether that succeeded.
