@@ -19,8 +19,12 @@ fn main() -> ExitCode {
         Err(e) => cli::explain(e).exit(),
     };
     // `--worker-threads` sizes the runtime of the services; the tools take the default.
+    let tokio_env = std::env::var_os("TOKIO_WORKER_THREADS").is_some();
     let threads = match &cli.command {
-        Command::Up(settings) | Command::Serve { settings, .. } => settings.runtime_threads(),
+        Command::Up(settings) => settings.runtime_threads(Service::ALL.len(), tokio_env),
+        Command::Serve { settings, services } => {
+            settings.runtime_threads(services.len(), tokio_env)
+        }
         _ => None,
     };
     let mut builder = tokio::runtime::Builder::new_multi_thread();

@@ -122,11 +122,10 @@ pub struct Settings {
     #[arg(long, env = "LDT_STALL_MS", help_heading = "Testing")]
     pub stall_ms: Option<u64>,
 
-    /// Threads of this process's async runtime; by default one per core. One suits a split
-    /// deployment's processes sharing a machine's cores (fewer hand-offs between threads: at
-    /// 300 orders/s the saga's median went from 27–31 to 17–19 ms, BENCHMARKS.md), but it is
-    /// not the default: in the cluster test, delivery services on one thread stalled after a
-    /// broker node was lost, which is not explained yet.
+    /// Threads of this process's async runtime. By default one when the process runs one
+    /// service (`ldt serve <service>`: a split deployment's processes share a machine's cores,
+    /// and one thread each hands work from thread to thread less — BENCHMARKS.md), one per
+    /// core when it runs several (`ldt up`) or `TOKIO_WORKER_THREADS` says otherwise.
     #[arg(long, env = "LDT_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024), help_heading = "Throughput")]
     pub worker_threads: Option<u16>,
 
@@ -258,10 +257,15 @@ pub const DEFAULT_BUNDLE_MAX: u16 = 64;
 const STALL_IN_STEP_TIMEOUTS: u64 = ldt_contract::Step::ALL.len() as u64 + 1;
 
 impl Settings {
-    /// The runtime's threads: `--worker-threads`; `None`: one per core (or
-    /// `TOKIO_WORKER_THREADS`).
-    pub fn runtime_threads(&self) -> Option<usize> {
-        self.worker_threads.map(usize::from)
+    /// The runtime's threads for a process running `services` services: `--worker-threads`;
+    /// else one for a single service unless `TOKIO_WORKER_THREADS` is set (`tokio_env`);
+    /// `None`: tokio's default, one per core (or `TOKIO_WORKER_THREADS`).
+    pub fn runtime_threads(&self, services: usize, tokio_env: bool) -> Option<usize> {
+        match self.worker_threads {
+            Some(n) => Some(usize::from(n)),
+            None if services == 1 && !tokio_env => Some(1),
+            None => None,
+        }
     }
 
     pub fn step_timeout(&self) -> Duration {
@@ -482,11 +486,18 @@ mod tests {
     }
 
     #[test]
-    fn the_runtime_has_a_thread_per_core_unless_told() {
+    fn one_service_gets_one_runtime_thread_several_one_per_core_unless_told() {
         let s = Settings::try_parse_from(["ldt"]).unwrap();
-        assert_eq!(s.runtime_threads(), None);
-        let s = Settings::try_parse_from(["ldt", "--worker-threads", "1"]).unwrap();
-        assert_eq!(s.runtime_threads(), Some(1));
+        assert_eq!(s.runtime_threads(1, false), Some(1));
+        assert_eq!(s.runtime_threads(6, false), None);
+        assert_eq!(
+            s.runtime_threads(1, true),
+            None,
+            "TOKIO_WORKER_THREADS decides"
+        );
+        let s = Settings::try_parse_from(["ldt", "--worker-threads", "3"]).unwrap();
+        assert_eq!(s.runtime_threads(1, true), Some(3));
+        assert_eq!(s.runtime_threads(6, false), Some(3));
         assert!(Settings::try_parse_from(["ldt", "--worker-threads", "0"]).is_err());
     }
 
