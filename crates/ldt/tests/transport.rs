@@ -16,7 +16,9 @@ use std::time::Duration;
 
 use ldt_contract::Queues;
 use ldt_runtime::bus::{Bus, Incoming, Outgoing, QueueOptions, Subscription};
-use ldt_runtime::consumer::{Consumer, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER};
+use ldt_runtime::consumer::{
+    Consumer, Delivery, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER,
+};
 use ldt_runtime::metrics::Metrics;
 use tokio_util::sync::CancellationToken;
 
@@ -217,12 +219,25 @@ async fn prefetch_bounds_the_unacked_deliveries(f: Fixture) {
     assert_eq!(text(&m), "payload 3");
 }
 
-/// Parks messages whose payload says so, records the others.
+/// Parks messages whose payload says so, records the others, and the batches they came in.
 struct Picky {
     handled: Mutex<Vec<String>>,
+    batches: Mutex<Vec<Vec<String>>>,
 }
 
 impl Handler for Picky {
+    async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
+        self.batches
+            .lock()
+            .unwrap()
+            .push(batch.iter().map(|d| text(&d.msg)).collect());
+        let mut outcomes = Vec::with_capacity(batch.len());
+        for d in batch {
+            outcomes.push(self.handle(&d.msg).await);
+        }
+        outcomes
+    }
+
     async fn handle(&self, msg: &Incoming) -> Result<(), HandleError> {
         let body = String::from_utf8_lossy(&msg.payload).into_owned();
         if body.starts_with("poison") {
@@ -242,8 +257,18 @@ struct PickyConsumer {
 
 impl PickyConsumer {
     fn start(f: &Fixture, bus: &Bus, batches_in_flight: usize) -> PickyConsumer {
+        PickyConsumer::start_with(f, bus, batches_in_flight, Duration::ZERO)
+    }
+
+    fn start_with(
+        f: &Fixture,
+        bus: &Bus,
+        batches_in_flight: usize,
+        linger: Duration,
+    ) -> PickyConsumer {
         let handler = Arc::new(Picky {
             handled: Mutex::new(Vec::new()),
+            batches: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
         let task = tokio::spawn(ldt_runtime::consumer::consume(
@@ -254,6 +279,7 @@ impl PickyConsumer {
                 service: "test",
                 prefetch: 8,
                 batches_in_flight,
+                linger,
                 max_attempts: 10,
                 attempts: Default::default(),
                 metrics: Metrics::default(),
@@ -287,6 +313,47 @@ impl PickyConsumer {
         self.shutdown.cancel();
         self.task.await.unwrap();
     }
+}
+
+/// With `--linger-ms`, a small batch on a busy queue waits for more deliveries to join it
+/// (one transaction instead of several); the first delivery after a lull never waits.
+async fn a_busy_queue_lingers_for_fuller_batches_an_idle_one_does_not(f: Fixture) {
+    let bus = f.open(None).await;
+    let q = f.queue();
+    // Busy: deliveries less than a second apart (twice the linger).
+    let consumer = PickyConsumer::start_with(&f, &bus, 1, Duration::from_millis(500));
+    // The sleeps shape the arrivals (100 ms apart, then a lull of 1.5 s), well inside and
+    // well outside the linger.
+    let publish_spaced = |numbers: &'static [usize]| {
+        let (bus, f, q) = (&bus, &f, &q);
+        async move {
+            for (k, &i) in numbers.iter().enumerate() {
+                if k > 0 {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                bus.publish(&[f.message(q, i)]).await.unwrap();
+            }
+        }
+    };
+    // 1 comes to an idle queue: handled at once, so 2 (100 ms later) is not in its batch;
+    // 2 comes 100 ms after it: the queue is busy, and 3 joins 2's batch.
+    publish_spaced(&[1, 2, 3]).await;
+    consumer.handled(3).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // After the lull 4 is handled at once; 5, 100 ms later, waits in vain for company.
+    publish_spaced(&[4, 5]).await;
+    consumer.handled(5).await;
+    let batches = consumer.handler.batches.lock().unwrap().clone();
+    assert_eq!(
+        batches,
+        [
+            vec!["payload 1"],
+            vec!["payload 2", "payload 3"],
+            vec!["payload 4"],
+            vec!["payload 5"]
+        ]
+    );
+    consumer.stop().await;
 }
 
 async fn poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows(f: Fixture) {
@@ -751,6 +818,7 @@ conformance! {
     unacked_messages_go_back_when_a_subscription_ends: [Amqp, Journaled, Memory];
     prefetch_bounds_the_unacked_deliveries: [Amqp, Journaled, Memory];
     poison_is_parked_on_the_dead_letter_queue_and_the_rest_flows: [Amqp, Journaled, Memory];
+    a_busy_queue_lingers_for_fuller_batches_an_idle_one_does_not: [Amqp, Journaled, Memory];
     a_full_queue_refuses_publishes_until_it_drains: [Amqp, Journaled, Memory];
     // In memory, nothing outlives the process: that is what `--ephemeral` means.
     published_messages_outlive_the_publisher: [Amqp, Journaled];

@@ -139,6 +139,13 @@ pub struct Settings {
     #[arg(long, env = "LDT_BATCHES_IN_FLIGHT", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..), help_heading = "Throughput")]
     pub batches_in_flight: u16,
 
+    /// How long a consumer may wait for more deliveries to join a small batch, in
+    /// milliseconds, when its queue is busy (deliveries a moment apart): fewer, larger
+    /// transactions and bundles, at up to this much latency a hop. Never when the queue is
+    /// idle (the last delivery came more than twice this long before). 0: never.
+    #[arg(long, env = "LDT_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100), help_heading = "Throughput")]
+    pub linger_ms: u16,
+
     /// Tries of a message that fails the same way (a constraint violated, a bug) before it is
     /// parked as a dead letter; a compensation parked so makes its saga stuck until an
     /// operator retries it. A database or broker out of reach is retried for ever.

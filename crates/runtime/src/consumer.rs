@@ -107,6 +107,9 @@ pub struct Consumer {
     /// a busy consumer commits a few large transactions instead of many small ones that
     /// contend for the same rows and each wait for their own WAL flush.
     pub batches_in_flight: usize,
+    /// How long a small batch may wait for more deliveries while the queue is busy
+    /// (`--linger-ms`); zero: never.
+    pub linger: Duration,
     /// Tries of a message failing the same way before it is parked as a dead letter (a
     /// failure to reach the database, or a serialization conflict, is retried for ever).
     pub max_attempts: u32,
@@ -118,6 +121,35 @@ pub struct Consumer {
 /// How often each message being retried has failed, and how.
 #[derive(Default)]
 pub struct Attempts(std::sync::Mutex<std::collections::HashMap<String, (u32, String)>>);
+
+/// A batch this large is not held back to grow: lingering is for the nearly empty ones.
+const LINGER_ENOUGH: usize = 8;
+
+/// How fast deliveries arrive on one subscription: whether the queue is busy enough that
+/// the next delivery is likely within the linger, so a small batch waits for it.
+#[derive(Default)]
+struct Pace {
+    last: Option<tokio::time::Instant>,
+    /// Mean gap between deliveries (exponentially weighted, 1/8 to the newest; a gap counts
+    /// at most four lingers, so one lull does not hide a busy queue for long).
+    mean_gap: Duration,
+}
+
+impl Pace {
+    /// Notes a delivery at `now`; whether the queue is busy for a linger of `linger`: this
+    /// delivery came less than twice the linger after the last, and so did they on average.
+    /// The first delivery after a lull (or ever) never waits.
+    fn arrived(&mut self, now: tokio::time::Instant, linger: Duration) -> bool {
+        let busy_below = linger.saturating_mul(2);
+        let Some(last) = self.last.replace(now) else {
+            return false;
+        };
+        let gap = now.saturating_duration_since(last);
+        self.mean_gap =
+            (self.mean_gap.saturating_mul(7) + gap.min(busy_below.saturating_mul(2))) / 8;
+        gap <= busy_below && self.mean_gap <= busy_below
+    }
+}
 
 /// Messages whose failures are remembered, at most: past it, the oldest memories go (a
 /// message another replica took never comes back to be forgotten).
@@ -179,6 +211,8 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
         consumer.batches_in_flight.max(1),
     ));
     let mut failures: u32 = 0;
+    let linger = consumer.linger;
+    let max_batch = MAX_BATCH.min(usize::from(prefetch));
     while !shutdown.is_cancelled() {
         let mut sub = match bus.subscribe(queue, prefetch).await {
             Ok(sub) => {
@@ -198,6 +232,7 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
                 }
             }
         };
+        let mut pace = Pace::default();
         loop {
             let next = tokio::select! {
                 next = sub.next() => next,
@@ -205,6 +240,8 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
             };
             match next {
                 Some(Ok(msg)) => {
+                    let busy =
+                        !linger.is_zero() && pace.arrived(tokio::time::Instant::now(), linger);
                     if handler.runs_alone(&msg) {
                         spawn_batch(&tracker, &handler, &consumer, vec![msg], None);
                         continue;
@@ -217,7 +254,7 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
                     // Take whatever else has already arrived: one batch, one transaction.
                     let mut batch = vec![msg];
                     let mut broken = false;
-                    while batch.len() < MAX_BATCH.min(usize::from(prefetch)) {
+                    while batch.len() < max_batch {
                         match futures_util::FutureExt::now_or_never(sub.next()) {
                             Some(Some(Ok(m))) if handler.runs_alone(&m) => {
                                 spawn_batch(&tracker, &handler, &consumer, vec![m], None);
@@ -229,6 +266,40 @@ pub async fn consume<H: Handler>(consumer: Consumer, handler: Arc<H>, shutdown: 
                             }
                             None => break,
                         }
+                    }
+                    // A busy queue and a small batch: wait a moment for more to join it (each
+                    // batch is a transaction and its answers a bundle: fewer of each per message).
+                    if busy && !broken && batch.len() < LINGER_ENOUGH.min(max_batch) {
+                        let before = batch.len();
+                        let until = tokio::time::Instant::now() + linger;
+                        while batch.len() < LINGER_ENOUGH.min(max_batch) {
+                            match tokio::time::timeout_at(until, sub.next()).await {
+                                Ok(Some(Ok(m))) if handler.runs_alone(&m) => {
+                                    spawn_batch(&tracker, &handler, &consumer, vec![m], None);
+                                }
+                                Ok(Some(Ok(m))) => {
+                                    pace.arrived(tokio::time::Instant::now(), linger);
+                                    batch.push(m);
+                                }
+                                Ok(Some(Err(_)) | None) => {
+                                    broken = true;
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        let outcome = if batch.len() > before {
+                            "joined"
+                        } else {
+                            "in_vain"
+                        };
+                        consumer.metrics.inc(
+                            "ldt_consumer_lingers_total",
+                            "Small batches that waited for more deliveries (--linger-ms), by \
+                             queue and whether any joined.",
+                            &[("queue", queue.as_str()), ("outcome", outcome)],
+                            1,
+                        );
                     }
                     spawn_batch(&tracker, &handler, &consumer, batch, permit);
                     if broken {

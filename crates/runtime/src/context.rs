@@ -127,6 +127,7 @@ impl Context {
                 service: service.as_str(),
                 prefetch: self.settings.prefetch,
                 batches_in_flight: usize::from(self.settings.batches_in_flight),
+                linger: Duration::from_millis(u64::from(self.settings.linger_ms)),
                 max_attempts: self.settings.max_attempts,
                 metrics: self.metrics.clone(),
                 attempts: Default::default(),
