@@ -65,10 +65,15 @@ for rate in rates:
         continue
     usage = {}
     switched = {}
+    by_thread = {}
     for line in open(path):
         words = line.split()
-        # `group cpu% switches/s` (the group may have spaces in it).
+        # `group cpu% switches/s` (the group may have spaces in it); `thread:<name> ...` for
+        # the marketplace's threads by name.
         try:
+            if words[0].startswith("thread:"):
+                by_thread[words[0][len("thread:"):]] = float(words[-1])
+                continue
             usage[" ".join(words[:-2])] = float(words[-2])
             switched[" ".join(words[:-2])] = float(words[-1])
         except (ValueError, IndexError):
@@ -79,6 +84,7 @@ for rate in rates:
     ms = total / 100 * 1000 / per_s
     cs = (switched.get("total", 0.0) - switched.get("ldt bench", 0.0)) / per_s
     cs_services = sum(v for k, v in switched.items() if k.startswith("ldt ") and k != "ldt bench") / per_s
+    threads = ", ".join(f"{name} {n / per_s:.0f}" for name, n in sorted(by_thread.items(), key=lambda kv: -kv[1]) if n / per_s >= 0.5) or "–"
 
     def per_order(name):
         path = f"{work}/{name}-{rate}"
@@ -90,11 +96,11 @@ for rate in rates:
         except ValueError:
             return "–"
 
-    cpu_lines.append(f"| {label(rate)} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {per_order('messages')} ({per_order('broker')}) | {per_order('commits')} | {per_order('walsyncs')} |")
+    cpu_lines.append(f"| {label(rate)} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {threads} | {per_order('messages')} ({per_order('broker')}) | {per_order('commits')} | {per_order('walsyncs')} |")
 if cpu_lines:
-    lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core); context switches per order (every thread of those processes, the services' own in brackets); messages per order (the services' `ldt_messages_published_total`; in brackets the broker messages they went in, `ldt_bus_messages_published_total`, a bundle counting once), PostgreSQL transactions committed per order (`pg_stat_database.xact_commit`, reads included) and WAL flushes per order (`pg_stat_wal.wal_sync`), each over the whole run:\n")
-    lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator | context switches per order | messages (broker messages) per order | transactions per order | WAL flushes per order |")
-    lines.append("|---|---|---|---|---|---|---|---|---|---|---|")
+    lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core); context switches per order (every thread of those processes, the services' own in brackets), and the services' by thread (their threads' names, summed over the processes: `lapin-io-loop` is the AMQP client's I/O thread, one per connection; `tokio-rt-worker` the runtime's); messages per order (the services' `ldt_messages_published_total`; in brackets the broker messages they went in, `ldt_bus_messages_published_total`, a bundle counting once), PostgreSQL transactions committed per order (`pg_stat_database.xact_commit`, reads included) and WAL flushes per order (`pg_stat_wal.wal_sync`), each over the whole run:\n")
+    lines.append("| offered/s | CPU per order | all | services | PostgreSQL | RabbitMQ | load generator | context switches per order | the services' by thread | messages (broker messages) per order | transactions per order | WAL flushes per order |")
+    lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines.extend(cpu_lines)
     lines.append("")
 floor = open(f"{work}/floor.md").read().strip() if os.path.exists(f"{work}/floor.md") else ""

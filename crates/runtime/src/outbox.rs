@@ -110,7 +110,7 @@ impl OutboxBatch {
         for chunk in fresh.chunks(ROWS_PER_INSERT) {
             let (mut sql, _) = insert_values(1, chunk.len());
             sql.push_str(" RETURNING id");
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(crate::db::for_conn(&*conn, sql)));
             for row in chunk {
                 query = row.bind_columns(query).bind(now);
             }

@@ -77,7 +77,8 @@ impl StepEffect for Credits {
                 3,
                 missing.len(),
             ) + " ON CONFLICT (username) DO NOTHING";
-            let mut insert = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut insert =
+                sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*conn, sql)));
             for username in &missing {
                 insert = insert.bind(username.as_str()).bind(self.initial).bind(now);
             }
@@ -110,7 +111,8 @@ impl StepEffect for Credits {
                 2,
                 chunk.len(),
             ) + ") UPDATE users SET credits = v.credits FROM v WHERE users.username = v.username";
-            let mut update = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut update =
+                sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*conn, sql)));
             for (username, left) in chunk {
                 update = update.bind(username.as_str()).bind(*left);
             }
@@ -198,7 +200,7 @@ async fn lock_users(
         if !ldt_runtime::db::conn_is_sqlite(conn) {
             sql.push_str(" FOR UPDATE");
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*conn, sql)));
         for username in chunk {
             query = query.bind(username.as_str());
         }

@@ -268,7 +268,7 @@ async fn read_ledger(
         if lock {
             sql.push_str(" FOR UPDATE");
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*conn, sql)));
         for id in chunk {
             query = query.bind(id.as_str());
         }
@@ -680,7 +680,9 @@ impl<E: StepEffect> StepService<E> {
                 7,
                 chunk.len(),
             ) + " ON CONFLICT (order_id) DO NOTHING RETURNING order_id";
-            let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query_scalar::<_, String>(sqlx::AssertSqlSafe(
+                ldt_runtime::db::for_conn(&*tx, sql),
+            ));
             for id in chunk {
                 query = query
                     .bind(id.as_str())
@@ -711,7 +713,9 @@ impl<E: StepEffect> StepService<E> {
                     "UPDATE ledger SET compensated = TRUE, updated_ms = $1 WHERE order_id IN ({})",
                     ldt_runtime::db::placeholders(2, chunk.len())
                 );
-                let mut query = sqlx::query(sqlx::AssertSqlSafe(sql)).bind(now);
+                let mut query =
+                    sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)))
+                        .bind(now);
                 for row in chunk {
                     query = query.bind(row.order_id.as_str());
                 }
@@ -940,7 +944,7 @@ impl NewLedgerRow {
                 7,
                 chunk.len(),
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
             for row in chunk {
                 query = query
                     .bind(&row.order_id)

@@ -508,7 +508,7 @@ async fn apply(pool: &SqlitePool, ops: &[JournalOp]) -> Result<(), sqlx::Error> 
             "INSERT OR REPLACE INTO messages (seq, queue, message_id, payload, headers) ",
         );
         crate::db::push_values(&mut sql, 1, 5, chunk.len());
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(crate::db::for_sqlite(sql)));
         for (queue, m, headers) in chunk {
             query = query
                 .bind(i64::try_from(m.seq).unwrap_or(i64::MAX))
@@ -524,7 +524,7 @@ async fn apply(pool: &SqlitePool, ops: &[JournalOp]) -> Result<(), sqlx::Error> 
             "DELETE FROM messages WHERE seq IN ({})",
             crate::db::placeholders(1, chunk.len())
         );
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(crate::db::for_sqlite(sql)));
         for seq in chunk {
             query = query.bind(*seq);
         }

@@ -300,7 +300,7 @@ impl Pending {
         sql.push_str(&outbox::insert_from(&values));
         sql.push_str(" RETURNING id, message_id");
         sql.push_str(") SELECT id, message_id FROM o");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
         for saga in &changed {
             query = bind_saga_values(query, saga);
         }
@@ -345,7 +345,7 @@ impl Pending {
             ldt_runtime::db::push_values(&mut sql, 1, V_WIDTH, chunk.len());
             sql.push_str(") ");
             sql.push_str(UPDATE_SAGAS_FROM_V);
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
             for saga in chunk {
                 query = bind_saga_values(query, saga);
             }
@@ -358,7 +358,7 @@ impl Pending {
                 5,
                 chunk.len(),
             );
-            let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+            let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
             for row in chunk {
                 query = bind_log_row(query, row);
             }
@@ -383,7 +383,7 @@ pub async fn insert_sagas(
             chunk.len(),
         );
         sql.push_str(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
         for (saga, traceparent) in chunk {
             query = bind_new_saga(query, saga, traceparent.clone());
         }
@@ -457,7 +457,7 @@ pub async fn lock(
         if !sqlite {
             sql.push_str(" FOR UPDATE");
         }
-        let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
         for id in chunk {
             query = query.bind(id.to_string());
         }

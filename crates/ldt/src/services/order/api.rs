@@ -1,5 +1,7 @@
 //! The order API: the legacy routes the original clients use, and v1.
 
+use std::sync::Arc;
+
 use axum::Json;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode, header};
@@ -20,7 +22,7 @@ use super::store::{self, OrderFilter};
     responses((status = 200, body = Order), (status = 400, body = ldt_runtime::http::ErrorBody),
               (status = 422, body = ldt_runtime::http::ErrorBody), (status = 500, body = ldt_runtime::http::ErrorBody)))]
 pub async fn legacy_purchase(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     ApiJson(body): ApiJson<LegacyPurchase>,
 ) -> Result<Json<Order>, ApiError> {
     match state.submit(body.into_new_order()?, None).await? {
@@ -34,7 +36,7 @@ pub async fn legacy_purchase(
     responses((status = 200, body = Order), (status = 400, body = ldt_runtime::http::ErrorBody),
               (status = 422, body = ldt_runtime::http::ErrorBody), (status = 500, body = ldt_runtime::http::ErrorBody)))]
 pub async fn legacy_purchase_slash(
-    state: State<OrderState>,
+    state: State<Arc<OrderState>>,
     body: ApiJson<LegacyPurchase>,
 ) -> Result<Json<Order>, ApiError> {
     legacy_purchase(state, body).await
@@ -54,7 +56,7 @@ pub struct AllTransactionsQuery {
     params(AllTransactionsQuery),
     responses((status = 200, body = [Order])))]
 pub async fn legacy_all_transactions(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     ApiQuery(q): ApiQuery<AllTransactionsQuery>,
 ) -> Result<Json<Vec<Order>>, ApiError> {
     let limit = page_limit(q.limit, 1000)?;
@@ -73,7 +75,7 @@ pub async fn legacy_all_transactions(
               (status = 400, body = ldt_runtime::http::ErrorBody), (status = 409, body = ldt_runtime::http::ErrorBody),
               (status = 422, body = ldt_runtime::http::ErrorBody)))]
 pub async fn create_order(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     headers: HeaderMap,
     ApiJson(body): ApiJson<CreateOrder>,
 ) -> Result<Response, ApiError> {
@@ -115,7 +117,7 @@ pub async fn create_order(
     params(("id" = Uuid, Path, description = "Order id")),
     responses((status = 200, body = Order), (status = 404, body = ldt_runtime::http::ErrorBody)))]
 pub async fn get_order(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     Path(id): Path<String>,
 ) -> Result<Json<Order>, ApiError> {
     let id =
@@ -137,7 +139,7 @@ pub async fn get_order(
               (status = 404, description = "No such order", body = ldt_runtime::http::ErrorBody),
               (status = 409, description = "The order is final already", body = ldt_runtime::http::ErrorBody)))]
 pub async fn cancel_order(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     headers: HeaderMap,
     Path(id): Path<String>,
 ) -> Result<(StatusCode, Json<Order>), ApiError> {
@@ -193,7 +195,7 @@ pub struct OrderPage {
     responses((status = 200, description = "A page of orders", body = OrderPage),
               (status = 422, description = "An invalid filter", body = ldt_runtime::http::ErrorBody)))]
 pub async fn list_orders(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     ApiQuery(q): ApiQuery<ListQuery>,
 ) -> Result<Json<OrderPage>, ApiError> {
     let limit = page_limit(q.limit, 100)?;
@@ -227,7 +229,7 @@ pub async fn list_orders(
                body = std::collections::BTreeMap<String, i64>,
                example = json!({"PENDING": 2, "SUCCESS": 120, "TIMEOUT": 3}))))]
 pub async fn order_counts(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
 ) -> Result<Json<std::collections::BTreeMap<String, i64>>, ApiError> {
     let counts = store::counts(&state.pool).await?;
     Ok(Json(
@@ -264,7 +266,7 @@ const MAX_COALESCE_MS: u64 = 5_000;
                content_type = "text/event-stream", body = String),
               (status = 422, description = "An invalid `coalesce_ms`", body = ldt_runtime::http::ErrorBody)))]
 pub async fn order_events(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     ApiQuery(q): ApiQuery<EventsQuery>,
 ) -> Result<Response, ApiError> {
     use axum::response::sse::{KeepAlive, Sse};
@@ -382,7 +384,7 @@ impl FaultFlagsView {
 /// whose step fails or stalls.
 #[utoipa::path(get, path = "/api/v1/faults", tag = "faults",
     responses((status = 200, description = "The flags", body = FaultFlagsView)))]
-pub async fn get_faults(State(state): State<OrderState>) -> Json<FaultFlagsView> {
+pub async fn get_faults(State(state): State<Arc<OrderState>>) -> Json<FaultFlagsView> {
     let flags = if state.fault_injection {
         state.flags.get()
     } else {
@@ -400,7 +402,7 @@ pub async fn get_faults(State(state): State<OrderState>) -> Json<FaultFlagsView>
               (status = 403, description = "Fault injection is disabled on this marketplace", body = ldt_runtime::http::ErrorBody),
               (status = 422, description = "A percentage out of 0–100", body = ldt_runtime::http::ErrorBody)))]
 pub async fn put_faults(
-    State(state): State<OrderState>,
+    State(state): State<Arc<OrderState>>,
     headers: HeaderMap,
     ApiJson(flags): ApiJson<Flags>,
 ) -> Result<Json<FaultFlagsView>, ApiError> {

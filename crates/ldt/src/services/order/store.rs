@@ -80,7 +80,7 @@ pub async fn insert_group(
     let mut sql =
         ldt_runtime::db::multi_row_insert(&format!("INSERT INTO {ORDER_COLUMNS}"), 11, group.len());
     sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
     for p in group {
         query = query
             .bind(&p.id)
@@ -128,7 +128,7 @@ pub async fn finish(
          RETURNING orders.id, orders.username, orders.price, orders.amount, orders.faults, \
          orders.status, orders.created_ms, orders.finished_ms, orders.fault_source, orders.trace_id",
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*conn, sql)));
     for (order_id, status) in finished {
         query = query
             .bind(order_id.to_string())
