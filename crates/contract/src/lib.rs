@@ -194,8 +194,15 @@ pub enum Message {
         amount: i64,
         #[serde(default)]
         faults: FaultPlan,
+        /// The order service sent the saga's first command, with its routing slip, in the
+        /// same transaction as this message: the orchestrator starts the saga without sending
+        /// it. Absent (false) from an order service that predates it. An orchestrator that
+        /// predates it sends the command again, and the step's ledger answers the duplicate.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        slip_sent: bool,
     },
-    /// orchestrator → payment: debit `total` credits from `username`.
+    /// order (opening the saga, with the routing slip) or orchestrator → payment: debit
+    /// `total` credits from `username`.
     Debit {
         username: String,
         total: i64,

@@ -43,6 +43,7 @@ async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
             price: 3,
             amount: 2,
             faults: FaultPlan::default(),
+            slip_sent: false,
         },
     );
     driver.send_twice(&placed).await;
@@ -158,6 +159,7 @@ async fn compensation_answers_delivered_twice_advance_once(stack: Stack) {
                 price: 1,
                 amount: 1,
                 faults: FaultPlan::default(),
+                slip_sent: false,
             },
         ))
         .await;

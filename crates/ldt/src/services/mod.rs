@@ -1,5 +1,6 @@
 //! The services, one module each: domain, store (SQL), message handler and HTTP routes.
-//! A service depends on the shared plumbing, never on another service.
+//! A service depends on the shared plumbing (`step` for the step services, `plan` for the
+//! saga's steps and their commands), never on another service.
 
 pub mod dead_letter;
 pub mod delivery;
@@ -7,6 +8,7 @@ pub mod inventory;
 pub mod orchestrator;
 pub mod order;
 pub mod payment;
+pub mod plan;
 pub mod step;
 
 use ldt_contract::Service;

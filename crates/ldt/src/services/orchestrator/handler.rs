@@ -17,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 use uuid::Uuid;
 
-use super::saga::{self, Event, MetricEvent, Notice, Policy, Saga, Terms};
+use super::saga::{self, Event, MetricEvent, Notice, Opening, Policy, Saga, Terms};
 use super::store::{self, Pending, Stored};
 
 #[derive(Clone)]
@@ -34,8 +34,8 @@ pub struct Orchestrator {
 
 /// What a message asks of the orchestrator.
 enum Work {
-    /// Start a saga (an `OrderPlaced`).
-    Start(Terms),
+    /// Start a saga (an `OrderPlaced`), its first command sent by whom.
+    Start(Terms, Opening),
     /// Something happened to a running saga.
     Event(Event),
 }
@@ -47,6 +47,7 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
             price,
             amount,
             faults,
+            slip_sent,
         } => {
             let terms = Terms {
                 username: username.clone(),
@@ -57,7 +58,12 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
             if let Some(why) = saga::invalid_terms(&terms) {
                 return Err(HandleError::Poison(format!("OrderPlaced with {why}")));
             }
-            Work::Start(terms)
+            let opened_by = if *slip_sent {
+                Opening::OrderService
+            } else {
+                Opening::Orchestrator
+            };
+            Work::Start(terms, opened_by)
         }
         Message::StepResult { step, outcome } => Work::Event(Event::Answered {
             step: *step,
@@ -78,21 +84,48 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
     })
 }
 
-/// An event for a saga this orchestrator has not seen.
+/// An event for a saga this orchestrator has not seen. The order service's `OrderPlaced` may
+/// still be on its way: it sends the saga's first command beside it, so a step's answer can
+/// come first (the `OrderPlaced` in a batch committing this moment, here or at another
+/// replica; a publish that failed and is sent again by the outbox's sweep). The event waits a
+/// moment ([`EARLY_WAITS`]) and is then given back to be tried again; one for an order that
+/// never gets a saga is parked after the last try.
 fn unknown_saga(env: &Envelope) -> HandleError {
-    match env.body {
-        // The order service's `OrderPlaced` may still be on its way: try again later (a
-        // cancel of an order that never gets a saga is parked after the last try).
-        Message::CancelOrder => HandleError::Transient(anyhow::anyhow!(
-            "cancel for order {}, whose saga has not started",
-            env.order_id
-        )),
-        _ => HandleError::Poison(format!(
-            "{} for unknown saga {}",
-            env.body.kind(),
-            env.order_id
-        )),
+    HandleError::Transient(anyhow::Error::new(NotStarted {
+        kind: env.body.kind(),
+        order_id: env.order_id,
+    }))
+}
+
+#[derive(Debug)]
+struct NotStarted {
+    kind: &'static str,
+    order_id: Uuid,
+}
+
+impl std::fmt::Display for NotStarted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} for order {}, whose saga has not started (its OrderPlaced may still be on its way)",
+            self.kind, self.order_id
+        )
     }
+}
+
+impl std::error::Error for NotStarted {}
+
+/// How long an event whose saga has not started waits, and tries again, before it is given
+/// back to the queue: its `OrderPlaced` is most often in a batch committing at this moment,
+/// and a message given back comes again 100 ms later at the soonest.
+const EARLY_WAITS: [Duration; 3] = [
+    Duration::from_millis(5),
+    Duration::from_millis(15),
+    Duration::from_millis(40),
+];
+
+fn not_started(result: &Result<(), HandleError>) -> bool {
+    matches!(result, Err(HandleError::Transient(e)) if e.downcast_ref::<NotStarted>().is_some())
 }
 
 impl Orchestrator {
@@ -161,8 +194,8 @@ impl Orchestrator {
         let mut events = Vec::new();
         for (env, span) in work {
             match work_of(env)? {
-                Work::Start(terms) => {
-                    let (saga, fx) = saga::start(env.order_id, terms, &self.policy, now);
+                Work::Start(terms, opened_by) => {
+                    let (saga, fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
                     let traceparent = span.in_scope(ldt_runtime::telemetry::current_traceparent);
                     starts.push((saga, fx, traceparent, span));
                 }
@@ -241,7 +274,7 @@ impl Orchestrator {
 
     /// PostgreSQL, a batch of one message, without a transaction of its own (two round
     /// trips at most instead of five or six). An `OrderPlaced` inserts its saga, log line and
-    /// command with one statement. Any other message reads its saga, runs the transition, and
+    /// command (unless the order service sent it) with one statement. Any other message reads its saga, runs the transition, and
     /// writes the result with one statement that applies only if the saga is still as it
     /// was read. `Ok(false)`: nothing was written (a duplicate `OrderPlaced`, an unknown saga,
     /// a saga changed meanwhile, a transition too big for one statement): the transaction
@@ -251,24 +284,25 @@ impl Orchestrator {
         let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas"));
         let mut conn = self.conns.get().await?;
         let outbox = match work_of(env)? {
-            Work::Start(terms) => {
-                let (saga, mut fx) = saga::start(env.order_id, terms, &self.policy, now);
-                let (Some(line), Some(cmd)) = (fx.log.pop(), fx.send.pop()) else {
+            Work::Start(terms, opened_by) => {
+                let (saga, mut fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
+                let (Some(line), cmd) = (fx.log.pop(), fx.send.pop()) else {
                     conn.reuse();
                     return Ok(false);
                 };
                 let (row, traceparent) = span.in_scope(|| {
-                    let mut first = Envelope::new(env.order_id, now, cmd.body);
-                    first.then = cmd.then;
-                    (
-                        OutboxRow::of(&self.queues, &first),
-                        ldt_runtime::telemetry::current_traceparent(),
-                    )
+                    let row = cmd.map(|cmd| {
+                        let mut first = Envelope::new(env.order_id, now, cmd.body);
+                        first.then = cmd.then;
+                        OutboxRow::of(&self.queues, &first)
+                    });
+                    (row, ldt_runtime::telemetry::current_traceparent())
                 });
                 self.crash.at(Point::BeforeCommit);
-                let written = store::insert_started(&mut conn, &saga, &line, &row, traceparent)
-                    .instrument(db)
-                    .await?;
+                let written =
+                    store::insert_started(&mut conn, &saga, &line, row.as_ref(), traceparent)
+                        .instrument(db)
+                        .await?;
                 match written {
                     Some(outbox) => outbox,
                     None => {
@@ -467,13 +501,35 @@ impl Handler for Orchestrator {
                 } else {
                     Ok(false)
                 };
-                results[i] = Some(match alone {
+                let mut result = match alone {
                     Ok(true) => Ok(()),
                     Err(HandleError::Poison(reason)) => Err(HandleError::Poison(reason)),
                     Ok(false) | Err(HandleError::Transient(_)) => {
-                        self.apply_batch(&mut [(env, span)]).await
+                        self.apply_batch(&mut [(env.clone(), span.clone())]).await
                     }
-                });
+                };
+                if not_started(&result) {
+                    for wait in EARLY_WAITS {
+                        tokio::time::sleep(wait).await;
+                        result = self.apply_batch(&mut [(env.clone(), span.clone())]).await;
+                        if !not_started(&result) {
+                            break;
+                        }
+                    }
+                    let outcome = if not_started(&result) {
+                        "given_back"
+                    } else {
+                        "applied"
+                    };
+                    self.metrics.inc(
+                        "ldt_saga_early_events_total",
+                        "Events that came before their saga's OrderPlaced, by what followed: \
+                         applied after a short wait, or given back to the queue.",
+                        &[("outcome", outcome)],
+                        1,
+                    );
+                }
+                results[i] = Some(result);
             }
         }
         results
@@ -553,6 +609,7 @@ mod tests {
                 price: 2,
                 amount: 3,
                 faults: Default::default(),
+                slip_sent: false,
             },
         )
     }

@@ -4,9 +4,10 @@
 //! and the store writes the result, so the SQL can change without touching the saga's
 //! behaviour, and every transition is tested in milliseconds (see the property tests below).
 //!
-//! The order of the steps lives here and nowhere else. A saga starts on a routing slip (the
-//! debit carries the reserve and the deliver), so a successful saga hears one answer, from
-//! the last step. A step that fails ends the slip there, and the steps before it are undone
+//! The steps' order and commands are the saga's plan ([`crate::services::plan`]). A saga
+//! starts on a routing slip (the debit carries the reserve and the deliver; the order service
+//! sends it, made by [`opening`], beside `OrderPlaced`), so a successful saga hears one
+//! answer, from the last step. A step that fails ends the slip there, and the steps before it are undone
 //! one at a time, the last first. When the deadline passes (one step timeout per step on the
 //! slip) the saga cannot know how far the slip got, so it undoes every step on it, the last
 //! first: a step that never acted leaves a tombstone that refuses its late command, and
@@ -16,17 +17,10 @@
 //! retries it. Whatever arrives for a step the saga has moved past is *late*: logged, and
 //! otherwise ignored.
 
-use ldt_contract::{FaultPlan, Message, OrderStatus, Step, StepOutcome};
+use ldt_contract::{Message, OrderStatus, Step, StepOutcome};
 use uuid::Uuid;
 
-/// What an order asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Terms {
-    pub username: String,
-    pub price: i64,
-    pub amount: i64,
-    pub faults: FaultPlan,
-}
+pub use crate::services::plan::{Command, Terms, invalid_terms, opening, slip};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Phase {
@@ -227,13 +221,6 @@ pub struct LogLine {
     pub event: String,
 }
 
-/// A command to send: its body and, for a routing slip, the commands after it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Command {
-    pub body: Message,
-    pub then: Vec<Message>,
-}
-
 /// What the metrics should count.
 #[derive(Debug, Clone, PartialEq)]
 pub enum MetricEvent {
@@ -301,39 +288,6 @@ impl Saga {
     }
 }
 
-/// The command of `step` for these terms.
-pub fn command_body(terms: &Terms, step: Step) -> Message {
-    let fault = terms.faults.for_step(step);
-    match step {
-        // Validated by the order service and again when the saga started: the product fits.
-        Step::Payment => Message::Debit {
-            username: terms.username.clone(),
-            total: terms.price.checked_mul(terms.amount).unwrap_or(i64::MAX),
-            fault,
-        },
-        Step::Inventory => Message::Reserve {
-            amount: terms.amount,
-            fault,
-        },
-        Step::Delivery => Message::Deliver {
-            username: terms.username.clone(),
-            amount: terms.amount,
-            fault,
-        },
-    }
-}
-
-/// The command of `from` carrying the commands of the steps after it as its routing slip.
-pub fn slip(terms: &Terms, from: Step) -> Command {
-    Command {
-        body: command_body(terms, from),
-        then: Step::ALL[from.index() + 1..]
-            .iter()
-            .map(|&step| command_body(terms, step))
-            .collect(),
-    }
-}
-
 /// The log line of a slip sent: its first command, and those it carries.
 fn slip_sent(cmd: &Command) -> String {
     if cmd.then.is_empty() {
@@ -343,26 +297,41 @@ fn slip_sent(cmd: &Command) -> String {
     format!("sent (slip: {})", rest.join(", "))
 }
 
-/// Why terms cannot start a saga, if they cannot.
-pub fn invalid_terms(terms: &Terms) -> Option<String> {
-    let (price, amount) = (terms.price, terms.amount);
-    if price < 0 || amount <= 0 || price.checked_mul(amount).is_none() || terms.username.is_empty()
-    {
-        return Some(format!(
-            "invalid terms (price {price}, amount {amount}, username {:?})",
-            terms.username
-        ));
-    }
-    None
+/// Who sends a new saga's first command (its routing slip).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Opening {
+    /// The orchestrator, as the saga starts (an `OrderPlaced` from an order service that
+    /// predates [`Opening::OrderService`]).
+    Orchestrator,
+    /// The order service, in the transaction that stored the order and its `OrderPlaced`
+    /// ([`opening`]): the slip is on its way while the orchestrator learns of the saga, one
+    /// hop off every order's path.
+    OrderService,
 }
 
-/// A new saga: running, its slip sent from the first step, its deadline set.
-pub fn start(order_id: Uuid, terms: Terms, policy: &Policy, now: i64) -> (Saga, Effects) {
+/// A new saga: running, its slip sent from the first step (by the orchestrator, unless the
+/// order service sent it already), its deadline set.
+pub fn start(
+    order_id: Uuid,
+    terms: Terms,
+    opened_by: Opening,
+    policy: &Policy,
+    now: i64,
+) -> (Saga, Effects) {
     let first = Step::ALL[0];
-    let cmd = slip(&terms, first);
+    let cmd = opening(&terms);
     let mut fx = Effects::default();
-    fx.log(first, LogKind::of_command(first), slip_sent(&cmd));
-    fx.send.push(cmd);
+    match opened_by {
+        Opening::Orchestrator => {
+            fx.log(first, LogKind::of_command(first), slip_sent(&cmd));
+            fx.send.push(cmd);
+        }
+        Opening::OrderService => fx.log(
+            first,
+            LogKind::of_command(first),
+            format!("{} by the order service", slip_sent(&cmd)),
+        ),
+    }
     let saga = Saga {
         order_id,
         terms,

@@ -397,38 +397,54 @@ pub async fn insert_sagas(
     Ok(inserted)
 }
 
-/// PostgreSQL: inserts a new saga with its first log line and command, in one statement that
-/// commits by itself; `None` if the saga exists (a duplicate `OrderPlaced`: nothing written).
+/// PostgreSQL: inserts a new saga with its first log line and command (none when the order
+/// service sent it), in one statement that commits by itself; `None` if the saga exists (a
+/// duplicate `OrderPlaced`: nothing written).
 pub async fn insert_started(
     conn: &mut Conn,
     saga: &Saga,
     line: &LogLine,
-    command: &OutboxRow,
+    command: Option<&OutboxRow>,
     traceparent: Option<String>,
 ) -> Result<Option<OutboxBatch>, sqlx::Error> {
     let mut values = String::new();
     let after_saga = ldt_runtime::db::push_values(&mut values, 1, SAGA_WIDTH, 1);
-    let source = format!(
-        "SELECT ${a}, ${b}, ${c}, ${d}, $9 FROM s",
-        a = after_saga + 3,
-        b = after_saga + 4,
-        c = after_saga + 5,
-        d = after_saga + 6,
-    );
-    let sql = format!(
-        "WITH s AS (INSERT INTO {SAGA_COLUMNS} {values} ON CONFLICT (order_id) DO NOTHING \
-         RETURNING order_id), \
-         l AS (INSERT INTO {LOG_COLUMNS} SELECT $1, ${p}, ${q}, ${r}, $9 FROM s) {outbox} \
-         RETURNING id",
+    let log = format!(
+        "INSERT INTO {LOG_COLUMNS} SELECT $1, ${p}, ${q}, ${r}, $9 FROM s",
         p = after_saga,
         q = after_saga + 1,
         r = after_saga + 2,
-        outbox = outbox::insert_from(&source),
+    );
+    let (log, last) = match command {
+        // The log line's insert is the statement: it returns the saga's id if it was new.
+        None => (String::new(), format!("{log} RETURNING order_id")),
+        Some(_) => {
+            let source = format!(
+                "SELECT ${a}, ${b}, ${c}, ${d}, $9 FROM s",
+                a = after_saga + 3,
+                b = after_saga + 4,
+                c = after_saga + 5,
+                d = after_saga + 6,
+            );
+            (
+                format!(", l AS ({log})"),
+                format!("{} RETURNING id", outbox::insert_from(&source)),
+            )
+        }
+    };
+    let sql = format!(
+        "WITH s AS (INSERT INTO {SAGA_COLUMNS} {values} ON CONFLICT (order_id) DO NOTHING \
+         RETURNING order_id){log} {last}"
     );
     let query = bind_new_saga(sqlx::query(sqlx::AssertSqlSafe(sql)), saga, traceparent)
         .bind(line.step.as_str())
         .bind(line.kind.as_str())
         .bind(line.event.as_str());
+    let mut batch = OutboxBatch::default();
+    let Some(command) = command else {
+        let inserted = query.fetch_optional(&mut *conn).await?;
+        return Ok(inserted.map(|_| batch));
+    };
     let id = command
         .bind_columns(query)
         .fetch_optional(&mut *conn)
@@ -436,7 +452,6 @@ pub async fn insert_started(
     let Some(id) = id else {
         return Ok(None);
     };
-    let mut batch = OutboxBatch::default();
     batch.push_written(id.try_get(0)?, command.clone());
     Ok(Some(batch))
 }

@@ -1,6 +1,8 @@
 //! The order service: the public order API (legacy and v1). It stores an order as PENDING
-//! together with the `OrderPlaced` message in one transaction, answers at once, and records
-//! the final status when the orchestrator says the saga is over.
+//! together with its `OrderPlaced` and the saga's first command (the routing slip the
+//! saga's [`plan::opening`](crate::services::plan::opening) makes) in one
+//! transaction, answers at once, and records the final status when the orchestrator says the
+//! saga is over.
 //!
 //! - `domain`: the order, and the checks a request for one passes;
 //! - `admission`: shedding new orders at the door under overload;

@@ -17,6 +17,7 @@ use super::domain::{Created, FaultSource, NewOrder, Order};
 use super::flags::FlagsCache;
 use super::intake::Intake;
 use super::store::{self, Placement};
+use crate::services::plan::{self, Terms};
 
 #[derive(Clone)]
 pub struct OrderState {
@@ -39,7 +40,8 @@ pub struct OrderState {
 }
 
 impl OrderState {
-    /// Stores the order and its `OrderPlaced` message in one transaction.
+    /// Stores the order with its `OrderPlaced` and the saga's first command in one
+    /// transaction.
     async fn place(
         &self,
         new: NewOrder,
@@ -80,8 +82,25 @@ impl OrderState {
                 price: new.price,
                 amount: new.amount,
                 faults,
+                slip_sent: true,
             },
         );
+        // The saga's first command goes with it, so the slip does not wait for the
+        // orchestrator's hop (which starts the saga, its deadline and all, meanwhile).
+        let terms = Terms {
+            username: new.username.clone(),
+            price: new.price,
+            amount: new.amount,
+            faults,
+        };
+        // The order's own checks come first and are stricter; this one is the orchestrator's,
+        // which must never refuse a saga whose debit is already on its way.
+        if let Some(why) = plan::invalid_terms(&terms) {
+            return Err(ApiError::Invalid(why));
+        }
+        let first = plan::opening(&terms);
+        let mut opening = Envelope::new(id, now, first.body);
+        opening.then = first.then;
         let inserted = self
             .intake
             .place(Placement {
@@ -95,7 +114,10 @@ impl OrderState {
                 created_ms: now,
                 idempotency_key: idempotency_key.map(str::to_owned),
                 request_hash: idempotency_key.map(|_| fingerprint.clone()),
-                message: ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
+                messages: vec![
+                    ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
+                    ldt_runtime::outbox::OutboxRow::of(&self.queues, &opening),
+                ],
                 span: tracing::Span::current(),
             })
             .await?;

@@ -1,5 +1,6 @@
 //! The order service's tables: `orders` and its outbox. Its writes go in with their outbox
-//! rows (a new order with its `OrderPlaced`); its reads serve the API.
+//! rows (a new order with its `OrderPlaced` and the saga's first command); its reads serve
+//! the API.
 
 use ldt_contract::OrderStatus;
 use ldt_runtime::db::{Conn, Pool};
@@ -18,7 +19,7 @@ pub static MIGRATORS: ldt_runtime::db::Migrators = ldt_runtime::db::Migrators {
 const ORDER_COLUMNS: &str = "orders (id, username, price, amount, faults, status, created_ms, \
                              idempotency_key, request_hash, fault_source, trace_id)";
 
-/// A new order and its `OrderPlaced`, as the intake writes them.
+/// A new order and its messages, as the intake writes them.
 pub struct Placement {
     pub id: String,
     pub username: String,
@@ -30,24 +31,32 @@ pub struct Placement {
     pub created_ms: i64,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
-    pub message: ldt_runtime::outbox::OutboxRow,
+    /// Its `OrderPlaced` and the saga's first command.
+    pub messages: Vec<ldt_runtime::outbox::OutboxRow>,
     /// The request's database span, for an order written on its own.
     pub span: tracing::Span,
 }
 
-/// PostgreSQL: a new order and its `OrderPlaced` in one statement, which commits by itself;
-/// the outbox row as written, `None` when the idempotency key was taken (nothing written).
+/// PostgreSQL: a new order and its messages in one statement, which commits by itself; the
+/// outbox rows as written, `None` when the idempotency key was taken (nothing written).
 pub async fn insert_one(
     conn: &mut Conn,
     p: &Placement,
 ) -> Result<Option<OutboxBatch>, sqlx::Error> {
+    // Each message's row: its four columns from $11 on, then the order's `created_ms`.
+    let rows: Vec<String> = (0..p.messages.len())
+        .map(|i| {
+            let n = 11 + 4 * i;
+            format!("SELECT ${n}, ${}, ${}, ${}, $6 FROM o", n + 1, n + 2, n + 3)
+        })
+        .collect();
     let sql = format!(
         "WITH o AS (INSERT INTO {ORDER_COLUMNS} \
          VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8, $9, $10) \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id",
-        outbox::insert_from("SELECT $11, $12, $13, $14, $6 FROM o")
+         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id, message_id",
+        outbox::insert_from(&rows.join(" UNION ALL "))
     );
-    let query = sqlx::query(sqlx::AssertSqlSafe(sql))
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(&p.id)
         .bind(&p.username)
         .bind(p.price)
@@ -58,20 +67,32 @@ pub async fn insert_one(
         .bind(&p.request_hash)
         .bind(p.fault_source)
         .bind(&p.trace_id);
-    let Some(row) = p
-        .message
-        .bind_columns(query)
-        .fetch_optional(&mut *conn)
-        .await?
-    else {
+    for message in &p.messages {
+        query = message.bind_columns(query);
+    }
+    let written = query.fetch_all(&mut *conn).await?;
+    if written.is_empty() {
         return Ok(None);
-    };
+    }
+    // Each row's id by its message id: an insert's rows come back in no promised order.
+    let mut ids = std::collections::HashMap::with_capacity(written.len());
+    for row in &written {
+        ids.insert(row.try_get::<String, _>(1)?, row.try_get::<i64, _>(0)?);
+    }
     let mut outbox = OutboxBatch::default();
-    outbox.push_written(row.try_get(0)?, p.message.clone());
+    for message in &p.messages {
+        let id = ids.get(&message.message_id).copied().ok_or_else(|| {
+            sqlx::Error::Protocol(format!(
+                "the outbox row of message {} was not returned by its insert",
+                message.message_id
+            ))
+        })?;
+        outbox.push_written(id, message.clone());
+    }
     Ok(Some(outbox))
 }
 
-/// New orders and their `OrderPlaced`s in the transaction `tx`: the ids of those stored
+/// New orders and their messages in the transaction `tx`: the ids of those stored
 /// (the others' idempotency keys were taken) and their outbox rows as written.
 pub async fn insert_group(
     tx: &mut Conn,
@@ -103,7 +124,9 @@ pub async fn insert_group(
         .collect::<Result<std::collections::HashSet<String>, _>>()?;
     let mut outbox = OutboxBatch::default();
     for p in group.iter().filter(|p| stored.contains(&p.id)) {
-        outbox.push_row(p.message.clone());
+        for message in &p.messages {
+            outbox.push_row(message.clone());
+        }
     }
     outbox.write(tx).await?;
     Ok((stored, outbox))

@@ -6,6 +6,7 @@
 //! answer changes nothing, and the compensations go strictly last step first.
 
 use super::*;
+use ldt_contract::FaultPlan;
 use proptest::prelude::*;
 
 const POLICY: Policy = Policy {
@@ -81,7 +82,7 @@ impl World {
             amount: 3,
             faults: FaultPlan::default(),
         };
-        let (saga, fx) = start(Uuid::nil(), terms, &POLICY, 0);
+        let (saga, fx) = start(Uuid::nil(), terms, Opening::Orchestrator, &POLICY, 0);
         let mut ledgers: [Ledger; 3] = Default::default();
         for l in &mut ledgers {
             // Mostly none; sometimes a compensation fails for good once or twice.
@@ -372,7 +373,7 @@ fn a_successful_slip_sends_one_command_and_hears_one_answer() {
         amount: 3,
         faults: FaultPlan::default(),
     };
-    let (saga, fx) = start(Uuid::nil(), terms, &POLICY, 1_000);
+    let (saga, fx) = start(Uuid::nil(), terms, Opening::Orchestrator, &POLICY, 1_000);
     assert_eq!(saga.deadline_ms, Some(1_300));
     assert_eq!(fx.send.len(), 1);
     assert_eq!(
@@ -409,12 +410,54 @@ fn a_successful_slip_sends_one_command_and_hears_one_answer() {
 }
 
 #[test]
+fn a_saga_the_order_service_opened_sends_nothing_and_runs_as_one_the_orchestrator_opened() {
+    let terms = Terms {
+        username: "ann".into(),
+        price: 2,
+        amount: 3,
+        faults: FaultPlan::default(),
+    };
+    let (by_us, ours) = start(
+        Uuid::nil(),
+        terms.clone(),
+        Opening::Orchestrator,
+        &POLICY,
+        1_000,
+    );
+    let (saga, fx) = start(
+        Uuid::nil(),
+        terms.clone(),
+        Opening::OrderService,
+        &POLICY,
+        1_000,
+    );
+    assert!(fx.send.is_empty(), "{fx:?}");
+    assert_eq!(
+        fx.log[0].event,
+        "sent (slip: reserve, deliver) by the order service"
+    );
+    // The same saga, deadline and all; and the command the order service sent is the one
+    // the orchestrator would have.
+    assert_eq!(saga, by_us);
+    assert_eq!(vec![opening(&terms)], ours.send);
+    // An answer from any step on the slip moves it on as usual: here, a refusal at inventory
+    // (the slip got that far before the orchestrator heard of the saga) is undone.
+    let refused = Event::Answered {
+        step: Step::Inventory,
+        outcome: StepOutcome::Insufficient,
+    };
+    let (after, fx) = apply(&saga, refused, &POLICY, 1_010);
+    assert_eq!(after.phase, Phase::Compensating);
+    assert_eq!(fx.send[0].body, Message::Refund);
+}
+
+#[test]
 fn a_stuck_compensation_waits_for_an_operator_and_then_goes_on() {
     let mut world = run(&[]);
     assert_eq!(world.saga.status, Some(OrderStatus::Success));
     // A saga failing at delivery (payment and inventory acted), whose release fails for good.
     let terms = world.saga.terms.clone();
-    let (saga, _) = start(Uuid::nil(), terms, &POLICY, 0);
+    let (saga, _) = start(Uuid::nil(), terms, Opening::Orchestrator, &POLICY, 0);
     for step in [Step::Payment, Step::Inventory] {
         world.ledgers[step.index()] = Ledger {
             outcome: Some(StepOutcome::Done),
@@ -467,7 +510,7 @@ fn cancel_undoes_every_step_of_a_running_saga_and_nothing_else() {
         amount: 3,
         faults: FaultPlan::default(),
     };
-    let (saga, _) = start(Uuid::nil(), terms, &POLICY, 0);
+    let (saga, _) = start(Uuid::nil(), terms, Opening::Orchestrator, &POLICY, 0);
     assert!(saga.cancellable());
     let (saga, fx) = apply(&saga, Event::Cancel, &POLICY, 5);
     assert_eq!(saga.status, Some(OrderStatus::Cancelled));
