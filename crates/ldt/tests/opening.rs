@@ -1,8 +1,9 @@
-//! How a saga opens: the order service sends the saga's first command, with its routing
-//! slip, in the transaction that stores the order and its `OrderPlaced`, so the slip does not
-//! wait for the orchestrator's hop; the orchestrator starts the saga (its deadline, its log)
-//! without sending the command again. A step's answer that reaches the orchestrator before
-//! the `OrderPlaced` waits for it. The test plays the other services on the real broker.
+//! How a saga opens. By default the orchestrator sends its first command (the routing slip)
+//! when the `OrderPlaced` comes; with `--order-opens-saga` the order service sends it in the
+//! transaction that stores the order and its `OrderPlaced`, so the slip does not wait for the
+//! orchestrator's hop, and the orchestrator starts the saga (its deadline, its log) without
+//! sending the command again. A step's answer that reaches the orchestrator before the
+//! `OrderPlaced` waits for it. The test plays the other services on the real broker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -36,7 +37,7 @@ fn counter(metrics: &str, name: &str, label: &str) -> f64 {
 }
 
 async fn the_order_service_sends_the_first_command_with_its_slip_beside_order_placed(stack: Stack) {
-    let app = spawn_on(stack, &[Service::Order], &[]).await;
+    let app = spawn_on(stack, &[Service::Order], &["--order-opens-saga"]).await;
     let driver = Driver::new(&app);
     let (mut payment, mut orchestrator) = (
         driver.listen(Service::Payment).await,
@@ -77,6 +78,34 @@ async fn the_order_service_sends_the_first_command_with_its_slip_beside_order_pl
             faults: FaultPlan::default(),
             slip_sent: true,
         }
+    );
+}
+
+async fn by_default_the_order_service_leaves_the_first_command_to_the_orchestrator(stack: Stack) {
+    let app = spawn_on(stack, &[Service::Order], &[]).await;
+    let driver = Driver::new(&app);
+    let (mut payment, mut orchestrator) = (
+        driver.listen(Service::Payment).await,
+        driver.listen(Service::Orchestrator).await,
+    );
+    let name = user("plain");
+    let id = app.order(order_body(&name, 7, 3)).await;
+    let placed = next_for(&mut orchestrator, &id).await;
+    assert_eq!(
+        placed.body,
+        Message::OrderPlaced {
+            username: name,
+            price: 7,
+            amount: 3,
+            faults: FaultPlan::default(),
+            slip_sent: false,
+        }
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), payment.next())
+            .await
+            .is_err(),
+        "a Debit from the order service"
     );
 }
 
@@ -164,5 +193,6 @@ async fn an_answer_that_comes_before_its_order_placed_waits_for_the_saga(stack: 
 
 on_every_stack!(
     the_order_service_sends_the_first_command_with_its_slip_beside_order_placed,
+    by_default_the_order_service_leaves_the_first_command_to_the_orchestrator,
     an_answer_that_comes_before_its_order_placed_waits_for_the_saga,
 );

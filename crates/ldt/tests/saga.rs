@@ -67,13 +67,18 @@ async fn check_case(
 }
 
 async fn every_legacy_case_ends_with_its_status_and_balanced_books(stack: Stack) {
-    let app = spawn_on(
-        stack,
-        &ALL,
-        // The slip's deadline is 3 × 400 ms; the stalled step acts after it.
-        &["--step-timeout-ms", "400", "--stall-ms", "1500"],
-    )
-    .await;
+    every_legacy_case(stack, &[]).await;
+}
+
+async fn every_legacy_case_ends_right_when_the_order_service_opens_the_saga(stack: Stack) {
+    every_legacy_case(stack, &["--order-opens-saga"]).await;
+}
+
+async fn every_legacy_case(stack: Stack, extra: &[&str]) {
+    // The slip's deadline is 3 × 400 ms; the stalled step acts after it.
+    let mut args = vec!["--step-timeout-ms", "400", "--stall-ms", "1500"];
+    args.extend_from_slice(extra);
+    let app = spawn_on(stack, &ALL, &args).await;
     check_case(&app, order_body(&user("ok"), 10, 2), "SUCCESS", 20, 2).await;
     check_case(
         &app,
@@ -522,6 +527,7 @@ on_every_stack!(
     a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried,
     a_cancelled_order_is_undone_and_ends_cancelled,
     every_legacy_case_ends_with_its_status_and_balanced_books,
+    every_legacy_case_ends_right_when_the_order_service_opens_the_saga,
     a_failure_after_payment_refunds_the_money,
     compensations_run_in_reverse_order,
     concurrent_orders_never_overdraw_a_user,

@@ -146,6 +146,18 @@ pub struct Settings {
     #[arg(long, env = "LDT_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100), help_heading = "Throughput")]
     pub linger_ms: u16,
 
+    /// The order service sends each saga's first command (the routing slip) in the
+    /// transaction that stores the order, beside `OrderPlaced`, instead of the orchestrator
+    /// sending it when it starts the saga: one hop fewer on every order's path. At 30–300/s
+    /// the saga's median fell 1–4 ms; at 1,000/s and above its p99 rose (the order service's
+    /// relay, already the busiest, sends twice the messages) and more was shed at 2,000/s
+    /// (BENCHMARKS.md). Replicas of the orchestrator from before it send the command again
+    /// (the payment ledger answers the duplicate).
+    #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "false", num_args = 0..=1,
+          default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
+          action = clap::ArgAction::Set, help_heading = "Throughput")]
+    pub order_opens_saga: bool,
+
     /// Tries of a message that fails the same way (a constraint violated, a bug) before it is
     /// parked as a dead letter; a compensation parked so makes its saga stuck until an
     /// operator retries it. A database or broker out of reach is retried for ever.

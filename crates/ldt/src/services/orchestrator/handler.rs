@@ -91,29 +91,12 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
 /// moment ([`EARLY_WAITS`]) and is then given back to be tried again; one for an order that
 /// never gets a saga is parked after the last try.
 fn unknown_saga(env: &Envelope) -> HandleError {
-    HandleError::Transient(anyhow::Error::new(NotStarted {
-        kind: env.body.kind(),
-        order_id: env.order_id,
-    }))
+    HandleError::Transient(anyhow::anyhow!(
+        "{} for order {}, whose saga has not started (its OrderPlaced may still be on its way)",
+        env.body.kind(),
+        env.order_id
+    ))
 }
-
-#[derive(Debug)]
-struct NotStarted {
-    kind: &'static str,
-    order_id: Uuid,
-}
-
-impl std::fmt::Display for NotStarted {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} for order {}, whose saga has not started (its OrderPlaced may still be on its way)",
-            self.kind, self.order_id
-        )
-    }
-}
-
-impl std::error::Error for NotStarted {}
 
 /// How long an event whose saga has not started waits, and tries again, before it is given
 /// back to the queue: its `OrderPlaced` is most often in a batch committing at this moment,
@@ -123,10 +106,6 @@ const EARLY_WAITS: [Duration; 3] = [
     Duration::from_millis(15),
     Duration::from_millis(40),
 ];
-
-fn not_started(result: &Result<(), HandleError>) -> bool {
-    matches!(result, Err(HandleError::Transient(e)) if e.downcast_ref::<NotStarted>().is_some())
-}
 
 impl Orchestrator {
     /// Counts and tells what a transition asks for, in the current span.
@@ -183,12 +162,13 @@ impl Orchestrator {
     /// Applies `work` (envelope, span) in one transaction: inserts the sagas the
     /// `OrderPlaced`s start and locks those the other messages concern (one statement each),
     /// then runs every transition in memory, in the order given, each in its message's span.
+    /// Returns the ids of the messages left out because their saga has not started.
     async fn apply_all(
         &self,
         tx: &mut ldt_runtime::db::Conn,
         pending: &mut Pending,
         work: &[(&Envelope, tracing::Span)],
-    ) -> Result<(), HandleError> {
+    ) -> Result<Vec<Uuid>, HandleError> {
         let now = now_ms();
         let mut starts = Vec::new();
         let mut events = Vec::new();
@@ -234,23 +214,30 @@ impl Orchestrator {
             pending.add(&self.queues, saga.order_id, &fx, now);
             pending.hold(Stored { saga, traceparent });
         }
+        let mut not_started = Vec::new();
         for (env, event, span) in events {
             let _entered = span.enter();
             let Some(stored) = pending.saga(&env.order_id) else {
-                return Err(unknown_saga(env));
+                // Left out, not failing the others: see [`unknown_saga`].
+                not_started.push(env.id);
+                continue;
             };
             let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
             self.observe(&after, &fx);
             pending.change(&self.queues, after, &fx, now);
         }
-        Ok(())
+        Ok(not_started)
     }
 
     /// Applies `work` (envelope, delivery span) in one transaction, sorted by order id (so
     /// that concurrent transactions lock sagas in the same order). Each message gets a
     /// database span of its own in its trace, covering the statements it shares with the
     /// rest of the batch.
-    async fn apply_batch(&self, work: &mut [(Envelope, tracing::Span)]) -> Result<(), HandleError> {
+    /// Returns the ids of the messages left out because their saga has not started.
+    async fn apply_batch(
+        &self,
+        work: &mut [(Envelope, tracing::Span)],
+    ) -> Result<Vec<Uuid>, HandleError> {
         work.sort_by_key(|(env, _)| env.order_id);
         let spans: Vec<(&Envelope, tracing::Span)> = work
             .iter()
@@ -264,12 +251,48 @@ impl Orchestrator {
         let mut conn = self.conns.get().await?;
         let mut tx = conn.begin().await?;
         let mut pending = Pending::default();
-        self.apply_all(&mut tx, &mut pending, &spans).await?;
+        let not_started = self.apply_all(&mut tx, &mut pending, &spans).await?;
         pending.write(&mut tx).await?;
         self.crash.commit(tx).await?;
         conn.reuse();
         self.signal.committed(pending.outbox);
-        Ok(())
+        Ok(not_started)
+    }
+
+    /// Applies one message on its own (on PostgreSQL with one statement when it can). An
+    /// event whose saga has not started waits a moment for it ([`EARLY_WAITS`]), and is then
+    /// given back to be tried again.
+    async fn apply_alone(&self, env: Envelope, span: tracing::Span) -> Result<(), HandleError> {
+        if !ldt_runtime::db::is_sqlite(&self.pool) {
+            match self.apply_one(&env, &span).await {
+                Ok(true) => return Ok(()),
+                Err(HandleError::Poison(reason)) => return Err(HandleError::Poison(reason)),
+                Ok(false) | Err(HandleError::Transient(_)) => {}
+            }
+        }
+        let mut work = [(env, span)];
+        if self.apply_batch(&mut work).await?.is_empty() {
+            return Ok(());
+        }
+        for wait in EARLY_WAITS {
+            tokio::time::sleep(wait).await;
+            if self.apply_batch(&mut work).await?.is_empty() {
+                self.early_event("applied");
+                return Ok(());
+            }
+        }
+        self.early_event("given_back");
+        Err(unknown_saga(&work[0].0))
+    }
+
+    fn early_event(&self, outcome: &str) {
+        self.metrics.inc(
+            "ldt_saga_early_events_total",
+            "Events that came before their saga's OrderPlaced, by what followed: applied \
+             after a short wait, or given back to the queue.",
+            &[("outcome", outcome)],
+            1,
+        );
     }
 
     /// PostgreSQL, a batch of one message, without a transaction of its own (two round
@@ -467,12 +490,12 @@ impl Orchestrator {
 impl Handler for Orchestrator {
     async fn handle(&self, msg: &ldt_runtime::bus::Incoming) -> Result<(), HandleError> {
         let env = decode(msg)?;
-        self.apply_batch(&mut [(env, tracing::Span::current())])
-            .await
+        self.apply_alone(env, tracing::Span::current()).await
     }
 
-    /// One transaction for the batch; if it fails (a poison message, a deadlock), each message
-    /// is applied in its own so one cannot hold back the others.
+    /// One transaction for the batch, leaving out the events whose saga has not started
+    /// (each then waits for it on its own); if the transaction fails (a poison message, a
+    /// deadlock), each message is applied on its own so one cannot hold back the others.
     async fn handle_batch(&self, batch: &[Delivery]) -> Vec<Result<(), HandleError>> {
         let mut results: Vec<Option<Result<(), HandleError>>> =
             batch.iter().map(|_| None).collect();
@@ -483,54 +506,26 @@ impl Handler for Orchestrator {
                 Err(e) => results[i] = Some(Err(e)),
             }
         }
-        let mut together: Vec<(Envelope, tracing::Span)> = work
-            .iter()
-            .map(|(i, env)| (env.clone(), batch[*i].span.clone()))
-            .collect();
-        if work.len() > 1 && self.apply_batch(&mut together).await.is_ok() {
-            for (i, _) in &work {
-                results[*i] = Some(Ok(()));
-            }
-        } else {
-            // One at a time, in delivery order.
-            let postgres = !ldt_runtime::db::is_sqlite(&self.pool);
-            for (i, env) in work {
-                let span = batch[i].span.clone();
-                let alone = if postgres {
-                    self.apply_one(&env, &span).await
-                } else {
-                    Ok(false)
-                };
-                let mut result = match alone {
-                    Ok(true) => Ok(()),
-                    Err(HandleError::Poison(reason)) => Err(HandleError::Poison(reason)),
-                    Ok(false) | Err(HandleError::Transient(_)) => {
-                        self.apply_batch(&mut [(env.clone(), span.clone())]).await
+        let mut alone = work;
+        if alone.len() > 1 {
+            let mut together: Vec<(Envelope, tracing::Span)> = alone
+                .iter()
+                .map(|(i, env)| (env.clone(), batch[*i].span.clone()))
+                .collect();
+            if let Ok(not_started) = self.apply_batch(&mut together).await {
+                alone.retain(|(i, env)| {
+                    let left_out = not_started.contains(&env.id);
+                    if !left_out {
+                        results[*i] = Some(Ok(()));
                     }
-                };
-                if not_started(&result) {
-                    for wait in EARLY_WAITS {
-                        tokio::time::sleep(wait).await;
-                        result = self.apply_batch(&mut [(env.clone(), span.clone())]).await;
-                        if !not_started(&result) {
-                            break;
-                        }
-                    }
-                    let outcome = if not_started(&result) {
-                        "given_back"
-                    } else {
-                        "applied"
-                    };
-                    self.metrics.inc(
-                        "ldt_saga_early_events_total",
-                        "Events that came before their saga's OrderPlaced, by what followed: \
-                         applied after a short wait, or given back to the queue.",
-                        &[("outcome", outcome)],
-                        1,
-                    );
-                }
-                results[i] = Some(result);
+                    left_out
+                });
             }
+        }
+        // In delivery order.
+        for (i, env) in alone {
+            let span = batch[i].span.clone();
+            results[i] = Some(self.apply_alone(env, span).await);
         }
         results
             .into_iter()

@@ -1,6 +1,6 @@
 //! The order service: the public order API (legacy and v1). It stores an order as PENDING
-//! together with its `OrderPlaced` and the saga's first command (the routing slip the
-//! saga's [`plan::opening`](crate::services::plan::opening) makes) in one
+//! together with its `OrderPlaced` (and, with `--order-opens-saga`, the saga's first command:
+//! the routing slip [`plan::opening`](crate::services::plan::opening) makes) in one
 //! transaction, answers at once, and records the final status when the orchestrator says the
 //! saga is over.
 //!
@@ -72,6 +72,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         signal,
         crash,
         fault_injection: ctx.settings.fault_injection,
+        opens_saga: ctx.settings.order_opens_saga,
         admission,
         metrics: ctx.metrics.clone(),
         intake,

@@ -28,6 +28,8 @@ pub struct OrderState {
     pub signal: OutboxSignal,
     pub crash: Crash,
     pub fault_injection: bool,
+    /// Whether this service sends each saga's first command (`--order-opens-saga`).
+    pub opens_saga: bool,
     pub admission: Admission,
     pub metrics: ldt_runtime::metrics::Metrics,
     /// The writers of new orders.
@@ -40,8 +42,8 @@ pub struct OrderState {
 }
 
 impl OrderState {
-    /// Stores the order with its `OrderPlaced` and the saga's first command in one
-    /// transaction.
+    /// Stores the order with its `OrderPlaced` (and the saga's first command, if this service
+    /// opens sagas) in one transaction.
     async fn place(
         &self,
         new: NewOrder,
@@ -82,25 +84,29 @@ impl OrderState {
                 price: new.price,
                 amount: new.amount,
                 faults,
-                slip_sent: true,
+                slip_sent: self.opens_saga,
             },
         );
-        // The saga's first command goes with it, so the slip does not wait for the
-        // orchestrator's hop (which starts the saga, its deadline and all, meanwhile).
-        let terms = Terms {
-            username: new.username.clone(),
-            price: new.price,
-            amount: new.amount,
-            faults,
-        };
-        // The order's own checks come first and are stricter; this one is the orchestrator's,
-        // which must never refuse a saga whose debit is already on its way.
-        if let Some(why) = plan::invalid_terms(&terms) {
-            return Err(ApiError::Invalid(why));
+        let mut messages = vec![ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed)];
+        if self.opens_saga {
+            // The saga's first command goes with it, so the slip does not wait for the
+            // orchestrator's hop (which starts the saga, its deadline and all, meanwhile).
+            let terms = Terms {
+                username: new.username.clone(),
+                price: new.price,
+                amount: new.amount,
+                faults,
+            };
+            // The order's own checks came first and are stricter; this one is the
+            // orchestrator's, which must never refuse a saga whose debit is on its way.
+            if let Some(why) = plan::invalid_terms(&terms) {
+                return Err(ApiError::Invalid(why));
+            }
+            let first = plan::opening(&terms);
+            let mut opening = Envelope::new(id, now, first.body);
+            opening.then = first.then;
+            messages.push(ldt_runtime::outbox::OutboxRow::of(&self.queues, &opening));
         }
-        let first = plan::opening(&terms);
-        let mut opening = Envelope::new(id, now, first.body);
-        opening.then = first.then;
         let inserted = self
             .intake
             .place(Placement {
@@ -114,10 +120,7 @@ impl OrderState {
                 created_ms: now,
                 idempotency_key: idempotency_key.map(str::to_owned),
                 request_hash: idempotency_key.map(|_| fingerprint.clone()),
-                messages: vec![
-                    ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
-                    ldt_runtime::outbox::OutboxRow::of(&self.queues, &opening),
-                ],
+                messages,
                 span: tracing::Span::current(),
             })
             .await?;

@@ -1,6 +1,6 @@
 //! The order service's tables: `orders` and its outbox. Its writes go in with their outbox
-//! rows (a new order with its `OrderPlaced` and the saga's first command); its reads serve
-//! the API.
+//! rows (a new order with its `OrderPlaced`, and perhaps the saga's first command); its reads
+//! serve the API.
 
 use ldt_contract::OrderStatus;
 use ldt_runtime::db::{Conn, Pool};
@@ -31,7 +31,7 @@ pub struct Placement {
     pub created_ms: i64,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
-    /// Its `OrderPlaced` and the saga's first command.
+    /// Its `OrderPlaced`, and the saga's first command if the order service opens sagas.
     pub messages: Vec<ldt_runtime::outbox::OutboxRow>,
     /// The request's database span, for an order written on its own.
     pub span: tracing::Span,
