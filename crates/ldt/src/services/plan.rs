@@ -1,8 +1,8 @@
 //! The saga's plan: the command of each step for an order's terms, in the order the steps run
-//! ([`Step::ALL`]), and the routing slip that carries them. The orchestrator starts, resumes
-//! and undoes sagas by it; the order service opens each saga with it ([`opening`]), so the
-//! slip is on its way while the orchestrator learns of the saga. Nothing else knows the order
-//! of the steps: a step service knows only its own effect.
+//! ([`Step::ALL`]), and the routing slip that carries them. The orchestrator starts and
+//! resumes sagas by it; with `--order-opens-saga` the order service opens each saga with it
+//! ([`opening`]), so the slip is on its way while the orchestrator learns of the saga. A step
+//! service knows only its own effect.
 
 use ldt_contract::{FaultPlan, Message, Step};
 
@@ -56,8 +56,8 @@ pub fn slip(terms: &Terms, from: Step) -> Command {
 }
 
 /// A saga's first command, carrying the rest of the saga as its routing slip: what opens it.
-/// The order service sends it beside `OrderPlaced`; an orchestrator sends it for an
-/// `OrderPlaced` that came without it.
+/// The orchestrator sends it as it starts the saga, or, with `--order-opens-saga`, the order
+/// service beside `OrderPlaced`.
 pub fn opening(terms: &Terms) -> Command {
     slip(terms, Step::ALL[0])
 }

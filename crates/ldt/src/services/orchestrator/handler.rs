@@ -85,11 +85,11 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
 }
 
 /// An event for a saga this orchestrator has not seen. The order service's `OrderPlaced` may
-/// still be on its way: it sends the saga's first command beside it, so a step's answer can
-/// come first (the `OrderPlaced` in a batch committing this moment, here or at another
-/// replica; a publish that failed and is sent again by the outbox's sweep). The event waits a
-/// moment ([`EARLY_WAITS`]) and is then given back to be tried again; one for an order that
-/// never gets a saga is parked after the last try.
+/// still be on its way: with `--order-opens-saga` it sends the saga's first command beside
+/// it, so a step's answer can come first (the `OrderPlaced` in a batch committing this
+/// moment, here or at another replica; a publish that failed and is sent again by the
+/// outbox's sweep). The event waits a moment ([`EARLY_WAITS`]) and is then given back to be
+/// tried again; one for an order that never gets a saga is parked after the last try.
 fn unknown_saga(env: &Envelope) -> HandleError {
     HandleError::Transient(anyhow::anyhow!(
         "{} for order {}, whose saga has not started (its OrderPlaced may still be on its way)",
@@ -297,11 +297,11 @@ impl Orchestrator {
 
     /// PostgreSQL, a batch of one message, without a transaction of its own (two round
     /// trips at most instead of five or six). An `OrderPlaced` inserts its saga, log line and
-    /// command (unless the order service sent it) with one statement. Any other message reads its saga, runs the transition, and
-    /// writes the result with one statement that applies only if the saga is still as it
-    /// was read. `Ok(false)`: nothing was written (a duplicate `OrderPlaced`, an unknown saga,
-    /// a saga changed meanwhile, a transition too big for one statement): the transaction
-    /// path takes the message.
+    /// command (unless the order service sent it) with one statement. Any other message reads
+    /// its saga, runs the transition, and writes the result with one statement that applies
+    /// only if the saga is still as it was read. `Ok(false)`: nothing was written (a
+    /// duplicate `OrderPlaced`, an unknown saga, a saga changed meanwhile, a transition too
+    /// big for one statement): the transaction path takes the message.
     async fn apply_one(&self, env: &Envelope, span: &tracing::Span) -> Result<bool, HandleError> {
         let now = now_ms();
         let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas"));

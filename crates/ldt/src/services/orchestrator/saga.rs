@@ -5,10 +5,11 @@
 //! behaviour, and every transition is tested in milliseconds (see the property tests below).
 //!
 //! The steps' order and commands are the saga's plan ([`crate::services::plan`]). A saga
-//! starts on a routing slip (the debit carries the reserve and the deliver; the order service
-//! sends it, made by [`opening`], beside `OrderPlaced`), so a successful saga hears one
-//! answer, from the last step. A step that fails ends the slip there, and the steps before it are undone
-//! one at a time, the last first. When the deadline passes (one step timeout per step on the
+//! starts on a routing slip (the debit carries the reserve and the deliver; this service sends
+//! it, or with `--order-opens-saga` the order service, made by [`opening`], beside
+//! `OrderPlaced`), so a successful saga hears one answer, from the last step. A step that
+//! fails ends the slip there, and the steps before it are undone one at a time, the last
+//! first. When the deadline passes (one step timeout per step on the
 //! slip) the saga cannot know how far the slip got, so it undoes every step on it, the last
 //! first: a step that never acted leaves a tombstone that refuses its late command, and
 //! compensating in reverse order means a command the slip sends on late finds its step
@@ -300,12 +301,12 @@ fn slip_sent(cmd: &Command) -> String {
 /// Who sends a new saga's first command (its routing slip).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Opening {
-    /// The orchestrator, as the saga starts (an `OrderPlaced` from an order service that
-    /// predates [`Opening::OrderService`]).
+    /// The orchestrator, as the saga starts (the default; and for an order service that
+    /// predates `slip_sent`).
     Orchestrator,
-    /// The order service, in the transaction that stored the order and its `OrderPlaced`
-    /// ([`opening`]): the slip is on its way while the orchestrator learns of the saga, one
-    /// hop off every order's path.
+    /// The order service (`--order-opens-saga`), in the transaction that stored the order
+    /// and its `OrderPlaced` ([`opening`]): the slip is on its way while the orchestrator
+    /// learns of the saga, one hop off every order's path.
     OrderService,
 }
 
