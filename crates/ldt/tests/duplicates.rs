@@ -9,21 +9,9 @@ use ldt_testkit::client::TestApi as _;
 
 use std::time::Duration;
 
-use common::{Driver, Stack, next, order_body, spawn_on, user};
+use common::{Driver, Stack, next, next_for, order_body, spawn_on, user};
 use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Service, Step, StepOutcome};
-use ldt_runtime::bus::Subscription;
 use uuid::Uuid;
-
-/// The next message about `order_id`: delivery is at least once, and a redelivered message
-/// about an earlier order is not the one the test waits for.
-async fn next_for(sub: &mut Subscription, order_id: &str) -> Envelope {
-    loop {
-        let env = next(sub).await;
-        if env.order_id.to_string() == order_id {
-            return env;
-        }
-    }
-}
 
 async fn orchestrator_inputs_delivered_twice_drive_the_saga_once(stack: Stack) {
     let app = spawn_on(stack, &[Service::Orchestrator], &["--prefetch", "1"]).await;

@@ -12,20 +12,9 @@ use ldt_testkit::client::TestApi as _;
 
 use std::time::Duration;
 
-use common::{Driver, Stack, next, order_body, spawn_on, user};
+use common::{Driver, Stack, next_for, order_body, spawn_on, user};
 use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Service, Step, StepOutcome};
-use ldt_runtime::bus::Subscription;
 use uuid::Uuid;
-
-/// The next message about `order_id` (a redelivered one about another order is skipped).
-async fn next_for(sub: &mut Subscription, order_id: &str) -> Envelope {
-    loop {
-        let env = next(sub).await;
-        if env.order_id.to_string() == order_id {
-            return env;
-        }
-    }
-}
 
 /// The sum of a counter's series whose labels include `label`.
 fn counter(metrics: &str, name: &str, label: &str) -> f64 {

@@ -236,6 +236,21 @@ pub async fn next(sub: &mut ldt_runtime::bus::Subscription) -> ldt_contract::Env
     ldt_contract::Envelope::from_json(&msg.payload).unwrap()
 }
 
+/// The next message on `sub` about `order_id` (acked), within 10 s each: delivery is at
+/// least once, and a redelivered message about an earlier order is not the one a test waits
+/// for.
+pub async fn next_for(
+    sub: &mut ldt_runtime::bus::Subscription,
+    order_id: &str,
+) -> ldt_contract::Envelope {
+    loop {
+        let env = next(sub).await;
+        if env.order_id.to_string() == order_id {
+            return env;
+        }
+    }
+}
+
 /// A unique username for one test.
 pub fn user(prefix: &str) -> String {
     format!(
