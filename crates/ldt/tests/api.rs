@@ -5,7 +5,7 @@ mod common;
 
 use ldt_testkit::client::TestApi as _;
 
-use common::{ALL, Stack, spawn_on};
+use common::{ALL, Stack, order_body, spawn_on, user};
 use futures_util::FutureExt;
 use serde_json::json;
 use std::time::Duration;
@@ -268,6 +268,46 @@ async fn a_full_marketplace_sheds_new_orders_with_retry_after(stack: Stack) {
     // The shed order was not stored.
     let (_, all) = app.get("/api/all-transaction").await;
     assert_eq!(all.as_array().unwrap().len(), 3);
+}
+
+async fn a_new_order_waits_at_the_door_for_a_place_to_come_up(stack: Stack) {
+    // A marketplace that admits one order in flight, and lets a new one wait up to 20 s for
+    // its place: the second order is answered once the first is final, not refused.
+    let app = spawn_on(
+        stack,
+        &ALL,
+        &[
+            "--max-pending",
+            "1",
+            "--step-timeout-ms",
+            "300",
+            "--admission-wait-ms",
+            "20000",
+        ],
+    )
+    .await;
+    let (status, stalled) = app
+        .post(
+            "/api/v1/orders",
+            json!({"username": user("door"), "price": 1, "amount": 1, "faults": {"payment": "timeout"}}),
+        )
+        .await;
+    assert_eq!(status, 202, "{stalled}");
+    let stalled_id = stalled["id"].as_str().unwrap().to_owned();
+    let (_, before) = app.get(&format!("/api/v1/orders/{stalled_id}")).await;
+    assert_eq!(before["status"], "PENDING", "the first order is in flight");
+    let (status, next) = app
+        .post("/api/v1/orders", order_body(&user("door"), 1, 1))
+        .await;
+    assert_eq!(status, 202, "the second order waited for its place: {next}");
+    let (_, first) = app.get(&format!("/api/v1/orders/{stalled_id}")).await;
+    assert_eq!(
+        first["status"], "TIMEOUT",
+        "the second order was admitted only once the first was final"
+    );
+    let next_id = next["id"].as_str().unwrap();
+    let done = app.wait_final(next_id, Duration::from_secs(30)).await;
+    assert_eq!(done["status"], "SUCCESS", "{done}");
 }
 
 async fn concurrent_orders_never_overshoot_the_admission_limit(stack: Stack) {
@@ -731,6 +771,7 @@ on_every_stack!(
     health_openapi_and_swagger_are_served,
     restock_adds_to_the_stock,
     a_full_marketplace_sheds_new_orders_with_retry_after,
+    a_new_order_waits_at_the_door_for_a_place_to_come_up,
     concurrent_orders_never_overshoot_the_admission_limit,
     a_burst_of_orders_is_stored_once_each_and_completes,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,

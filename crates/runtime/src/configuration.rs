@@ -189,6 +189,13 @@ pub struct Settings {
     )]
     pub target_latency_ms: u64,
 
+    /// How long a new order may wait at the door for a place in flight before it is refused
+    /// with 503: under a flood, clients that would retry at once wait for the next order to
+    /// finish instead (each refusal costs the client and the server an HTTP round trip for
+    /// nothing). 0: refused at once.
+    #[arg(long, env = "LDT_ADMISSION_WAIT_MS", default_value_t = DEFAULT_ADMISSION_WAIT_MS, value_parser = clap::value_parser!(u64).range(0..=60_000), help_heading = "Throughput")]
+    pub admission_wait_ms: u64,
+
     /// Connections in each service's database pool.
     #[arg(long, env = "LDT_DB_POOL_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..), help_heading = "Broker and databases")]
     pub db_pool_size: u32,
@@ -263,6 +270,11 @@ pub struct Settings {
 /// legacy contract's "a timed-out order is final within 2 s" (compensations included).
 pub const DEFAULT_STEP_TIMEOUT_MS: u64 = 500;
 
+/// How long a new order waits at the door by default when the marketplace is full: orders
+/// finish every fraction of a millisecond under a flood, so a place comes up long before
+/// this; a marketplace that is stalled still answers 503 within a twentieth of a second.
+pub const DEFAULT_ADMISSION_WAIT_MS: u64 = 50;
+
 /// Orders in flight by default before new ones are shed: enough that a sustainable load is
 /// not shed, few enough that under overload the accepted orders stay fast (a bigger backlog
 /// only adds waiting). How 400 was chosen: BENCHMARKS.md, "Where the defaults come from".
@@ -296,6 +308,10 @@ impl Settings {
             self.stall_ms
                 .unwrap_or_else(|| self.step_timeout_ms.saturating_mul(STALL_IN_STEP_TIMEOUTS)),
         )
+    }
+
+    pub fn admission_wait(&self) -> Duration {
+        Duration::from_millis(self.admission_wait_ms)
     }
 
     pub fn target_latency(&self) -> Duration {

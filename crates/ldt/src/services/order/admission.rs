@@ -43,6 +43,21 @@ pub struct AdmissionState {
     /// is in no count: without this, while commits are slow (a recount holds the gate, the
     /// database is busy) every request that arrived meanwhile would be admitted.
     admitting: std::sync::atomic::AtomicI64,
+    /// Requests waiting at the door for a place ([`Admission::admit_within`]), and the bell
+    /// that wakes them when one may have come up: an order finished, or a request answered.
+    waiting: std::sync::atomic::AtomicUsize,
+    room: tokio::sync::Notify,
+}
+
+impl AdmissionState {
+    /// Wakes up to `n` of the requests waiting at the door, the longest waiting first; each
+    /// looks again, and waits again if the place went to another.
+    fn ring(&self, n: usize) {
+        let waiting = self.waiting.load(std::sync::atomic::Ordering::Acquire);
+        for _ in 0..n.min(waiting) {
+            self.room.notify_one();
+        }
+    }
 }
 
 /// An admitted request's place in the in-flight estimate, given back when it is dropped
@@ -53,6 +68,30 @@ impl Drop for Admitted {
     fn drop(&mut self) {
         self.0
             .admitting
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        // Between its commit and its answer an order counts twice (committed and admitting):
+        // its answer frees a place.
+        self.0.ring(1);
+    }
+}
+
+/// A request's place in the queue at the door, left when it is dropped (admitted, refused,
+/// or its client went away).
+struct Waiting<'a>(&'a AdmissionState);
+
+impl<'a> Waiting<'a> {
+    fn enter(state: &'a AdmissionState) -> Waiting<'a> {
+        state
+            .waiting
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        Waiting(state)
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0
+            .waiting
             .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
     }
 }
@@ -149,6 +188,36 @@ impl Admission {
         }
     }
 
+    /// Takes a place in flight for a new order, waiting up to `wait` for one when the limit
+    /// is reached; refuses it if none came up by then. Under a flood of clients that retry as
+    /// soon as they are refused, each refusal is an HTTP round trip for nothing on both
+    /// sides; waiting turns that spinning into a queue that moves as orders finish.
+    pub async fn admit_within(&self, wait: std::time::Duration) -> Result<Admitted, ApiError> {
+        let refused = match self.admit() {
+            Ok(admitted) => return Ok(admitted),
+            Err(refused) => refused,
+        };
+        if wait.is_zero() {
+            return Err(refused);
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let _waiting = Waiting::enter(&self.state);
+        loop {
+            // In the queue before looking again: a place freed in between rings this bell.
+            let bell = self.state.room.notified();
+            let mut bell = std::pin::pin!(bell);
+            bell.as_mut().enable();
+            match self.admit() {
+                Ok(admitted) => return Ok(admitted),
+                Err(refused) => {
+                    if tokio::time::timeout_at(deadline, bell).await.is_err() {
+                        return Err(refused);
+                    }
+                }
+            }
+        }
+    }
+
     /// Called after an order's transaction committed.
     pub fn committed(&self) {
         self.state
@@ -162,6 +231,7 @@ impl Admission {
             i64::try_from(n).unwrap_or(i64::MAX),
             std::sync::atomic::Ordering::AcqRel,
         );
+        self.state.ring(n);
     }
 
     /// Re-counts the PENDING orders every second until shutdown, and from the counts the
@@ -225,6 +295,9 @@ impl Admission {
                     .store(self.limit_for(rate), std::sync::atomic::Ordering::Relaxed);
             }
             last = Some((n, before, at));
+            // The count may have found room (orders another replica finished, a higher
+            // limit): whoever waits looks again.
+            self.state.room.notify_waiters();
         }
     }
 }
@@ -232,6 +305,7 @@ impl Admission {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::Ordering;
 
     #[test]
     fn the_admission_limit_follows_the_completion_rate_within_its_bounds() {
@@ -262,6 +336,70 @@ mod tests {
         // Finishes of orders another replica took can outrun this one's commits.
         a.finished(5);
         assert_eq!(a.estimate(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_takes_the_place_a_finished_order_frees() {
+        let a = Admission::new(1, std::time::Duration::ZERO);
+        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.admit_within(std::time::Duration::from_secs(30))
+                    .await
+                    .map(drop)
+            }
+        });
+        while a.state.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished(), "no place yet: it waits");
+        a.finished(1);
+        let admitted = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken when the order finished, long before its 30 s")
+            .unwrap();
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
+        assert_eq!(a.state.waiting.load(Ordering::Acquire), 0);
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_is_refused_when_no_place_comes_up_in_time() {
+        let a = Admission::new(1, std::time::Duration::ZERO);
+        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+        let started = std::time::Instant::now();
+        let refused = a
+            .admit_within(std::time::Duration::from_millis(50))
+            .await
+            .map(drop);
+        assert!(
+            matches!(refused, Err(ApiError::Overloaded(_))),
+            "{refused:?}"
+        );
+        assert!(started.elapsed() >= std::time::Duration::from_millis(50));
+        assert_eq!(a.state.waiting.load(Ordering::Acquire), 0);
+        // A request answered without its order stored (refused, failed) gives its place back,
+        // and the longest waiting takes it.
+        let first = Admission::new(1, std::time::Duration::ZERO);
+        let held = first.admit().expect("room for one");
+        let waiter = tokio::spawn({
+            let first = first.clone();
+            async move {
+                first
+                    .admit_within(std::time::Duration::from_secs(30))
+                    .await
+                    .map(drop)
+            }
+        });
+        while first.state.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        drop(held);
+        let admitted = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken when the request before it was answered")
+            .unwrap();
+        assert!(admitted.is_ok(), "{:?}", admitted.err());
     }
 
     #[test]

@@ -74,6 +74,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         fault_injection: ctx.settings.fault_injection,
         opens_saga: ctx.settings.order_opens_saga,
         admission,
+        admission_wait: ctx.settings.admission_wait(),
         metrics: ctx.metrics.clone(),
         intake,
         admin_token: ctx.settings.admin_token.clone(),

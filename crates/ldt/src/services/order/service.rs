@@ -31,6 +31,8 @@ pub struct OrderState {
     /// Whether this service sends each saga's first command (`--order-opens-saga`).
     pub opens_saga: bool,
     pub admission: Admission,
+    /// How long a new order may wait at the door for a place (`--admission-wait-ms`).
+    pub admission_wait: std::time::Duration,
     pub metrics: ldt_runtime::metrics::Metrics,
     /// The writers of new orders.
     pub intake: Intake,
@@ -193,8 +195,8 @@ impl OrderState {
         // Held until the order is answered: see `AdmissionState::admitting`.
         let _admitted = match self.admission.admit() {
             Ok(admitted) => admitted,
-            Err(overloaded) => {
-                // A retry of an order already taken is answered even when full.
+            Err(_) => {
+                // A retry of an order already taken is answered even when full, at once.
                 if let Some(key) = idempotency_key
                     && let Some((order, hash)) =
                         store::find_by_idempotency_key(&self.pool, key).await?
@@ -202,7 +204,7 @@ impl OrderState {
                 {
                     return Ok(Created::Replayed(order));
                 }
-                return Err(overloaded);
+                self.admission.admit_within(self.admission_wait).await?
             }
         };
         if new.kill_create {
