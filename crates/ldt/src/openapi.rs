@@ -131,7 +131,7 @@ fn finish_operation(path: &str, method: &str, op: &mut Value) {
     if PLACING.contains(&(path, method)) {
         responses.entry("503".to_owned()).or_insert_with(|| {
             let mut shed =
-                error("Too many orders in flight: shed at the door; try again after `Retry-After`");
+                error("Too many orders in flight, and no place came up while the order waited at the door (`--admission-wait-ms`): nothing was stored; try again after `Retry-After`");
             shed["headers"] = json!({"Retry-After": {
                 "description": "Seconds to wait before trying again",
                 "schema": {"type": "integer", "minimum": 1}

@@ -1,5 +1,6 @@
 //! Admission control: the order service sheds new orders at the door when too many are in
-//! flight, so accepted orders stay fast under overload instead of queueing behind a backlog.
+//! flight, so accepted orders stay fast under overload instead of queueing behind a backlog —
+//! after a short wait for a place, so that clients retrying at once do not spin.
 
 use std::sync::Arc;
 
