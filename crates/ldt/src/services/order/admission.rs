@@ -19,6 +19,9 @@ pub struct Admission {
     /// How long the accepted backlog may take to clear; zero: the limit is `max_pending`.
     target: std::time::Duration,
     pub state: Arc<AdmissionState>,
+    /// Cancelled when the process shuts down: whoever waits at the door is refused at once,
+    /// to try another replica, instead of holding up the drain.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 /// The adaptive limit's floor: room for a burst from idle and for orders that wait out a
@@ -112,7 +115,13 @@ impl Admission {
             max_pending,
             target,
             state: Arc::new(state),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// The same admission, refusing whoever waits at the door once `shutdown` is cancelled.
+    pub fn with_shutdown(self, shutdown: tokio_util::sync::CancellationToken) -> Admission {
+        Admission { shutdown, ..self }
     }
 
     /// The limit for a completion rate of `per_second` orders.
@@ -198,7 +207,7 @@ impl Admission {
             Ok(admitted) => return Ok(admitted),
             Err(refused) => refused,
         };
-        if wait.is_zero() {
+        if wait.is_zero() || self.shutdown.is_cancelled() {
             return Err(refused);
         }
         let deadline = tokio::time::Instant::now() + wait;
@@ -211,8 +220,13 @@ impl Admission {
             match self.admit() {
                 Ok(admitted) => return Ok(admitted),
                 Err(refused) => {
-                    if tokio::time::timeout_at(deadline, bell).await.is_err() {
-                        return Err(refused);
+                    tokio::select! {
+                        woken = tokio::time::timeout_at(deadline, bell) => {
+                            if woken.is_err() {
+                                return Err(refused);
+                            }
+                        }
+                        () = self.shutdown.cancelled() => return Err(refused),
                     }
                 }
             }
@@ -401,6 +415,35 @@ mod tests {
             .expect("woken when the request before it was answered")
             .unwrap();
         assert!(admitted.is_ok(), "{:?}", admitted.err());
+    }
+
+    #[tokio::test]
+    async fn whoever_waits_at_the_door_is_refused_at_once_on_shutdown() {
+        let shutdown = tokio_util::sync::CancellationToken::new();
+        let a = Admission::new(1, std::time::Duration::ZERO).with_shutdown(shutdown.clone());
+        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+        let waiter = tokio::spawn({
+            let a = a.clone();
+            async move {
+                a.admit_within(std::time::Duration::from_secs(30))
+                    .await
+                    .map(drop)
+            }
+        });
+        while a.state.waiting.load(Ordering::Acquire) == 0 {
+            tokio::task::yield_now().await;
+        }
+        shutdown.cancel();
+        let refused = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("refused at the shutdown, long before its 30 s")
+            .unwrap();
+        assert!(
+            matches!(refused, Err(ApiError::Overloaded(_))),
+            "{refused:?}"
+        );
+        let after = a.admit_within(std::time::Duration::from_secs(30)).await;
+        assert!(after.is_err(), "no waiting once shut down");
     }
 
     #[test]

@@ -37,7 +37,8 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
     let conns = Arc::new(Held::new(&pool, 3));
     let crash = ctx.crash(Service::Order);
     let admission =
-        admission::Admission::new(ctx.settings.max_pending, ctx.settings.target_latency());
+        admission::Admission::new(ctx.settings.max_pending, ctx.settings.target_latency())
+            .with_shutdown(ctx.shutdown.clone());
     let writers = if ldt_runtime::db::is_sqlite(&pool) {
         1
     } else {
