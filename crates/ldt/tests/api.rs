@@ -258,6 +258,12 @@ async fn a_full_marketplace_sheds_new_orders_with_retry_after(stack: Stack) {
     assert_eq!(shed.headers()["retry-after"], "1");
     let body: serde_json::Value = shed.json().await.unwrap();
     assert_eq!(body["error"], "overloaded");
+    assert!(
+        app.metrics()
+            .await
+            .contains("ldt_admission_waits_total{outcome=\"refused\"} 1"),
+        "the refusal is counted"
+    );
     // A retry of an order already taken is still answered, with that order.
     let again = post("a", "u1").await;
     assert_eq!(again.status(), 200);
@@ -308,6 +314,11 @@ async fn a_new_order_waits_at_the_door_for_a_place_to_come_up(stack: Stack) {
     let next_id = next["id"].as_str().unwrap();
     let done = app.wait_final(next_id, Duration::from_secs(30)).await;
     assert_eq!(done["status"], "SUCCESS", "{done}");
+    let metrics = app.metrics().await;
+    assert!(
+        metrics.contains("ldt_admission_waits_total{outcome=\"admitted\"} 1"),
+        "the wait is counted: {metrics}"
+    );
 }
 
 async fn concurrent_orders_never_overshoot_the_admission_limit(stack: Stack) {

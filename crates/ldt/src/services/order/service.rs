@@ -204,7 +204,22 @@ impl OrderState {
                 {
                     return Ok(Created::Replayed(order));
                 }
-                self.admission.admit_within(self.admission_wait).await?
+                let admitted = self.admission.admit_within(self.admission_wait).await;
+                self.metrics.inc(
+                    "ldt_admission_waits_total",
+                    "New orders that found the marketplace full, by how their wait at the door \
+                     ended: admitted, or refused with 503.",
+                    &[(
+                        "outcome",
+                        if admitted.is_ok() {
+                            "admitted"
+                        } else {
+                            "refused"
+                        },
+                    )],
+                    1,
+                );
+                admitted?
             }
         };
         if new.kill_create {
