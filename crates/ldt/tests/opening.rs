@@ -25,13 +25,25 @@ fn counter(metrics: &str, name: &str, label: &str) -> f64 {
         .sum()
 }
 
-async fn the_order_service_sends_the_first_command_with_its_slip_beside_order_placed(stack: Stack) {
-    let app = spawn_on(stack, &[Service::Order], &["--order-opens-saga"]).await;
+/// The order service on its own, and what it sends payment and the orchestrator.
+async fn order_service_alone(
+    stack: Stack,
+    extra: &[&str],
+) -> (
+    common::TestApp,
+    ldt_runtime::bus::Subscription,
+    ldt_runtime::bus::Subscription,
+) {
+    let app = spawn_on(stack, &[Service::Order], extra).await;
     let driver = Driver::new(&app);
-    let (mut payment, mut orchestrator) = (
-        driver.listen(Service::Payment).await,
-        driver.listen(Service::Orchestrator).await,
-    );
+    let payment = driver.listen(Service::Payment).await;
+    let orchestrator = driver.listen(Service::Orchestrator).await;
+    (app, payment, orchestrator)
+}
+
+async fn the_order_service_sends_the_first_command_with_its_slip_beside_order_placed(stack: Stack) {
+    let (app, mut payment, mut orchestrator) =
+        order_service_alone(stack, &["--order-opens-saga"]).await;
     let name = user("open");
     let id = app.order(order_body(&name, 7, 3)).await;
     let debit = next_for(&mut payment, &id).await;
@@ -71,12 +83,7 @@ async fn the_order_service_sends_the_first_command_with_its_slip_beside_order_pl
 }
 
 async fn by_default_the_order_service_leaves_the_first_command_to_the_orchestrator(stack: Stack) {
-    let app = spawn_on(stack, &[Service::Order], &[]).await;
-    let driver = Driver::new(&app);
-    let (mut payment, mut orchestrator) = (
-        driver.listen(Service::Payment).await,
-        driver.listen(Service::Orchestrator).await,
-    );
+    let (app, mut payment, mut orchestrator) = order_service_alone(stack, &[]).await;
     let name = user("plain");
     let id = app.order(order_body(&name, 7, 3)).await;
     let placed = next_for(&mut orchestrator, &id).await;

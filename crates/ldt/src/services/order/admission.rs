@@ -353,10 +353,8 @@ mod tests {
         assert_eq!(a.estimate(), 0);
     }
 
-    #[tokio::test]
-    async fn a_waiting_request_takes_the_place_a_finished_order_frees() {
-        let a = Admission::new(1, std::time::Duration::ZERO);
-        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+    /// A request waiting at the door of `a` for up to 30 s, once it waits there.
+    async fn waiter(a: &Admission) -> tokio::task::JoinHandle<Result<(), ApiError>> {
         let waiter = tokio::spawn({
             let a = a.clone();
             async move {
@@ -368,6 +366,14 @@ mod tests {
         while a.state.waiting.load(Ordering::Acquire) == 0 {
             tokio::task::yield_now().await;
         }
+        waiter
+    }
+
+    #[tokio::test]
+    async fn a_waiting_request_takes_the_place_a_finished_order_frees() {
+        let a = Admission::new(1, std::time::Duration::ZERO);
+        *a.state.snapshot.lock().unwrap() = (1, 0, 0);
+        let waiter = waiter(&a).await;
         assert!(!waiter.is_finished(), "no place yet: it waits");
         a.finished(1);
         let admitted = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
@@ -397,18 +403,7 @@ mod tests {
         // and the longest waiting takes it.
         let first = Admission::new(1, std::time::Duration::ZERO);
         let held = first.admit().expect("room for one");
-        let waiter = tokio::spawn({
-            let first = first.clone();
-            async move {
-                first
-                    .admit_within(std::time::Duration::from_secs(30))
-                    .await
-                    .map(drop)
-            }
-        });
-        while first.state.waiting.load(Ordering::Acquire) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = waiter(&first).await;
         drop(held);
         let admitted = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
             .await
@@ -422,17 +417,7 @@ mod tests {
         let shutdown = tokio_util::sync::CancellationToken::new();
         let a = Admission::new(1, std::time::Duration::ZERO).with_shutdown(shutdown.clone());
         *a.state.snapshot.lock().unwrap() = (1, 0, 0);
-        let waiter = tokio::spawn({
-            let a = a.clone();
-            async move {
-                a.admit_within(std::time::Duration::from_secs(30))
-                    .await
-                    .map(drop)
-            }
-        });
-        while a.state.waiting.load(Ordering::Acquire) == 0 {
-            tokio::task::yield_now().await;
-        }
+        let waiter = waiter(&a).await;
         shutdown.cancel();
         let refused = tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
             .await
