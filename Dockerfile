@@ -11,11 +11,13 @@
 FROM rust:1-bookworm AS build
 WORKDIR /src
 
-# The whole workspace (e2e is a member, so its manifest must be there), without target/ and
-# .git (see .dockerignore). Migrations are embedded into the binary at compile time.
+# The whole workspace (e2e is a member, so its manifest must be there) and the patched
+# dependencies in vendor/, without target/ and .git (see .dockerignore). Migrations are
+# embedded into the binary at compile time.
 COPY Cargo.toml Cargo.lock ./
 COPY crates crates
 COPY e2e e2e
+COPY vendor vendor
 
 # Registry, git checkouts and target/ live in BuildKit cache mounts, so a rebuild after a
 # source change recompiles only the workspace crates. The binary is copied out of the cache

@@ -647,3 +647,14 @@ def test_dockerfile():
     ignored = (ROOT / ".dockerignore").read_text().split()
     for entry in ("target/", ".git/", "ldt-data/", "*.log"):
         assert entry in ignored
+
+    # The build needs every crate of the workspace and every patched dependency of Cargo.toml.
+    import tomllib
+
+    manifest = tomllib.loads((ROOT / "Cargo.toml").read_text())
+    needed = {m.split("/")[0] for m in manifest["workspace"]["members"]}
+    for patches in manifest.get("patch", {}).values():
+        needed |= {p["path"].split("/")[0] for p in patches.values() if "path" in p}
+    copied = {c.value[0].rstrip("/") for c in cmds if c.cmd == "COPY" and len(c.value) == 2}
+    assert "vendor" in needed
+    assert needed <= copied, needed - copied

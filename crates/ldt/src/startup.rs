@@ -151,10 +151,11 @@ async fn connect_bus(settings: &Settings, queues: &Queues) -> anyhow::Result<Bus
                     Bus::amqp_with(
                         url,
                         queues.all(),
-                        ldt_runtime::bus::QueueOptions {
+                        ldt_runtime::bus::AmqpOptions {
                             expires_ms: settings.queue_expires_ms,
                             queue_type: settings.queue_type,
                             max_length: None,
+                            io_loop: settings.amqp_io_loop,
                         },
                     )
                 },

@@ -74,6 +74,12 @@ async fn every_legacy_case_ends_right_when_the_order_service_opens_the_saga(stac
     every_legacy_case(stack, &["--order-opens-saga"]).await;
 }
 
+/// lapin's own I/O thread per connection, as before the loop ran on the runtime by default.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_legacy_case_ends_right_with_the_amqp_io_loop_on_its_own_thread() {
+    every_legacy_case(Stack::Servers, &["--amqp-io-loop", "thread"]).await;
+}
+
 async fn every_legacy_case(stack: Stack, extra: &[&str]) {
     // The slip's deadline is 3 × 400 ms; the stalled step acts after it.
     let mut args = vec!["--step-timeout-ms", "400", "--stall-ms", "1500"];

@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ldt_contract::Queues;
-use ldt_runtime::bus::{Bus, Incoming, Outgoing, QueueOptions, Subscription};
+use ldt_runtime::bus::{AmqpOptions, Bus, Incoming, Outgoing, Subscription};
 use ldt_runtime::consumer::{
     Consumer, Delivery, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER,
 };
@@ -61,10 +61,11 @@ impl Fixture {
             Kind::Amqp => Bus::amqp_with(
                 &common::amqp_url(),
                 self.names(),
-                QueueOptions {
+                AmqpOptions {
                     expires_ms: Some(600_000),
                     queue_type: Default::default(),
                     max_length: capacity.map(|c| c as u32),
+                    ..AmqpOptions::default()
                 },
             )
             .await
@@ -705,7 +706,7 @@ impl Relay {
 async fn amqp_a_cut_connection_ends_subscriptions_and_the_bus_reconnects() {
     let f = Fixture::new(Kind::Amqp);
     let relay = Relay::start().await;
-    let bus = Bus::amqp_with(&relay.url, f.names(), QueueOptions::default())
+    let bus = Bus::amqp_with(&relay.url, f.names(), AmqpOptions::default())
         .await
         .unwrap();
     let q = f.queue();
@@ -778,10 +779,11 @@ async fn amqp_a_queue_declared_with_other_arguments_is_refused_with_the_reason()
     let err = Bus::amqp_with(
         &common::amqp_url(),
         f.names(),
-        QueueOptions {
+        AmqpOptions {
             expires_ms: Some(600_000),
             queue_type: Default::default(),
             max_length: Some(5),
+            ..AmqpOptions::default()
         },
     )
     .await

@@ -218,6 +218,13 @@ pub struct Settings {
     #[arg(long, env = "LDT_QUEUE_TYPE", value_enum, default_value_t = crate::bus::message::QueueType::Classic, help_heading = "Broker and databases")]
     pub queue_type: crate::bus::message::QueueType,
 
+    /// Where each RabbitMQ connection's I/O loop runs: `runtime`, as a task on this process's
+    /// async runtime, or `thread`, on a thread of its own (lapin's default), which hands every
+    /// frame between that thread and the runtime's. `runtime` wakes threads less
+    /// (BENCHMARKS.md); a task that blocked the runtime would hold up its connections too.
+    #[arg(long, env = "LDT_AMQP_IO_LOOP", value_enum, default_value_t = crate::bus::message::AmqpIoLoop::Runtime, help_heading = "Broker and databases")]
+    pub amqp_io_loop: crate::bus::message::AmqpIoLoop,
+
     /// Accept per-request fault injection (`kill_*`, `timeout_*`, `faults`). Turn it off in
     /// production: requests carrying faults are then rejected with 422.
     #[arg(long, env = "LDT_FAULT_INJECTION", default_value = "true", num_args = 0..=1,

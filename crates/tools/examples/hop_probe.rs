@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::Parser;
-use ldt_runtime::bus::{Bus, Outgoing, QueueOptions};
+use ldt_runtime::bus::{AmqpOptions, Bus, Outgoing};
 use tokio::sync::Mutex;
 
 #[derive(Parser)]
@@ -64,9 +64,9 @@ async fn main() -> anyhow::Result<()> {
     );
     let run = format!("probe_{}", now_us());
     let queues: Vec<String> = (0..args.hops).map(|i| format!("{run}.hop{i}")).collect();
-    let options = || QueueOptions {
+    let options = || AmqpOptions {
         expires_ms: Some(60_000),
-        ..QueueOptions::default()
+        ..AmqpOptions::default()
     };
     let db = match &args.database_url {
         Some(url) => Some(Database::create(url, &run).await?),

@@ -228,18 +228,23 @@ impl Connection {
     /// Drives the AMQP handshake over a transport supplied by the `connect`
     /// closure. Prefer one of the higher-level `connect*` methods unless you
     /// are wrapping a non-standard socket type.
-    pub async fn connector<RK: RuntimeKit + Clone + Send + 'static>(
+    pub async fn connector<RK: RuntimeKit + Clone + Send + 'static, ConnectFuture>(
         uri: AMQPUri,
         runtime: Runtime<RK>,
-        connect: impl AsyncFn(
-            AMQPUri,
-            Runtime<RK>,
-        ) -> Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>
+        // ldt: a closure returning a `Send` future rather than an `AsyncFn`, whose future
+        // cannot be required to be `Send`, so that the I/O loop can also run as a task.
+        connect: impl Fn(AMQPUri, Runtime<RK>) -> ConnectFuture
         + Send
         + Sync
         + 'static,
         options: ConnectionProperties,
-    ) -> Result<Self> {
+    ) -> Result<Self>
+    where
+        ConnectFuture: Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>>
+            + Send
+            + 'static,
+    {
+        let io_loop_on_runtime = options.io_loop_on_runtime;
         let configuration = Configuration::new(&uri, options);
         let status = ConnectionStatus::new(&uri);
         let frames = Frames::default();
@@ -283,7 +288,7 @@ impl Connection {
         );
 
         internal_rpc.start(channels);
-        conn.io_loop.register(io_loop.start()?);
+        conn.io_loop.register(io_loop.start(io_loop_on_runtime)?);
         conn.start(channel0).await
     }
 
@@ -358,10 +363,13 @@ impl Connect for AMQPUri {
         Connection::connector(
             self,
             runtime,
-            async move |uri, runtime| {
-                AMQPUriTcpExt::connect_with_config_async(&uri, config.as_ref(), &runtime)
-                    .await
-                    .map_err(|err| Error::io(err, &runtime))
+            move |uri, runtime: Runtime<RK>| {
+                let config = config.clone();
+                async move {
+                    AMQPUriTcpExt::connect_with_config_async(&uri, config.as_ref(), &runtime)
+                        .await
+                        .map_err(|err| Error::io(err, &runtime))
+                }
             },
             options,
         )

@@ -31,6 +31,7 @@ pub struct ConnectionProperties {
     pub(crate) auth_provider: Option<Arc<dyn AuthProvider>>,
     pub(crate) backoff: ExponentialBuilder,
     pub(crate) auto_recover: bool,
+    pub(crate) io_loop_on_runtime: bool,
     backoff_configured: bool,
 }
 
@@ -42,6 +43,7 @@ impl Default for ConnectionProperties {
             auth_provider: None,
             backoff: ExponentialBuilder::default().with_max_times(0 /* no retry by default */),
             auto_recover: false,
+            io_loop_on_runtime: false,
             backoff_configured: false,
         }
     }
@@ -132,6 +134,26 @@ impl ConnectionProperties {
     }
 }
 
+impl ConnectionProperties {
+    /// Run the connection's I/O loop as a task on the runtime the connection is made with,
+    /// instead of on a thread of its own (the default).
+    ///
+    /// (ldt.) On its own thread, every frame read or written is handed between that thread and
+    /// the runtime's, each hand-off a wake-up of a sleeping thread; as a task, the socket's
+    /// readiness, the frames and the tasks they wake stay on the runtime's threads. The loop
+    /// yields to the runtime after each round of work, so a busy connection does not starve
+    /// the other tasks; in return it shares their threads, so a task that blocks its thread
+    /// also holds up this connection's reads, writes and heartbeats.
+    ///
+    /// [`Connection::run`](crate::Connection::run) blocks its thread until the loop ends in
+    /// both cases: with this option it must not be called on the runtime's own threads.
+    #[must_use]
+    pub fn with_io_loop_on_runtime(mut self, on_runtime: bool) -> Self {
+        self.io_loop_on_runtime = on_runtime;
+        self
+    }
+}
+
 impl fmt::Debug for ConnectionProperties {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConnectionProperties")
@@ -139,6 +161,7 @@ impl fmt::Debug for ConnectionProperties {
             .field("client_properties", &self.client_properties)
             .field("backoff", &self.backoff)
             .field("auto_recover", &self.auto_recover)
+            .field("io_loop_on_runtime", &self.io_loop_on_runtime)
             .finish()
     }
 }

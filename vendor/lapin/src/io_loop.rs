@@ -20,13 +20,14 @@ use futures_io::{AsyncRead, AsyncWrite};
 use std::{
     collections::VecDeque,
     io,
+    marker::PhantomData,
     pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
     thread::Builder as ThreadBuilder,
     time::Duration,
 };
-use tracing::{Level, debug, error, trace};
+use tracing::{Instrument, Level, debug, error, trace};
 
 const FRAMES_STORAGE: usize = 32;
 
@@ -39,10 +40,8 @@ enum Status {
 
 pub(crate) struct IoLoop<
     RK: RuntimeKit + Clone + Send + 'static,
-    C: AsyncFn(AMQPUri, Runtime<RK>) -> Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>
-        + Send
-        + Sync
-        + 'static,
+    C: Fn(AMQPUri, Runtime<RK>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>> + Send + 'static,
 > {
     connection_status: ConnectionStatus,
     configuration: NegotiatedConfig,
@@ -63,15 +62,14 @@ pub(crate) struct IoLoop<
     serialized_frames: VecDeque<(FrameSize, FrameSending)>,
     half_closed: bool,
     first_connection: bool,
+    connect_future: PhantomData<fn() -> F>,
 }
 
 impl<
     RK: RuntimeKit + Clone + Send + 'static,
-    C: AsyncFn(AMQPUri, Runtime<RK>) -> Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>
-        + Send
-        + Sync
-        + 'static,
-> IoLoop<RK, C>
+    C: Fn(AMQPUri, Runtime<RK>) -> F + Send + Sync + 'static,
+    F: Future<Output = Result<AsyncTcpStream<<RK as Reactor>::TcpStream>>> + Send + 'static,
+> IoLoop<RK, C, F>
 {
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
@@ -113,6 +111,7 @@ impl<
             serialized_frames: VecDeque::default(),
             half_closed: false,
             first_connection: true,
+            connect_future: PhantomData,
         }
     }
 
@@ -198,101 +197,145 @@ impl<
         }
     }
 
-    pub(crate) fn start(mut self) -> Result<JoinHandle> {
+    /// Starts the loop on a thread of its own, or (ldt) as a task on the connection's runtime.
+    pub(crate) fn start(self, on_runtime: bool) -> Result<JoinHandle> {
         let runtime = self.runtime.clone();
         let waker = self.socket_state.handle();
-        let connect_span = tracing::Span::current();
-        let handle = ThreadBuilder::new()
-            .name("lapin-io-loop".to_owned())
-            .spawn(move || {
-                let loop_span = io_loop_span(connect_span);
-                let _enter = loop_span.enter();
-                let connection_killswitch = self.channels.connection_killswitch();
-                let readable_waker = self.socket_state.readable_waker();
-                let mut readable_context = Context::from_waker(&readable_waker);
-                let writable_waker = self.socket_state.writable_waker();
-                let mut writable_context = Context::from_waker(&writable_waker);
-                let (mut stream, res) = loop {
-                    let connect = || (self.connect)(self.uri.clone(), self.runtime.clone());
-                    let runtime = self.runtime.clone();
-                    let connect = connect.retry(self.backoff).sleep(move |dur| runtime.sleep(dur));
-                    let mut stream = self.runtime.block_on(connect).inspect_err(|err| {
-                        trace!("Poison connection attempt");
-                        self.connection_status.poison(err.clone());
-                        self.frames.clear_connection_steps(err);
-                    })?;
-                    self.half_closed = false;
-                    let mut res = Ok(());
-
-                    while self.should_continue(&connection_killswitch) {
-                        if let Err(err) = self.run(Pin::new(&mut stream), &mut readable_context, &mut writable_context, &connection_killswitch) {
-                            let io_err = err.is_io_error();
-                            res = self.critical_error(&connection_killswitch, err);
-                            if self.connecting() && io_err {
-                                break;
-                            }
-                        }
-                    }
-
-                    let connecting = self.connecting();
-                    let reconnect = self.reconnecting();
-
-                    trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
-                    if self.first_connection && connecting && self.half_closed && res.is_ok() {
-                        let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
-                        if self.frames.retry_connection_header() {
-                            // Before Connection.Start, retry the protocol header with
-                            // the same promise, including if it was only partly sent.
-                            res = Err(error);
-                        } else {
-                            // Later handshake stages may own asynchronous auth work;
-                            // do not carry that exchange onto a fresh TCP connection.
-                            self.channels.set_connection_error(error.clone());
-                            self.clear_serialized_frames(error.clone());
-                            break (stream, Err(error));
-                        }
-                    }
-                    self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
-                        ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
-                    ));
-
-                    if !connecting && !reconnect {
-                        break (stream, res);
-                    }
-
-                    let throttle = match self.global_backoff.next() {
-                        Some(throttle) => throttle,
-                        None => {
-                            error!("Exponential backoff attempts exhausted, aborting recovery");
-                            let error = res.err().unwrap_or_else(|| {
-                                io::Error::from(io::ErrorKind::ConnectionAborted).into()
-                            });
-                            self.channels.set_connection_error(error.clone());
-                            break (stream, Err(error));
-                        }
-                    };
-                    debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
-                    std::thread::sleep(throttle);
-
-                    self.reset();
-                    if !self.first_connection {
-                        self.internal_rpc.start_channels_recovery();
-                    }
-                };
-
-                trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
-                self.internal_rpc.stop();
-                if self.heartbeat.killswitch().killed()
-                    && let Err(err) = self.runtime.block_on(std::future::poll_fn(move |cx| {
-                        Pin::new(&mut stream)
-                            .poll_close(cx)
-                    })) {
-                        error!(?err, "Failed to close IO stream");
-                    }
-                res
-            }).map_err(|err| Error::io(err, &runtime))?;
+        let loop_span = io_loop_span(tracing::Span::current());
+        let handle = if on_runtime {
+            let (done, result) = flume::bounded(1);
+            runtime.spawn(
+                async move {
+                    let _ = done.send(self.drive(true).await);
+                }
+                .instrument(loop_span),
+            );
+            JoinHandle::Task(result)
+        } else {
+            let thread_runtime = runtime.clone();
+            let handle = ThreadBuilder::new()
+                .name("lapin-io-loop".to_owned())
+                .spawn(move || {
+                    let _enter = loop_span.enter();
+                    thread_runtime.block_on(self.drive(false))
+                })
+                .map_err(|err| Error::io(err, &runtime))?;
+            JoinHandle::Thread(handle)
+        };
         waker.wake();
         Ok(handle)
+    }
+
+    /// The loop: connects (and reconnects), then reads, writes and waits for the socket until
+    /// the connection ends. `cooperative`: it runs as a task among others, and yields after
+    /// each round of work instead of going straight on to the next.
+    async fn drive(mut self, cooperative: bool) -> Result<()> {
+        let connection_killswitch = self.channels.connection_killswitch();
+        let readable_waker = self.socket_state.readable_waker();
+        let writable_waker = self.socket_state.writable_waker();
+        let (mut stream, res) = loop {
+            // ldt: only what is `Send` is held across the wait, so the loop can run as a task.
+            let (connect_fn, uri, runtime) =
+                (&self.connect, self.uri.clone(), self.runtime.clone());
+            let connect = move || connect_fn(uri.clone(), runtime.clone());
+            let runtime = self.runtime.clone();
+            let connect = connect.retry(self.backoff).sleep(move |dur| runtime.sleep(dur));
+            let mut stream = connect.await.inspect_err(|err| {
+                trace!("Poison connection attempt");
+                self.connection_status.poison(err.clone());
+                self.frames.clear_connection_steps(err);
+            })?;
+            self.half_closed = false;
+            let mut res = Ok(());
+
+            while self.should_continue(&connection_killswitch) {
+                let round = match self.prepare() {
+                    Ok(true) => {
+                        if !self.can_read()
+                            && !self.can_write()
+                            && self.should_continue(&connection_killswitch)
+                        {
+                            trace!(
+                                "io_loop cannot do anything for now, waiting for socket events."
+                            );
+                            self.socket_state.wait().await;
+                        } else if cooperative {
+                            yield_now().await;
+                        }
+                        self.run(
+                            Pin::new(&mut stream),
+                            &readable_waker,
+                            &writable_waker,
+                            &connection_killswitch,
+                        )
+                    }
+                    Ok(false) => Ok(()),
+                    Err(err) => Err(err),
+                };
+                if let Err(err) = round {
+                    let io_err = err.is_io_error();
+                    res = self.critical_error(&connection_killswitch, err);
+                    if self.connecting() && io_err {
+                        break;
+                    }
+                }
+            }
+
+            let connecting = self.connecting();
+            let reconnect = self.reconnecting();
+
+            trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop exiting for {}", if reconnect { "reconnection" } else if connecting { "connection" } else { "shutdown" });
+            if self.first_connection && connecting && self.half_closed && res.is_ok() {
+                let error = Error::from(io::Error::from(io::ErrorKind::ConnectionAborted));
+                if self.frames.retry_connection_header() {
+                    // Before Connection.Start, retry the protocol header with
+                    // the same promise, including if it was only partly sent.
+                    res = Err(error);
+                } else {
+                    // Later handshake stages may own asynchronous auth work;
+                    // do not carry that exchange onto a fresh TCP connection.
+                    self.channels.set_connection_error(error.clone());
+                    self.clear_serialized_frames(error.clone());
+                    break (stream, Err(error));
+                }
+            }
+            self.clear_serialized_frames(self.frames.poison().or_else(|| res.clone().err()).unwrap_or(
+                ErrorKind::InvalidConnectionState(ConnectionState::Closed).into(),
+            ));
+
+            if !connecting && !reconnect {
+                break (stream, res);
+            }
+
+            let throttle = match self.global_backoff.next() {
+                Some(throttle) => throttle,
+                None => {
+                    error!("Exponential backoff attempts exhausted, aborting recovery");
+                    let error = res.err().unwrap_or_else(|| {
+                        io::Error::from(io::ErrorKind::ConnectionAborted).into()
+                    });
+                    self.channels.set_connection_error(error.clone());
+                    break (stream, Err(error));
+                }
+            };
+            debug!("Throttling {:?} before reconnection to avoid flooding", throttle);
+            self.runtime.sleep(throttle).await;
+
+            self.reset();
+            if !self.first_connection {
+                self.internal_rpc.start_channels_recovery();
+            }
+        };
+
+        trace!(status=?self.status, connection_status=?self.connection_status.state(), "io_loop entering exit/cleanup phase");
+        self.internal_rpc.stop();
+        if self.heartbeat.killswitch().killed()
+            && let Err(err) =
+                std::future::poll_fn(move |cx| Pin::new(&mut stream).poll_close(cx)).await
+        {
+            error!(?err, "Failed to close IO stream");
+        }
+        res
     }
 
     fn stop(&mut self) {
@@ -309,17 +352,13 @@ impl<
         }
     }
 
-    fn run<T: AsyncRead + AsyncWrite + ?Sized>(
-        &mut self,
-        mut stream: Pin<&mut T>,
-        readable_context: &mut Context<'_>,
-        writable_context: &mut Context<'_>,
-        connection_killswitch: &KillSwitch,
-    ) -> Result<()> {
+    /// (ldt: the first half of lapin's `run`, split at its wait.) The start of a round: takes
+    /// in the socket events, finishes the connection's setup; whether the loop is to go on.
+    fn prepare(&mut self) -> Result<bool> {
         trace!("io_loop run");
         self.poll_socket_events();
         if !self.ensure_setup()? {
-            return Ok(());
+            return Ok(false);
         }
         self.check_connection_state();
         trace!(
@@ -328,10 +367,19 @@ impl<
             has_data=%self.has_data(),
             "io_loop do_run",
         );
-        if !self.can_read() && !self.can_write() && self.should_continue(connection_killswitch) {
-            trace!("io_loop cannot do anything for now, waiting for socket events.");
-            self.socket_state.wait();
-        }
+        Ok(true)
+    }
+
+    /// The rest of a round, once there is something to do (or the wait for it is over).
+    fn run<T: AsyncRead + AsyncWrite + ?Sized>(
+        &mut self,
+        mut stream: Pin<&mut T>,
+        readable_waker: &Waker,
+        writable_waker: &Waker,
+        connection_killswitch: &KillSwitch,
+    ) -> Result<()> {
+        let readable_context = &mut Context::from_waker(readable_waker);
+        let writable_context = &mut Context::from_waker(writable_waker);
         self.poll_socket_events();
         self.attempt_flush(stream.as_mut(), writable_context, connection_killswitch)?;
         self.write(stream.as_mut(), writable_context, connection_killswitch)?;
@@ -640,6 +688,21 @@ impl<
             }
         }
     }
+}
+
+/// Lets the other tasks of the runtime run before the loop's next round (ldt).
+async fn yield_now() {
+    let mut yielded = false;
+    std::future::poll_fn(move |cx| {
+        if yielded {
+            Poll::Ready(())
+        } else {
+            yielded = true;
+            cx.waker().wake_by_ref();
+            Poll::Pending
+        }
+    })
+    .await
 }
 
 /// Create a new span for the io_loop thread that follows from the connect span, and has the same level.

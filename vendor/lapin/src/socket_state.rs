@@ -51,8 +51,10 @@ impl SocketState {
         self.writable
     }
 
-    pub(crate) fn wait(&mut self) {
-        match self.events.recv() {
+    // ldt: asynchronous, so that the I/O loop can run as a task on the application's runtime
+    // (see `ConnectionProperties::with_io_loop_on_runtime`); on its own thread it is blocked on.
+    pub(crate) async fn wait(&mut self) {
+        match self.events.recv_async().await {
             Ok(event) => self.handle_event(event),
             Err(err) => error!(?err, "waiting for socket event failed"),
         }

@@ -6,7 +6,12 @@ use std::{
 };
 use tracing::error;
 
-pub(crate) type JoinHandle = thread::JoinHandle<Result<()>>;
+/// How to wait for the end of the I/O loop: it runs on a thread of its own, or (ldt:
+/// `ConnectionProperties::with_io_loop_on_runtime`) as a task that reports its result here.
+pub(crate) enum JoinHandle {
+    Thread(thread::JoinHandle<Result<()>>),
+    Task(flume::Receiver<Result<()>>),
+}
 type Inner = Option<JoinHandle>;
 
 #[derive(Clone)]
@@ -28,9 +33,15 @@ impl ThreadHandle {
     }
 
     pub(crate) fn wait(&self, context: &'static str) -> Result<()> {
-        if let Some(handle) = self.take()
-            && handle.thread().id() != thread::current().id()
-        {
+        let handle = match self.take() {
+            Some(JoinHandle::Thread(handle)) => handle,
+            Some(JoinHandle::Task(done)) => {
+                // The task has gone without a word only if its runtime went away.
+                return done.recv().unwrap_or(Ok(()));
+            }
+            None => return Ok(()),
+        };
+        if handle.thread().id() != thread::current().id() {
             match handle.join() {
                 Ok(res) => return res,
                 Err(e) => {

@@ -162,15 +162,29 @@ pub enum QueueType {
     Quorum,
 }
 
-/// How the marketplace's queues are declared on RabbitMQ.
+/// Where a RabbitMQ connection's I/O loop (lapin's) runs.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AmqpIoLoop {
+    /// As a task on the process's async runtime: the socket's readiness, the frames and the
+    /// tasks they wake stay on the runtime's threads.
+    #[default]
+    Runtime,
+    /// On a thread of its own per connection (lapin's default): every frame in or out is
+    /// handed between that thread and the runtime's, a wake-up each.
+    Thread,
+}
+
+/// How the marketplace uses RabbitMQ: how its queues are declared, where its connections'
+/// I/O runs.
 #[derive(Debug, Clone, Default)]
-pub struct QueueOptions {
+pub struct AmqpOptions {
     /// Delete a queue after this long unused (`x-expires`).
     pub expires_ms: Option<u32>,
     pub queue_type: QueueType,
     /// Refuse publishes past this many ready messages (`x-max-length` with
     /// `x-overflow: reject-publish`): back-pressure instead of unbounded queues.
     pub max_length: Option<u32>,
+    pub io_loop: AmqpIoLoop,
 }
 
 /// One delivered message; must be acked or nacked.

@@ -21,7 +21,7 @@ pub mod rabbitmq;
 
 pub use embedded::EmbeddedBus;
 use embedded::EmbeddedSubscription;
-pub use message::{BUNDLE_HEADER, BusError, Incoming, Outgoing, QueueOptions};
+pub use message::{AmqpIoLoop, AmqpOptions, BUNDLE_HEADER, BusError, Incoming, Outgoing};
 use rabbitmq::AmqpBus;
 
 #[derive(Clone)]
@@ -40,9 +40,9 @@ impl Bus {
         Bus::amqp_with(
             url,
             queues,
-            QueueOptions {
+            AmqpOptions {
                 expires_ms: queue_expires_ms,
-                ..QueueOptions::default()
+                ..AmqpOptions::default()
             },
         )
         .await
@@ -64,7 +64,7 @@ impl Bus {
     pub async fn amqp_with(
         url: &str,
         queues: Vec<String>,
-        options: QueueOptions,
+        options: AmqpOptions,
     ) -> Result<Bus, BusError> {
         let urls: Vec<String> = url
             .split(',')

@@ -39,7 +39,7 @@ use lapin::{BasicProperties, Channel, Confirmation, Connection, ConnectionProper
 use tokio::sync::{Mutex, Semaphore};
 
 use super::message::{
-    Acknowledge, BusError, Incoming, Outgoing, QueueOptions, QueueType, Settling,
+    Acknowledge, AmqpIoLoop, AmqpOptions, BusError, Incoming, Outgoing, QueueType, Settling,
 };
 
 /// The longest the broker may take to answer: connect, confirm a batch, open a channel, take
@@ -137,7 +137,7 @@ pub struct AmqpBus {
     urls: Vec<String>,
     next_url: AtomicUsize,
     queues: Vec<String>,
-    options: QueueOptions,
+    options: AmqpOptions,
     publisher: Mutex<Option<Arc<Publisher>>>,
     consumer: Mutex<Option<Arc<Connection>>>,
 }
@@ -147,7 +147,7 @@ impl AmqpBus {
     pub async fn connect(
         urls: &[String],
         queues: Vec<String>,
-        options: QueueOptions,
+        options: AmqpOptions,
     ) -> Result<AmqpBus, BusError> {
         if urls.is_empty() {
             return Err(BusError::Unavailable("no broker address given".into()));
@@ -194,8 +194,9 @@ impl AmqpBus {
         for i in 0..self.urls.len() {
             let index = (start + i) % self.urls.len();
             let url = &self.urls[index];
-            let props =
-                ConnectionProperties::default().with_connection_name(format!("ldt {role}").into());
+            let props = ConnectionProperties::default()
+                .with_connection_name(format!("ldt {role}").into())
+                .with_io_loop_on_runtime(self.options.io_loop == AmqpIoLoop::Runtime);
             match tokio::time::timeout(BROKER_TIMEOUT, Connection::connect(url, props)).await {
                 Ok(Ok(conn)) => {
                     self.next_url.store(index, Ordering::Relaxed);
