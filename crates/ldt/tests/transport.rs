@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use ldt_contract::Queues;
-use ldt_runtime::bus::{AmqpOptions, Bus, Incoming, Outgoing, Subscription};
+use ldt_runtime::bus::{AmqpIoLoop, AmqpOptions, Bus, Incoming, Outgoing, Subscription};
 use ldt_runtime::consumer::{
     Consumer, Delivery, HandleError, Handler, ORIGIN_QUEUE_HEADER, REASON_HEADER,
 };
@@ -739,6 +739,45 @@ async fn amqp_a_cut_connection_ends_subscriptions_and_the_bus_reconnects() {
     assert!(m.redelivered);
     m.ack().await.unwrap();
     ack_in_order(&mut again, [2]).await;
+}
+
+/// Where lapin's I/O runs is what `--amqp-io-loop` says: with `runtime` on the process's
+/// async runtime, no thread of its own (none in `top -H`); with `thread` a thread per
+/// connection. The bus publishes and delivers either way.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn amqp_the_io_loop_runs_on_the_runtime_or_on_threads_of_its_own() {
+    // The other tests of this binary leave the I/O loop on the runtime, so every thread
+    // counted here is this test's.
+    fn io_threads() -> usize {
+        std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "lapin-io-loop")
+            .count()
+    }
+    for io_loop in [AmqpIoLoop::Runtime, AmqpIoLoop::Thread] {
+        let f = Fixture::new(Kind::Amqp);
+        let options = AmqpOptions {
+            expires_ms: Some(600_000),
+            io_loop,
+            ..AmqpOptions::default()
+        };
+        let bus = Bus::amqp_with(&common::amqp_url(), f.names(), options)
+            .await
+            .unwrap();
+        let q = f.queue();
+        bus.publish(&[f.message(&q, 1)]).await.unwrap();
+        let mut sub = bus.subscribe(&q, 10).await.unwrap();
+        ack_in_order(&mut sub, [1]).await;
+        let threads = io_threads();
+        match io_loop {
+            AmqpIoLoop::Runtime => assert_eq!(threads, 0, "no I/O thread on the runtime"),
+            AmqpIoLoop::Thread => assert!(
+                threads >= 2,
+                "a thread for the publishing and one for the consuming connection, found {threads}"
+            ),
+        }
+    }
 }
 
 /// A login or virtual host the broker refuses is an error that says why, at once.
