@@ -29,6 +29,14 @@ enum Kind {
     Memory,
 }
 
+/// How the tests declare their RabbitMQ queues: gone ten minutes after a test left them.
+fn amqp_options() -> AmqpOptions {
+    AmqpOptions {
+        expires_ms: Some(600_000),
+        ..AmqpOptions::default()
+    }
+}
+
 /// One transport in a fresh namespace (its own queues, its own journal file).
 struct Fixture {
     kind: Kind,
@@ -62,10 +70,8 @@ impl Fixture {
                 &common::amqp_url(),
                 self.names(),
                 AmqpOptions {
-                    expires_ms: Some(600_000),
-                    queue_type: Default::default(),
                     max_length: capacity.map(|c| c as u32),
-                    ..AmqpOptions::default()
+                    ..amqp_options()
                 },
             )
             .await
@@ -758,9 +764,8 @@ async fn amqp_the_io_loop_runs_on_the_runtime_or_on_threads_of_its_own() {
     for io_loop in [AmqpIoLoop::Runtime, AmqpIoLoop::Thread] {
         let f = Fixture::new(Kind::Amqp);
         let options = AmqpOptions {
-            expires_ms: Some(600_000),
             io_loop,
-            ..AmqpOptions::default()
+            ..amqp_options()
         };
         let bus = Bus::amqp_with(&common::amqp_url(), f.names(), options)
             .await
@@ -819,10 +824,8 @@ async fn amqp_a_queue_declared_with_other_arguments_is_refused_with_the_reason()
         &common::amqp_url(),
         f.names(),
         AmqpOptions {
-            expires_ms: Some(600_000),
-            queue_type: Default::default(),
             max_length: Some(5),
-            ..AmqpOptions::default()
+            ..amqp_options()
         },
     )
     .await
