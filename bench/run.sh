@@ -134,6 +134,7 @@ for rate in $rates; do
   before=$(checkpoints)
   msgs_before=$(published ldt_messages_published_total)
   bus_before=$(published ldt_bus_messages_published_total)
+  batches_before=$(published ldt_consumer_batches_total)
   pg_before=$(pg_counters)
   # CPU of every process over the run's middle (its first and last 5 s left out).
   ( sleep 5; python3 bench/cpu.py $(( d > 15 ? d - 10 : d / 2 )) >"$work/cpu-$rate" ) &
@@ -143,6 +144,7 @@ for rate in $rates; do
   after=$(checkpoints)
   echo $(( $(published ldt_messages_published_total) - msgs_before )) >"$work/messages-$rate"
   echo $(( $(published ldt_bus_messages_published_total) - bus_before )) >"$work/broker-$rate"
+  echo $(( $(published ldt_consumer_batches_total) - batches_before )) >"$work/batches-$rate"
   pg_after=$(pg_counters)
   if [ -n "$pg_before" ] && [ -n "$pg_after" ]; then
     echo $(( ${pg_after%%|*} - ${pg_before%%|*} )) >"$work/commits-$rate"

@@ -258,6 +258,7 @@ impl Handler for Picky {
 /// The consumer loop on the fixture's first queue, with a [`Picky`] handler.
 struct PickyConsumer {
     handler: Arc<Picky>,
+    metrics: Metrics,
     shutdown: CancellationToken,
     task: tokio::task::JoinHandle<()>,
 }
@@ -278,6 +279,7 @@ impl PickyConsumer {
             batches: Mutex::new(Vec::new()),
         });
         let shutdown = CancellationToken::new();
+        let metrics = Metrics::default();
         let task = tokio::spawn(ldt_runtime::consumer::consume(
             Consumer {
                 bus: bus.clone(),
@@ -289,13 +291,14 @@ impl PickyConsumer {
                 linger,
                 max_attempts: 10,
                 attempts: Default::default(),
-                metrics: Metrics::default(),
+                metrics: metrics.clone(),
             },
             handler.clone(),
             shutdown.clone(),
         ));
         PickyConsumer {
             handler,
+            metrics,
             shutdown,
             task,
         }
@@ -359,6 +362,19 @@ async fn a_busy_queue_lingers_for_fuller_batches_an_idle_one_does_not(f: Fixture
             vec!["payload 4"],
             vec!["payload 5"]
         ]
+    );
+    // What an operator sees of it: four batches for five messages.
+    let metrics = consumer.metrics.render();
+    let counted = |name: &str| {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}{{queue=\"{q}\"")))
+            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
+    };
+    assert_eq!(
+        counted("ldt_consumer_batches_total").as_deref(),
+        Some("4"),
+        "{metrics}"
     );
     consumer.stop().await;
 }

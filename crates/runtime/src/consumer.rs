@@ -343,6 +343,15 @@ fn spawn_batch<H: Handler>(
     batch: Vec<Incoming>,
     permit: Option<tokio::sync::OwnedSemaphorePermit>,
 ) {
+    // Batches against messages (`ldt_messages_total`) is how well batching forms at a given
+    // load: each batch costs a transaction and a round of acks whatever its size.
+    consumer.metrics.inc(
+        "ldt_consumer_batches_total",
+        "Batches of deliveries handed to a handler together, by queue (ldt_messages_total \
+         over this is the mean batch size).",
+        &[("queue", consumer.queue.as_str())],
+        1,
+    );
     let handler = handler.clone();
     let consumer = consumer.clone();
     let settling = tracker.clone();
