@@ -12,18 +12,9 @@ use ldt_testkit::client::TestApi as _;
 
 use std::time::Duration;
 
-use common::{Driver, Stack, next_for, order_body, spawn_on, user};
+use common::{Driver, Stack, counter, next_for, order_body, spawn_on, user};
 use ldt_contract::{Envelope, FaultPlan, Message, OrderStatus, Service, Step, StepOutcome};
 use uuid::Uuid;
-
-/// The sum of a counter's series whose labels include `label`.
-fn counter(metrics: &str, name: &str, label: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| l.starts_with(&format!("{name}{{")) && l.contains(label))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
 
 /// The order service on its own, and what it sends payment and the orchestrator.
 async fn order_service_alone(

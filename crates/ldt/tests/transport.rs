@@ -365,17 +365,12 @@ async fn a_busy_queue_lingers_for_fuller_batches_an_idle_one_does_not(f: Fixture
     );
     // What an operator sees of it: four batches for five messages.
     let metrics = consumer.metrics.render();
-    let counted = |name: &str| {
-        metrics
-            .lines()
-            .find(|l| l.starts_with(&format!("{name}{{queue=\"{q}\"")))
-            .map(|l| l.rsplit(' ').next().unwrap_or_default().to_owned())
-    };
-    assert_eq!(
-        counted("ldt_consumer_batches_total").as_deref(),
-        Some("4"),
-        "{metrics}"
+    let batches = common::counter(
+        &metrics,
+        "ldt_consumer_batches_total",
+        &format!("queue=\"{q}\""),
     );
+    assert_eq!(batches, 4.0, "{metrics}");
     consumer.stop().await;
 }
 
