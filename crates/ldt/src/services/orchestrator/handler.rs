@@ -407,29 +407,53 @@ impl Orchestrator {
     }
 
     /// Fires due deadlines until shutdown, and keeps the count of stuck sagas.
+    ///
+    /// It sleeps until the earliest deadline in the table, but never longer than half of
+    /// [`saga::Policy::least_deadline_ahead_ms`]: a deadline written meanwhile (by this
+    /// process or another replica) lies at least that far ahead of when it was written, so
+    /// the half left over covers a transaction still in flight when the poller looked and a
+    /// replica's clock running a little behind. An idle orchestrator so looks a few times a
+    /// second instead of fifty, and a deadline fires within a few milliseconds of its time.
     pub async fn run_deadlines(self, shutdown: CancellationToken) {
-        let tick = Duration::from_millis(20)
+        // When due sagas are all claimed by another replica: look again this soon.
+        let busy = Duration::from_millis(20)
             .min(Duration::from_millis(
                 u64::try_from(self.policy.step_timeout_ms / 4).unwrap_or(20),
             ))
             .max(Duration::from_millis(5));
+        // The stuck count is refreshed every STUCK_EVERY, so the poller wakes that often.
+        const STUCK_EVERY: Duration = Duration::from_secs(2);
+        let longest = Duration::from_millis(
+            u64::try_from(self.policy.least_deadline_ahead_ms() / 2).unwrap_or(0),
+        )
+        .clamp(busy, STUCK_EVERY);
+        let mut wait = busy;
         let mut counted = std::time::Instant::now();
         loop {
             tokio::select! {
-                _ = tokio::time::sleep(tick) => {}
+                _ = tokio::time::sleep(wait) => {}
                 _ = shutdown.cancelled() => return,
             }
-            loop {
+            wait = loop {
                 match self.fire_due().await {
-                    Ok(n) if n > 0 => continue,
-                    Ok(_) => break,
+                    Ok(Due::Fired) => continue,
+                    Ok(Due::Next(None)) => break longest,
+                    Ok(Due::Next(Some(at_ms))) => {
+                        match u64::try_from(at_ms.saturating_sub(now_ms())) {
+                            Ok(ahead) if ahead > 0 => {
+                                break Duration::from_millis(ahead).min(longest);
+                            }
+                            // Due, and another replica's to fire.
+                            _ => break busy,
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "deadline poller failed; retrying");
-                        break;
+                        break busy;
                     }
                 }
-            }
-            if counted.elapsed() >= Duration::from_secs(2) {
+            };
+            if counted.elapsed() >= STUCK_EVERY.saturating_sub(busy) {
                 counted = std::time::Instant::now();
                 if let Ok(n) = store::stuck_count(&self.pool).await {
                     self.metrics.set(
@@ -443,12 +467,16 @@ impl Orchestrator {
         }
     }
 
-    async fn fire_due(&self) -> Result<usize, HandleError> {
+    /// Fires the deadlines due now (up to a hundred at a time), or tells when the next one is.
+    async fn fire_due(&self) -> Result<Due, HandleError> {
         let now = now_ms();
         let mut conn = self.conns.get().await?;
-        if !store::any_due(&mut conn, now).await? {
-            conn.reuse();
-            return Ok(0);
+        match store::next_deadline(&mut conn).await? {
+            Some(at_ms) if at_ms <= now => {}
+            next => {
+                conn.reuse();
+                return Ok(Due::Next(next));
+            }
         }
         let mut tx = conn.begin().await?;
         let due = store::claim_due(&mut tx, now).await?;
@@ -483,8 +511,21 @@ impl Orchestrator {
             tx.commit().await?;
         }
         conn.reuse();
-        Ok(n)
+        // None claimed: another replica holds the due ones; look again soon.
+        Ok(if n > 0 {
+            Due::Fired
+        } else {
+            Due::Next(Some(now))
+        })
     }
+}
+
+/// What a look at the deadlines found.
+enum Due {
+    /// Some were due and are fired: there may be more.
+    Fired,
+    /// None is due (or those due are another replica's): the earliest deadline, if any.
+    Next(Option<i64>),
 }
 
 impl Handler for Orchestrator {
@@ -721,6 +762,61 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(row.try_get::<String, _>("status").unwrap(), "SUCCESS");
+        fx.drop().await;
+    }
+
+    /// The poller sleeps while no deadline is near, so a saga another replica starts
+    /// meanwhile must still time out at its deadline: not before, and not a sleep later.
+    #[tokio::test]
+    async fn a_deadline_written_while_the_poller_sleeps_fires_on_time() {
+        let mut fx = Fixture::new().await;
+        // Deadlines 300 ms ahead: the poller sleeps at most 150 ms.
+        fx.orchestrator.policy = Policy::new(100);
+        let orch = &fx.orchestrator;
+        let (signal, _) = OutboxSignal::new();
+        let poller = Orchestrator {
+            pool: orch.pool.clone(),
+            conns: Arc::new(Held::new(&orch.pool, 1)),
+            queues: orch.queues.clone(),
+            signal,
+            policy: orch.policy,
+            crash: orch.crash,
+            metrics: Default::default(),
+        };
+        let stop = CancellationToken::new();
+        let polling = tokio::spawn(poller.run_deadlines(stop.clone()));
+        // The table is empty: the poller has looked and gone to sleep for as long as it may.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let order_id = Uuid::now_v7();
+        assert!(
+            orch.apply_one(&placed(order_id), &tracing::Span::none())
+                .await
+                .unwrap()
+        );
+        let deadline = |pool: Pool| async move {
+            sqlx::query_scalar::<_, Option<i64>>(
+                "SELECT deadline_ms FROM sagas WHERE order_id = $1",
+            )
+            .bind(order_id.to_string())
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        };
+        let due = deadline(orch.pool.clone()).await.unwrap();
+        // Polled until the saga has moved on (its compensation's deadline, or none).
+        let fired_at = loop {
+            if deadline(orch.pool.clone()).await != Some(due) {
+                break now_ms();
+            }
+            assert!(now_ms() < due + 5_000, "the deadline never fired");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        assert!(fired_at >= due, "fired {} ms early", due - fired_at);
+        // A poller that slept through the deadline (its idle sleep is up to 2 s) would be
+        // well over a second late; a commit on a loaded host may take a few hundred ms.
+        assert!(fired_at - due < 1_000, "fired {} ms late", fired_at - due);
+        stop.cancel();
+        polling.await.unwrap();
         fx.drop().await;
     }
 }

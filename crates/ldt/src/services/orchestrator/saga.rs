@@ -118,6 +118,14 @@ impl Policy {
             .saturating_mul(i64::try_from(Step::ALL.len()).unwrap_or(i64::MAX))
     }
 
+    /// How far ahead of the moment it is written a deadline always lies: the slip's
+    /// deadline, or the shortest wait before a compensation is sent again, whichever is
+    /// shorter. The deadline poller relies on it: a deadline written after it looked cannot
+    /// fall due sooner than this after that look.
+    pub fn least_deadline_ahead_ms(&self) -> i64 {
+        self.saga_timeout_ms().min(self.backoff_ms(0, Uuid::nil()))
+    }
+
     /// The wait before the compensation in flight is sent again, after `attempts` tries:
     /// four step timeouts, doubling with each try up to `max_backoff_ms`, spread ±25 % by the
     /// order's id. A compensation goes unanswered far more often because its step is slow (a

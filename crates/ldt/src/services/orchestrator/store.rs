@@ -498,21 +498,21 @@ pub async fn read_versioned(
     }
 }
 
-/// Whether any saga is due at `now`: mostly none is, and one round trip tells.
-pub async fn any_due(conn: &mut Conn, now: i64) -> Result<bool, sqlx::Error> {
-    let due =
-        sqlx::query("SELECT 1 FROM sagas WHERE deadline_ms <= $1 ORDER BY deadline_ms LIMIT 1")
-            .persistent(false)
-            .bind(now)
-            .fetch_optional(&mut *conn)
-            .await?;
-    Ok(due.is_some())
+/// The earliest deadline of any saga (due or not), if one has a deadline: one round trip on
+/// the deadline index.
+pub async fn next_deadline(conn: &mut Conn) -> Result<Option<i64>, sqlx::Error> {
+    sqlx::query_scalar(
+        "SELECT deadline_ms FROM sagas WHERE deadline_ms IS NOT NULL ORDER BY deadline_ms LIMIT 1",
+    )
+    .persistent(false)
+    .fetch_optional(&mut *conn)
+    .await
 }
 
 /// Claims up to 100 due sagas for the rest of the transaction.
 pub async fn claim_due(tx: &mut Conn, now: i64) -> Result<Vec<Stored>, HandleError> {
     // Planned afresh each time (not a cached generic plan): a plan made while `sagas` was
-    // empty is a sequential scan, which a 20 ms poller would repeat over a growing table.
+    // empty is a sequential scan, which the poller would repeat over a growing table.
     let rows = sqlx::query(CLAIM_DUE.on(tx))
         .persistent(false)
         .bind(now)

@@ -134,6 +134,17 @@ impl World {
         let late = matches!(event, Event::Answered { step, .. }
             if before.phase != Phase::Running || step.index() < before.step.index());
         let (after, fx) = apply(&before, event.clone(), &POLICY, self.now);
+        // The deadline poller sleeps on this: a deadline set now is never nearer.
+        if let Some(due) = after
+            .deadline_ms
+            .filter(|_| after.deadline_ms != before.deadline_ms)
+        {
+            assert!(
+                due >= self.now + POLICY.least_deadline_ahead_ms(),
+                "{event:?} set a deadline {} ms ahead",
+                due - self.now
+            );
+        }
         if late {
             assert_eq!(after, before, "a late answer changes nothing: {event:?}");
             assert!(fx.send.is_empty());
