@@ -42,6 +42,11 @@ fn crash_run(point: &str) {
         .and_then(|n| n.trim().parse().ok())
         .unwrap_or_else(|| panic!("no abort count in:\n{stdout}"));
     assert!(aborts >= 1, "{point} never reached:\n{stdout}");
+    // The report shows why a process exited: the end of its log, here the abort's own line.
+    assert!(
+        stderr.contains(&format!("| ldt: crash point {point} reached: aborting")),
+        "the abort is not in the report:\n{stderr}"
+    );
     for invariant in ["money", "stock", "delivery", "final"] {
         assert!(
             stdout.contains(&format!("invariant {invariant:<9} ok")),

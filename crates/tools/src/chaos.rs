@@ -156,6 +156,10 @@ struct Proc {
     port: u16,
     child: Option<Child>,
     crash_point: Option<String>,
+    /// Where this incarnation's lines start in the service's log (the log is appended to).
+    log_from: u64,
+    /// Times this process exited by itself.
+    exits: u32,
 }
 
 /// The service processes.
@@ -205,6 +209,7 @@ impl Fleet {
             .create(true)
             .append(true)
             .open(&log_path)?;
+        p.log_from = log.metadata()?.len();
         let mut cmd = Command::new(&self.bin);
         cmd.arg("serve")
             .arg(p.service.as_str())
@@ -247,16 +252,28 @@ impl Fleet {
     /// Restarts processes that exited on their own (crash points).
     fn reap(&mut self) -> anyhow::Result<()> {
         for i in 0..self.procs.len() {
-            let exited = match self.procs[i].child.as_mut() {
-                Some(child) => child.try_wait()?.is_some(),
-                None => false,
+            let status = match self.procs[i].child.as_mut() {
+                Some(child) => child.try_wait()?,
+                None => None,
             };
-            if exited {
+            if let Some(status) = status {
                 self.crashes += 1;
+                let p = &mut self.procs[i];
+                p.exits += 1;
                 eprintln!(
-                    "chaos: {} exited by itself; restarting it",
-                    self.procs[i].service.as_str()
+                    "chaos: {} exited by itself ({status}); restarting it",
+                    p.service.as_str()
                 );
+                // Why, while the log is at hand: an armed crash point is one exit, any more
+                // is a fault of its own (the logs go when a clean clone does).
+                if p.exits <= 3 {
+                    let log = self.args.log_dir.join(format!(
+                        "{}-{}.log",
+                        self.namespace,
+                        p.service.as_str()
+                    ));
+                    eprintln!("{}", log_tail(&log, p.log_from, 20));
+                }
                 self.spawn(i)?;
             }
         }
@@ -380,6 +397,8 @@ pub async fn run(args: ChaosArgs) -> anyhow::Result<bool> {
             port: free_port(&mut port_rng)?,
             child: None,
             crash_point,
+            log_from: 0,
+            exits: 0,
         });
     }
     let proxies = Proxies::start(&args).await?;
@@ -726,6 +745,26 @@ async fn check_poison(
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// The last `lines` lines of `path` written from byte `from` on, indented, for a report.
+fn log_tail(path: &std::path::Path, from: u64, lines: usize) -> String {
+    let text = match std::fs::read(path) {
+        Ok(bytes) => {
+            let from = usize::try_from(from).unwrap_or(0).min(bytes.len());
+            String::from_utf8_lossy(&bytes[from..]).into_owned()
+        }
+        Err(e) => return format!("    (no log at {}: {e})", path.display()),
+    };
+    let all: Vec<&str> = text.lines().collect();
+    let tail = &all[all.len().saturating_sub(lines)..];
+    if tail.is_empty() {
+        return "    (its log is empty)".to_owned();
+    }
+    tail.iter()
+        .map(|l| format!("    | {l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn count_in_logs(dir: &std::path::Path, namespace: &str, needle: &str) -> usize {

@@ -773,18 +773,8 @@ mod tests {
         // Deadlines 300 ms ahead: the poller sleeps at most 150 ms.
         fx.orchestrator.policy = Policy::new(100);
         let orch = &fx.orchestrator;
-        let (signal, _) = OutboxSignal::new();
-        let poller = Orchestrator {
-            pool: orch.pool.clone(),
-            conns: Arc::new(Held::new(&orch.pool, 1)),
-            queues: orch.queues.clone(),
-            signal,
-            policy: orch.policy,
-            crash: orch.crash,
-            metrics: Default::default(),
-        };
         let stop = CancellationToken::new();
-        let polling = tokio::spawn(poller.run_deadlines(stop.clone()));
+        let polling = tokio::spawn(orch.clone().run_deadlines(stop.clone()));
         // The table is empty: the poller has looked and gone to sleep for as long as it may.
         tokio::time::sleep(Duration::from_millis(50)).await;
         let order_id = Uuid::now_v7();
