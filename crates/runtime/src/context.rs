@@ -89,6 +89,12 @@ impl Context {
                 service.as_str(),
                 self.shutdown.clone(),
             ));
+        } else if let Some(file) = crate::db::sqlite_file(&backend, &name) {
+            self.tasks.spawn(crate::db::checkpoint_sqlite(
+                file,
+                what,
+                self.shutdown.clone(),
+            ));
         }
         Ok(pool)
     }

@@ -289,6 +289,77 @@ pub async fn drop_database(backend: &Backend, db_name: &str) -> Result<bool, DbE
     }
 }
 
+/// WAL pages past which a SQLite commit checkpoints by itself. SQLite's default, 1,000, has
+/// the commit that crosses it copy the whole WAL into the database and sync it before it
+/// returns: at 300 orders/s one of the seven databases of `ldt up` did so every 150–200 ms
+/// and held its service's only connection for up to 10 ms, which made a tenth of the orders
+/// 8–20 ms slower (BENCHMARKS.md). [`checkpoint_sqlite`] does that work on a connection of its
+/// own; this is only for when it falls far behind.
+pub const SQLITE_AUTOCHECKPOINT_BACKSTOP: u32 = 10_000;
+
+/// How soon the checkpointer looks again after it found new WAL pages, and when it found
+/// none.
+const CHECKPOINT_BUSY: Duration = Duration::from_millis(200);
+const CHECKPOINT_IDLE: Duration = Duration::from_secs(1);
+
+/// Copies a SQLite database's WAL into the database until `stop`, on a connection of its
+/// own, so that no commit of the service's connection waits for it. A passive checkpoint
+/// takes no lock a writer waits for: the service's commits go on meanwhile, and the WAL
+/// starts over from its beginning at the first commit after a checkpoint has copied it all.
+/// Looks again soon while pages come in, once a second while none do.
+pub async fn checkpoint_sqlite(
+    path: PathBuf,
+    what: String,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    use sqlx::ConnectOptions;
+    let options = sqlx::sqlite::SqliteConnectOptions::new()
+        .filename(&path)
+        .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+    let mut conn = tokio::select! {
+        conn = options.connect() => match conn {
+            Ok(conn) => conn,
+            Err(e) => {
+                tracing::warn!(db = %what, error = %e, "cannot open a connection for WAL checkpoints; SQLite's own checkpoints take over");
+                return;
+            }
+        },
+        _ = stop.cancelled() => return,
+    };
+    // (frames in the WAL, frames copied) at the last look.
+    let mut last = (-1, -1);
+    loop {
+        let looked: Result<(i64, i64, i64), sqlx::Error> =
+            sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)")
+                .fetch_one(&mut conn)
+                .await;
+        let wait = match looked {
+            Ok((_, frames, copied)) if (frames, copied) == last => CHECKPOINT_IDLE,
+            Ok((_, frames, copied)) => {
+                last = (frames, copied);
+                CHECKPOINT_BUSY
+            }
+            Err(e) => {
+                tracing::warn!(db = %what, error = %e, "WAL checkpoint failed; trying again later");
+                CHECKPOINT_IDLE
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.cancelled() => break,
+        }
+    }
+    let _ = sqlx::Connection::close(conn).await;
+}
+
+/// The file of a service's SQLite database, when it has one (not in memory, not PostgreSQL).
+pub fn sqlite_file(backend: &Backend, db_name: &str) -> Option<PathBuf> {
+    match backend {
+        Backend::Sqlite { dir: Some(dir) } => Some(dir.join(format!("{db_name}.db"))),
+        _ => None,
+    }
+}
+
 /// Prepared statements kept per PostgreSQL connection (sqlx's default is 100).
 const STATEMENT_CACHE: usize = 500;
 
@@ -352,6 +423,8 @@ const SESSION_SETTINGS: &str = "-c random_page_cost=1.1";
 /// connection turns what would be `SQLITE_BUSY` failures into a queue for the connection.
 /// In WAL mode with `synchronous = NORMAL` a commit survives the process being killed (it
 /// is in the WAL, in the OS's cache); only a power loss can take back the last commits.
+/// The WAL is copied into the database by [`checkpoint_sqlite`], not by the commits (SQLite's
+/// automatic checkpoint is left only as a backstop: see [`SQLITE_AUTOCHECKPOINT_BACKSTOP`]).
 async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbError> {
     let url = match dir {
         Some(dir) => {
@@ -378,11 +451,12 @@ async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbErr
         .acquire_timeout(Duration::from_secs(30))
         .after_connect(|conn, _| {
             Box::pin(async move {
-                conn.execute(
+                let pragmas = format!(
                     "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; \
-                     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON;",
-                )
-                .await?;
+                     PRAGMA busy_timeout = 5000; PRAGMA foreign_keys = ON; \
+                     PRAGMA wal_autocheckpoint = {SQLITE_AUTOCHECKPOINT_BACKSTOP};"
+                );
+                conn.execute(AssertSqlSafe(pragmas)).await?;
                 Ok(())
             })
         })
@@ -786,6 +860,60 @@ mod tests {
         drop(conn);
         assert_eq!(idle(&held), 0);
         pool.close().await;
+    }
+
+    /// The service's commits leave the WAL alone (SQLite would copy it into the database at
+    /// 1,000 pages, inside a commit): the checkpointer copies it, beside them.
+    #[tokio::test]
+    async fn the_checkpointer_copies_the_wal_into_the_database_and_commits_do_not() {
+        sqlx::any::install_default_drivers();
+        let dir = std::env::temp_dir().join(format!("ldt-checkpoint-{}", uuid::Uuid::new_v4()));
+        let pool = super::open_sqlite(Some(&dir), "ckpt").await.unwrap();
+        sqlx::query("CREATE TABLE t (b BLOB NOT NULL)")
+            .execute(&pool)
+            .await
+            .unwrap();
+        // 6 MB in 600 commits: some 1,500 pages, past SQLite's default of 1,000.
+        for _ in 0..600 {
+            sqlx::query("INSERT INTO t (b) VALUES (zeroblob(10000))")
+                .execute(&pool)
+                .await
+                .unwrap();
+        }
+        let file = dir.join("ckpt.db");
+        let size = || std::fs::metadata(&file).map(|m| m.len()).unwrap_or(0);
+        assert!(
+            size() < 1_000_000,
+            "a commit checkpointed: the database file has {} bytes",
+            size()
+        );
+        let stop = tokio_util::sync::CancellationToken::new();
+        let checkpoints = tokio::spawn(super::checkpoint_sqlite(
+            file.clone(),
+            "the test database".into(),
+            stop.clone(),
+        ));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while size() < 6_000_000 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the WAL was not copied within 10 s: the database file has {} bytes",
+                size()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM t")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(rows, 600);
+        stop.cancel();
+        tokio::time::timeout(std::time::Duration::from_secs(5), checkpoints)
+            .await
+            .expect("the checkpointer stops when told")
+            .unwrap();
+        pool.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

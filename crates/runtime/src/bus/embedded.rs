@@ -362,7 +362,12 @@ impl Journal {
             .filename(path)
             .create_if_missing(true)
             .journal_mode(SqliteJournalMode::Wal)
-            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal);
+            .synchronous(sqlx::sqlite::SqliteSynchronous::Normal)
+            // Checkpointed off the appends' path, below.
+            .pragma(
+                "wal_autocheckpoint",
+                crate::db::SQLITE_AUTOCHECKPOINT_BACKSTOP.to_string(),
+            );
         let pool = SqlitePoolOptions::new()
             .max_connections(1)
             .idle_timeout(None)
@@ -405,7 +410,16 @@ impl Journal {
             tracing::info!(messages = recovered.len(), journal = %path.display(), "bus journal: redelivering unacknowledged messages");
         }
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(write_journal(pool, rx));
+        let checkpoints = tokio_util::sync::CancellationToken::new();
+        tokio::spawn(crate::db::checkpoint_sqlite(
+            path.to_owned(),
+            format!("bus journal {}", path.display()),
+            checkpoints.clone(),
+        ));
+        tokio::spawn(async move {
+            write_journal(pool, rx).await;
+            checkpoints.cancel();
+        });
         Ok((Journal { tx }, recovered))
     }
 
