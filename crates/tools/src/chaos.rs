@@ -749,13 +749,19 @@ async fn check_poison(
 
 /// The last `lines` lines of `path` written from byte `from` on, indented, for a report.
 fn log_tail(path: &std::path::Path, from: u64, lines: usize) -> String {
-    let text = match std::fs::read(path) {
-        Ok(bytes) => {
-            let from = usize::try_from(from).unwrap_or(0).min(bytes.len());
-            String::from_utf8_lossy(&bytes[from..]).into_owned()
-        }
-        Err(e) => return format!("    (no log at {}: {e})", path.display()),
+    use std::io::{Read, Seek};
+    // Only this incarnation's part: a long run's log is large.
+    let read = |bytes: &mut Vec<u8>| -> std::io::Result<()> {
+        let mut file = std::fs::File::open(path)?;
+        file.seek(std::io::SeekFrom::Start(from))?;
+        file.read_to_end(bytes)?;
+        Ok(())
     };
+    let mut bytes = Vec::new();
+    if let Err(e) = read(&mut bytes) {
+        return format!("    (no log at {}: {e})", path.display());
+    }
+    let text = String::from_utf8_lossy(&bytes);
     let all: Vec<&str> = text.lines().collect();
     let tail = &all[all.len().saturating_sub(lines)..];
     if tail.is_empty() {
