@@ -94,10 +94,7 @@ impl Backend {
                 format!("database {db_name} at {}", crate::urls::redact(server_url))
             }
             Backend::Sqlite { dir: Some(dir) } => {
-                format!(
-                    "SQLite database {}",
-                    dir.join(format!("{db_name}.db")).display()
-                )
+                format!("SQLite database {}", sqlite_path(dir, db_name).display())
             }
             Backend::Sqlite { dir: None } => format!("in-memory SQLite database {db_name}"),
         }
@@ -355,9 +352,13 @@ pub async fn checkpoint_sqlite(
 /// The file of a service's SQLite database, when it has one (not in memory, not PostgreSQL).
 pub fn sqlite_file(backend: &Backend, db_name: &str) -> Option<PathBuf> {
     match backend {
-        Backend::Sqlite { dir: Some(dir) } => Some(dir.join(format!("{db_name}.db"))),
+        Backend::Sqlite { dir: Some(dir) } => Some(sqlite_path(dir, db_name)),
         _ => None,
     }
+}
+
+fn sqlite_path(dir: &std::path::Path, db_name: &str) -> PathBuf {
+    dir.join(format!("{db_name}.db"))
 }
 
 /// Prepared statements kept per PostgreSQL connection (sqlx's default is 100).
@@ -432,7 +433,7 @@ async fn open_sqlite(dir: Option<&PathBuf>, db_name: &str) -> Result<Pool, DbErr
                 path: dir.display().to_string(),
                 reason: e.to_string(),
             })?;
-            let path = dir.join(format!("{db_name}.db"));
+            let path = sqlite_path(dir, db_name);
             let path = path.to_str().ok_or_else(|| DbError::File {
                 path: path.display().to_string(),
                 reason: "the path is not valid UTF-8".into(),
