@@ -310,14 +310,20 @@ impl Envelope {
         struct Version {
             v: Option<u16>,
         }
+        // The envelope first: a message is parsed once on its way through (the version alone
+        // is read only to say why one could not be).
+        let malformed = match serde_json::from_slice::<Envelope>(bytes) {
+            Ok(env) if env.v == ENVELOPE_VERSION => return Ok(env),
+            Ok(env) => return Err(format!("unsupported envelope version {}", env.v)),
+            Err(e) => e,
+        };
         let version: Version =
             serde_json::from_slice(bytes).map_err(|e| format!("not a JSON envelope: {e}"))?;
         match version.v {
-            Some(ENVELOPE_VERSION) => {}
-            Some(other) => return Err(format!("unsupported envelope version {other}")),
-            None => return Err("envelope has no version field `v`".into()),
+            Some(ENVELOPE_VERSION) => Err(format!("malformed envelope: {malformed}")),
+            Some(other) => Err(format!("unsupported envelope version {other}")),
+            None => Err("envelope has no version field `v`".into()),
         }
-        serde_json::from_slice(bytes).map_err(|e| format!("malformed envelope: {e}"))
     }
 }
 
@@ -511,7 +517,25 @@ mod tests {
                 .unwrap_err()
                 .contains("malformed")
         );
-        assert!(Envelope::from_json(b"garbage").is_err());
+        // A later version whose body this one cannot read is still refused for its version.
+        let v2_unknown =
+            format!(r#"{{"v":2,"id":"{id}","order_id":"{id}","at_ms":1,"type":"explode"}}"#);
+        assert!(
+            Envelope::from_json(v2_unknown.as_bytes())
+                .unwrap_err()
+                .contains("version 2")
+        );
+        let unversioned = format!(r#"{{"id":"{id}","order_id":"{id}","at_ms":1,"type":"refund"}}"#);
+        assert!(
+            Envelope::from_json(unversioned.as_bytes())
+                .unwrap_err()
+                .contains("no version field")
+        );
+        assert!(
+            Envelope::from_json(b"garbage")
+                .unwrap_err()
+                .contains("not a JSON envelope")
+        );
     }
 
     #[test]

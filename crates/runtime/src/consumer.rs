@@ -37,9 +37,10 @@ impl From<sqlx::Error> for HandleError {
     }
 }
 
-/// Decodes a delivery's envelope; undecodable messages are poison.
-pub fn decode(msg: &Incoming) -> Result<Envelope, HandleError> {
-    Envelope::from_json(&msg.payload).map_err(HandleError::Poison)
+/// A delivery's envelope; undecodable messages are poison.
+pub fn decode(msg: &Incoming) -> Result<&Envelope, HandleError> {
+    msg.envelope()
+        .map_err(|reason| HandleError::Poison(reason.to_owned()))
 }
 
 /// A service's message handler.
@@ -414,8 +415,8 @@ async fn process<H: Handler>(
 /// producer's trace from the message's `traceparent` header.
 fn consumer_span(consumer: &Consumer, msg: &Incoming) -> tracing::Span {
     let queue = consumer.queue.as_str();
-    let envelope = Envelope::from_json(&msg.payload).ok();
-    let body = envelope.as_ref().map(|e| &e.body);
+    let envelope = msg.envelope().ok();
+    let body = envelope.map(|e| &e.body);
     let compensation = matches!(
         body,
         Some(
@@ -438,7 +439,7 @@ fn consumer_span(consumer: &Consumer, msg: &Incoming) -> tracing::Span {
         messaging.message.id = msg.message_id.as_deref().unwrap_or(""),
         ldt.service = consumer.service,
         ldt.message.type = body.map(Message::kind).unwrap_or("unknown"),
-        ldt.order_id = %envelope.as_ref().map(|e| e.order_id.to_string()).unwrap_or_default(),
+        ldt.order_id = %envelope.map(|e| e.order_id.to_string()).unwrap_or_default(),
         ldt.step = body.and_then(step_of).unwrap_or(""),
         ldt.compensation = compensation,
         trace_id = tracing::field::Empty,

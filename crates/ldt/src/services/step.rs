@@ -358,7 +358,7 @@ impl<E: StepEffect> StepService<E> {
     /// The command a delivery carries, or why it is poison.
     fn command(msg: &Incoming) -> Result<(Uuid, Command), HandleError> {
         let env = ldt_runtime::consumer::decode(msg)?;
-        match command_for(E::STEP, &env) {
+        match command_for(E::STEP, env) {
             // Zero is a legal debit (a free token); a negative quantity would turn a debit
             // into a credit.
             Some(Command::Act(action)) if action.quantity < 0 => Err(HandleError::Poison(format!(

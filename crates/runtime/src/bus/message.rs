@@ -5,9 +5,11 @@
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
+
+use ldt_contract::Envelope;
 
 /// A message to publish.
 #[derive(Debug, Clone)]
@@ -194,6 +196,10 @@ pub struct Incoming {
     pub headers: BTreeMap<String, String>,
     pub redelivered: bool,
     acker: Settle,
+    /// The payload read as an envelope, at its first use: the consumer's span, the handler's
+    /// routing and its logic each need it, and parsing is a good part of what a message
+    /// costs a service.
+    envelope: OnceLock<Result<Box<Envelope>, String>>,
 }
 
 /// How a delivery is settled: on its own, or as a part of a bundle.
@@ -241,19 +247,31 @@ impl Incoming {
             headers,
             redelivered,
             acker: Settle::Whole(acker),
+            envelope: OnceLock::new(),
+        }
+    }
+
+    /// The envelope the payload carries (decoded once), or why it is not one.
+    pub fn envelope(&self) -> Result<&Envelope, &str> {
+        match self
+            .envelope
+            .get_or_init(|| Envelope::from_json(&self.payload).map(Box::new))
+        {
+            Ok(envelope) => Ok(envelope),
+            Err(reason) => Err(reason),
         }
     }
 
     /// A bundle's parts, the first apart, each settled as a part of the bundle; any other
-    /// message back as it is.
-    pub(crate) fn split_bundle(self) -> Result<(Incoming, Vec<Incoming>), Incoming> {
+    /// message back as it is, with no others.
+    pub(crate) fn split_bundle(self) -> (Incoming, Vec<Incoming>) {
         let msg = self;
         let parts = bundle_parts(&msg.headers, &msg.payload);
         let Some(parts) = parts else {
-            return Err(msg);
+            return (msg, Vec::new());
         };
         let Settle::Whole(acker) = msg.acker else {
-            return Err(msg);
+            return (msg, Vec::new());
         };
         let (first, rest) = parts;
         let bundle = Arc::new(Bundle {
@@ -285,10 +303,11 @@ impl Incoming {
                     bundle: bundle.clone(),
                     settled: AtomicBool::new(false),
                 },
+                envelope: OnceLock::new(),
             }
         };
         let rest = rest.into_iter().map(part).collect();
-        Ok((part(first), rest))
+        (part(first), rest)
     }
 
     /// Acks the message. A part of a bundle only counts: the bundle is acked with its last

@@ -184,12 +184,10 @@ impl Subscription {
             },
             Source::Embedded(s) => s.next().await?,
         };
-        Some(next.map(|msg| match msg.split_bundle() {
-            Ok((first, rest)) => {
-                self.parts.extend(rest);
-                first
-            }
-            Err(msg) => msg,
+        Some(next.map(|msg| {
+            let (first, rest) = msg.split_bundle();
+            self.parts.extend(rest);
+            first
         }))
     }
 

@@ -530,7 +530,7 @@ enum Due {
 
 impl Handler for Orchestrator {
     async fn handle(&self, msg: &ldt_runtime::bus::Incoming) -> Result<(), HandleError> {
-        let env = decode(msg)?;
+        let env = decode(msg)?.clone();
         self.apply_alone(env, tracing::Span::current()).await
     }
 
@@ -551,7 +551,7 @@ impl Handler for Orchestrator {
         if alone.len() > 1 {
             let mut together: Vec<(Envelope, tracing::Span)> = alone
                 .iter()
-                .map(|(i, env)| (env.clone(), batch[*i].span.clone()))
+                .map(|(i, env)| ((*env).clone(), batch[*i].span.clone()))
                 .collect();
             if let Ok(not_started) = self.apply_batch(&mut together).await {
                 alone.retain(|(i, env)| {
@@ -566,7 +566,7 @@ impl Handler for Orchestrator {
         // In delivery order.
         for (i, env) in alone {
             let span = batch[i].span.clone();
-            results[i] = Some(self.apply_alone(env, span).await);
+            results[i] = Some(self.apply_alone(env.clone(), span).await);
         }
         results
             .into_iter()
