@@ -472,9 +472,10 @@ async fn write_journal(pool: SqlitePool, mut rx: mpsc::UnboundedReceiver<Journal
     let mut forgets_since: Option<tokio::time::Instant> = None;
     loop {
         let due = forgets_since.map(|since| since + FORGET_LINGER);
+        let linger = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now));
         let open = tokio::select! {
             n = rx.recv_many(&mut ops, 512) => n > 0,
-            () = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => true,
+            () = linger, if due.is_some() => true,
         };
         let mut now = !open;
         for op in &mut ops {

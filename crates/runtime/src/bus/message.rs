@@ -253,13 +253,10 @@ impl Incoming {
 
     /// The envelope the payload carries (decoded once), or why it is not one.
     pub fn envelope(&self) -> Result<&Envelope, &str> {
-        match self
-            .envelope
+        self.envelope
             .get_or_init(|| Envelope::from_json(&self.payload).map(Box::new))
-        {
-            Ok(envelope) => Ok(envelope),
-            Err(reason) => Err(reason),
-        }
+            .as_deref()
+            .map_err(String::as_str)
     }
 
     /// A bundle's parts, the first apart, each settled as a part of the bundle; any other
