@@ -390,6 +390,78 @@ async fn a_burst_of_orders_is_stored_once_each_and_completes(stack: Stack) {
     assert_eq!(app.credits(&user).await, Some(500 - 50));
 }
 
+async fn a_lone_order_is_written_at_once_however_long_the_intake_may_linger(stack: Stack) {
+    // The intake may hold an order a whole second for others to join it, but only while
+    // orders come in fast: the first one, and one after a lull, are written at once.
+    let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "1000"]).await;
+    let user = common::user("lone");
+    for lull in [false, true] {
+        if lull {
+            // Longer than twice the linger: the intake no longer counts orders as coming fast.
+            tokio::time::sleep(Duration::from_millis(2_100)).await;
+        }
+        let asked = std::time::Instant::now();
+        let id = app.order(common::order_body(&user, 1, 1)).await;
+        let took = asked.elapsed();
+        let which = if lull {
+            "an order after a lull"
+        } else {
+            "the first order"
+        };
+        assert!(
+            took < Duration::from_millis(500),
+            "{which} was answered after {took:?}"
+        );
+        let order = app.wait_final(&id, Duration::from_secs(30)).await;
+        assert_eq!(order["status"], "SUCCESS", "{order}");
+    }
+}
+
+async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
+    // Twelve orders 10 ms apart, with a linger of a second: the first is written alone (no
+    // order came before it), the eleven after it wait for each other and go in one group,
+    // whose `OrderPlaced` messages leave in one bundle. Without the linger each would be
+    // written, and sent, on its own: twelve broker messages.
+    let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "1000"]).await;
+    let user = common::user("convoy");
+    let broker_messages = |metrics: &str| {
+        common::counter(
+            metrics,
+            "ldt_bus_messages_published_total",
+            "service=\"order\"",
+        )
+    };
+    let before = broker_messages(&app.metrics().await);
+    let requests = (0..12u64).map(|i| {
+        let app = &app;
+        let user = &user;
+        async move {
+            tokio::time::sleep(Duration::from_millis(10 * i)).await;
+            let resp = app
+                .client
+                .post(app.url("/api/v1/orders"))
+                .json(&common::order_body(user, 1, 1))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), 202);
+            let body: serde_json::Value = resp.json().await.unwrap();
+            body["id"].as_str().unwrap_or_default().to_owned()
+        }
+    });
+    let ids = futures_util::future::join_all(requests).await;
+    for id in &ids {
+        let order = app.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(order["status"], "SUCCESS", "{order}");
+    }
+    let sent = broker_messages(&app.metrics().await) - before;
+    assert!(
+        (1.0..=4.0).contains(&sent),
+        "12 orders 10 ms apart left the order service in {sent} broker messages"
+    );
+    assert_eq!(app.credits(&user).await, Some(500 - 12));
+}
+
 async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack: Stack) {
     let app = spawn_on(
         stack,
@@ -785,6 +857,8 @@ on_every_stack!(
     a_new_order_waits_at_the_door_for_a_place_to_come_up,
     concurrent_orders_never_overshoot_the_admission_limit,
     a_burst_of_orders_is_stored_once_each_and_completes,
+    a_lone_order_is_written_at_once_however_long_the_intake_may_linger,
+    orders_coming_in_fast_are_written_and_sent_on_together,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
     every_bad_request_gets_the_one_error_shape_and_changes_nothing,
     slow_connections_are_closed_and_starve_nobody,

@@ -146,6 +146,15 @@ pub struct Settings {
     #[arg(long, env = "LDT_LINGER_MS", default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=100), help_heading = "Throughput")]
     pub linger_ms: u16,
 
+    /// How long the order service may hold a new order for others to join its group commit,
+    /// in milliseconds, while orders come in fast (less than twice this apart): the group
+    /// then travels the whole saga together, one transaction and one bundle a hop, so every
+    /// hop's fixed costs are shared. Never when orders come slower (a lone order is written
+    /// at once). 0: never. Default: 10 on PostgreSQL, 5 on SQLite (whose hops cost less, so
+    /// that sharing them is worth less latency).
+    #[arg(long, env = "LDT_INTAKE_LINGER_MS", value_parser = clap::value_parser!(u16).range(0..=1000), help_heading = "Throughput")]
+    pub intake_linger_ms: Option<u16>,
+
     /// The order service sends each saga's first command (the routing slip) in the
     /// transaction that stores the order, beside `OrderPlaced`, instead of the orchestrator
     /// sending it when it starts the saga: one hop fewer on every order's path. At 30–300/s
@@ -286,6 +295,11 @@ pub const DEFAULT_ADMISSION_WAIT_MS: u64 = 50;
 /// not shed, few enough that under overload the accepted orders stay fast (a bigger backlog
 /// only adds waiting). How 400 was chosen: BENCHMARKS.md, "Where the defaults come from".
 pub const DEFAULT_MAX_PENDING: i64 = 400;
+
+/// Default `--intake-linger-ms` on PostgreSQL and on SQLite: how they were chosen,
+/// BENCHMARKS.md ("Where the defaults come from").
+pub const DEFAULT_INTAKE_LINGER_MS: u16 = 10;
+pub const DEFAULT_INTAKE_LINGER_MS_SQLITE: u16 = 5;
 
 /// Default `--bundle-max`: a consumer's batch takes up to 100 deliveries, so a bundle fits in one.
 pub const DEFAULT_BUNDLE_MAX: u16 = 64;

@@ -126,10 +126,11 @@ pub struct Attempts(std::sync::Mutex<std::collections::HashMap<String, (u32, Str
 /// A batch this large is not held back to grow: lingering is for the nearly empty ones.
 const LINGER_ENOUGH: usize = 8;
 
-/// How fast deliveries arrive on one subscription: whether the queue is busy enough that
-/// the next delivery is likely within the linger, so a small batch waits for it.
+/// How fast work arrives (deliveries on one subscription, new orders at the intake): whether
+/// it is busy enough that the next arrival is likely within a linger, so a small batch waits
+/// for it.
 #[derive(Default)]
-struct Pace {
+pub struct Pace {
     last: Option<tokio::time::Instant>,
     /// Mean gap between deliveries (exponentially weighted, 1/8 to the newest; a gap counts
     /// at most four lingers, so one lull does not hide a busy queue for long).
@@ -140,7 +141,7 @@ impl Pace {
     /// Notes a delivery at `now`; whether the queue is busy for a linger of `linger`: this
     /// delivery came less than twice the linger after the last, and so did they on average.
     /// The first delivery after a lull (or ever) never waits.
-    fn arrived(&mut self, now: tokio::time::Instant, linger: Duration) -> bool {
+    pub fn arrived(&mut self, now: tokio::time::Instant, linger: Duration) -> bool {
         let busy_below = linger.saturating_mul(2);
         let Some(last) = self.last.replace(now) else {
             return false;
@@ -598,4 +599,30 @@ async fn park(
         headers,
     };
     bus.publish(std::slice::from_ref(&out)).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Pace;
+    use std::time::Duration;
+
+    #[test]
+    fn work_is_busy_only_when_it_comes_faster_than_twice_the_linger() {
+        let linger = Duration::from_millis(5);
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut pace = Pace::default();
+        // The first arrival ever never waits; the next ones 3 ms apart (within 10 ms) do.
+        assert!(!pace.arrived(at(0), linger));
+        assert!(pace.arrived(at(3), linger));
+        assert!(pace.arrived(at(6), linger));
+        // After a lull longer than twice the linger, the next one goes at once...
+        assert!(!pace.arrived(at(100), linger));
+        // ...but one soon after it is held again: a lull weighs at most four lingers in the
+        // mean, so one quiet moment does not hide a busy queue for long.
+        assert!(pace.arrived(at(103), linger));
+        // Work arriving 30 ms apart (30/s on one queue) is never held.
+        let mut slow = Pace::default();
+        assert!((0..20).all(|i| !slow.arrived(at(30 * i), linger)));
+    }
 }

@@ -53,6 +53,13 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
             admission: admission.clone(),
         },
         writers,
+        std::time::Duration::from_millis(u64::from(ctx.settings.intake_linger_ms.unwrap_or(
+            if ldt_runtime::db::is_sqlite(&pool) {
+                ldt_runtime::configuration::DEFAULT_INTAKE_LINGER_MS_SQLITE
+            } else {
+                ldt_runtime::configuration::DEFAULT_INTAKE_LINGER_MS
+            },
+        ))),
     );
     ctx.tasks.spawn(writer.run(ctx.shutdown.clone()));
     ctx.tasks.spawn(
