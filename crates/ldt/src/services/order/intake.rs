@@ -25,7 +25,8 @@ const INTAKE_GROUP: usize = 64;
 const LINGER_ENOUGH: usize = 16;
 
 /// PostgreSQL: how many groups of new orders are written at once. While fewer are in
-/// flight, an order is written as soon as it comes, with one statement of its own; when all
+/// flight (and orders come slower than the linger), an order is written as soon as it comes,
+/// with one statement of its own; when all
 /// are busy (under load), the orders that arrive meanwhile wait and go in together — an
 /// intake committing once per order made most of the marketplace's commits (BENCHMARKS.md,
 /// "Where the defaults come from").
