@@ -462,6 +462,36 @@ async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
     assert_eq!(app.credits(&user).await, Some(500 - 12));
 }
 
+async fn a_lingering_group_is_written_once_it_holds_what_the_linger_brings(stack: Stack) {
+    // Orders 455 ms apart, with a linger of a second: the intake counts them as coming fast,
+    // and a linger brings two of them (2.2 to be exact). The group of the second and the
+    // third is written when the third comes, 455 ms after the second, not when the linger is
+    // over: the second is answered about half a second sooner.
+    let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "1000"]).await;
+    let user = common::user("early");
+    let requests = (0..3u64).map(|i| {
+        let app = &app;
+        let user = &user;
+        async move {
+            tokio::time::sleep(Duration::from_millis(455 * i)).await;
+            let asked = std::time::Instant::now();
+            let id = app.order(common::order_body(user, 1, 1)).await;
+            (id, asked.elapsed())
+        }
+    });
+    let answered = futures_util::future::join_all(requests).await;
+    let (_, second) = &answered[1];
+    assert!(
+        *second < Duration::from_millis(750),
+        "the first order of a lingering group was answered after {second:?}"
+    );
+    for (id, _) in &answered {
+        let order = app.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(order["status"], "SUCCESS", "{order}");
+    }
+    assert_eq!(app.credits(&user).await, Some(500 - 3));
+}
+
 async fn production_settings_guard_admin_endpoints_and_refuse_fault_flags(stack: Stack) {
     let app = spawn_on(
         stack,
@@ -859,6 +889,7 @@ on_every_stack!(
     a_burst_of_orders_is_stored_once_each_and_completes,
     a_lone_order_is_written_at_once_however_long_the_intake_may_linger,
     orders_coming_in_fast_are_written_and_sent_on_together,
+    a_lingering_group_is_written_once_it_holds_what_the_linger_brings,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
     every_bad_request_gets_the_one_error_shape_and_changes_nothing,
     slow_connections_are_closed_and_starve_nobody,

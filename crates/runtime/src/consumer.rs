@@ -146,10 +146,29 @@ impl Pace {
         let Some(last) = self.last.replace(now) else {
             return false;
         };
-        let gap = now.saturating_duration_since(last);
-        self.mean_gap =
-            (self.mean_gap.saturating_mul(7) + gap.min(busy_below.saturating_mul(2))) / 8;
+        let gap = now
+            .saturating_duration_since(last)
+            .min(busy_below.saturating_mul(2));
+        // The first gap is the mean so far: started from zero, the mean would take a few
+        // dozen arrivals to reach the pace.
+        self.mean_gap = if self.mean_gap.is_zero() {
+            gap
+        } else {
+            (self.mean_gap.saturating_mul(7) + gap) / 8
+        };
         gap <= busy_below && self.mean_gap <= busy_below
+    }
+
+    /// How many arrivals a wait of `wait` brings at the recent pace, to the nearest (at least
+    /// one; `usize::MAX` before any gap is known).
+    pub fn expected_within(&self, wait: Duration) -> usize {
+        let gap = self.mean_gap.as_nanos();
+        if gap == 0 {
+            return usize::MAX;
+        }
+        usize::try_from(wait.as_nanos().saturating_add(gap / 2) / gap)
+            .unwrap_or(usize::MAX)
+            .max(1)
     }
 }
 
@@ -624,5 +643,30 @@ mod tests {
         // Work arriving 30 ms apart (30/s on one queue) is never held.
         let mut slow = Pace::default();
         assert!((0..20).all(|i| !slow.arrived(at(30 * i), linger)));
+    }
+
+    #[test]
+    fn the_arrivals_expected_within_a_wait_follow_the_recent_pace() {
+        let linger = Duration::from_millis(10);
+        let t0 = tokio::time::Instant::now();
+        let mut pace = Pace::default();
+        assert_eq!(
+            pace.expected_within(linger),
+            usize::MAX,
+            "no pace known yet"
+        );
+        // Steadily 4 ms apart: 13 ms brings three arrivals and a quarter (three, to the
+        // nearest), 7 ms one and three quarters (two), 1 ms none but counts one.
+        for i in 0..100 {
+            pace.arrived(t0 + Duration::from_millis(4 * i), linger);
+        }
+        assert_eq!(pace.expected_within(Duration::from_millis(13)), 3);
+        assert_eq!(pace.expected_within(Duration::from_millis(7)), 2);
+        assert_eq!(pace.expected_within(Duration::from_millis(1)), 1);
+        // The pace doubles: before long, the same wait brings twice as many.
+        for i in 0..100 {
+            pace.arrived(t0 + Duration::from_millis(400 + 2 * i), linger);
+        }
+        assert_eq!(pace.expected_within(Duration::from_millis(13)), 7);
     }
 }

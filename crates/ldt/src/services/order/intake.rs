@@ -1,8 +1,9 @@
 //! The intake (group commit): requests hand their order to a writer task, which writes every
 //! order that arrived while its writes were busy in one transaction. While orders come in
-//! fast, a small group also waits a moment (`--intake-linger-ms`) for the next ones: the
-//! orders of a group travel the whole saga together, one transaction and one broker message
-//! a hop, so at a moderate load each hop's fixed costs are shared instead of paid per order.
+//! fast, a small group also waits a moment (`--intake-linger-ms`) for the next ones, until
+//! it holds as many as the linger brings at the recent pace: the orders of a group travel
+//! the whole saga together, one transaction and one broker message a hop, so at a moderate
+//! load each hop's fixed costs are shared instead of paid per order.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -129,9 +130,14 @@ impl IntakeWriter {
             // Orders coming in fast and a small group: hold it a moment for the next ones.
             // The group then goes through every hop of the saga together, one transaction and
             // one broker message a hop, instead of each order paying each hop alone.
-            if busy && group.len() < LINGER_ENOUGH && !shutdown.is_cancelled() {
+            // It is written as soon as it holds the orders the linger brings at the recent
+            // pace, the first included: at a steady pace the next order would come at the
+            // linger's very end, or after it, and waiting for it costs every order of the
+            // group the wait and shares the hops' costs only a little more.
+            let enough = pace.expected_within(self.linger).clamp(2, LINGER_ENOUGH);
+            if busy && group.len() < enough && !shutdown.is_cancelled() {
                 let until = started + self.linger;
-                while group.len() < LINGER_ENOUGH {
+                while group.len() < enough {
                     let next = tokio::select! {
                         next = tokio::time::timeout_at(until, self.queue.recv()) => next,
                         _ = shutdown.cancelled() => break,
