@@ -161,7 +161,7 @@ pub struct Settings {
     /// sending it when it starts the saga: one hop fewer on every order's path. At 30–300/s
     /// the saga's median fell 1–4 ms; at 1,000/s and above its p99 rose (the order service's
     /// relay, already the busiest, sends twice the messages) and more was shed at 2,000/s
-    /// (BENCHMARKS.md). Replicas of the orchestrator from before it send the command again
+    /// (BENCHMARKS.md). Since new orders travel in groups, neither shows. Replicas of the orchestrator from before it send the command again
     /// (the payment ledger answers the duplicate).
     #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
