@@ -151,8 +151,9 @@ pub struct Settings {
     /// then travels the whole saga together, one transaction and one bundle a hop, so every
     /// hop's fixed costs are shared. A group is written as soon as it holds the orders this
     /// long brings at the recent pace (three at 300/s with 10 ms), without waiting out the
-    /// rest. Never when orders come slower (a lone order is written at once). 0: never. Default: 10 on PostgreSQL, 5 on SQLite (whose hops cost less, so
-    /// that sharing them is worth less latency).
+    /// rest. Never when orders come slower (a lone order is written at once). 0: never.
+    /// Default: 10 on PostgreSQL, 5 on SQLite (whose hops cost less, so that sharing them is
+    /// worth less latency).
     #[arg(long, env = "LDT_INTAKE_LINGER_MS", value_parser = clap::value_parser!(u16).range(0..=1000), help_heading = "Throughput")]
     pub intake_linger_ms: Option<u16>,
 
@@ -161,8 +162,9 @@ pub struct Settings {
     /// sending it when it starts the saga: one hop fewer on every order's path. At 30–300/s
     /// the saga's median fell 1–4 ms; at 1,000/s and above its p99 rose (the order service's
     /// relay, already the busiest, sends twice the messages) and more was shed at 2,000/s
-    /// (BENCHMARKS.md). Since new orders travel in groups, neither shows. Replicas of the orchestrator from before it send the command again
-    /// (the payment ledger answers the duplicate).
+    /// (BENCHMARKS.md). Since new orders travel in groups, neither shows. Replicas of the
+    /// orchestrator from before it send the command again (the payment ledger answers the
+    /// duplicate).
     #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::Set, help_heading = "Throughput")]
