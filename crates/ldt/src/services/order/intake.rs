@@ -27,15 +27,15 @@ const LINGER_ENOUGH: usize = 16;
 
 /// PostgreSQL: how many groups of new orders are written at once. While fewer are in
 /// flight (and orders come slower than the linger), an order is written as soon as it comes,
-/// with one statement of its own; when all
+/// with a statement of its own; when all
 /// are busy (under load), the orders that arrive meanwhile wait and go in together — an
 /// intake committing once per order made most of the marketplace's commits (BENCHMARKS.md,
 /// "Where the defaults come from").
 pub const INTAKE_WRITERS_POSTGRES: usize = 2;
 
 /// The intake (group commit): requests hand their order to the writer task, which writes
-/// every order that arrived while its writes were busy in one transaction — two multi-row
-/// inserts and one commit for the group. SQLite has one writer anyway (and each statement
+/// every order that arrived while its writes were busy in one transaction — one statement
+/// for the group on PostgreSQL, two multi-row inserts and a commit on SQLite. SQLite has one writer anyway (and each statement
 /// is a hand-off to the connection's thread: four per order before); PostgreSQL gets
 /// [`INTAKE_WRITERS_POSTGRES`] at once.
 #[derive(Clone)]
@@ -190,21 +190,17 @@ impl GroupWrites {
         }
     }
 
-    /// One transaction for the group (PostgreSQL: one statement for an order on its own);
-    /// returns the ids of the orders stored.
+    /// One statement for the group on PostgreSQL, one transaction on SQLite; returns the ids
+    /// of the orders stored.
     async fn insert(
         &self,
         group: &[&Placement],
     ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
-        if let [one] = group
-            && !ldt_runtime::db::is_sqlite(&self.pool)
-        {
-            let stored = self.insert_one(one).instrument(one.span.clone()).await?;
-            return Ok(if stored {
-                std::iter::once(one.id.clone()).collect()
-            } else {
-                Default::default()
-            });
+        if !ldt_runtime::db::is_sqlite(&self.pool) {
+            return match group {
+                [one] => self.insert_all(group).instrument(one.span.clone()).await,
+                _ => self.insert_all(group).await,
+            };
         }
         let mut tx = self.pool.begin().await?;
         let (stored, outbox) = store::insert_group(&mut tx, group).await?;
@@ -219,10 +215,14 @@ impl GroupWrites {
         Ok(stored)
     }
 
-    /// PostgreSQL: the order and its `OrderPlaced` in one statement, which commits by itself
-    /// (one round trip instead of four). `false`: the idempotency key was taken.
-    async fn insert_one(&self, p: &Placement) -> Result<bool, sqlx::Error> {
-        // No recount while the order commits: it is either in the count or counted as
+    /// PostgreSQL: the group's orders and their messages in one statement, which commits by
+    /// itself (one round trip instead of a transaction's four); returns the ids of the orders
+    /// stored.
+    async fn insert_all(
+        &self,
+        group: &[&Placement],
+    ) -> Result<std::collections::HashSet<String>, sqlx::Error> {
+        // No recount while the orders commit: each is either in the count or counted as
         // committed after it, never both, never neither. The connection before the gate, as
         // everywhere the gate is taken: a recount queued at the gate holds a connection and
         // holds back new readers, so a reader must not wait for a connection while it holds
@@ -230,14 +230,16 @@ impl GroupWrites {
         let mut conn = self.conns.get().await?;
         let _gate = self.admission.state.gate.read().await;
         self.crash.at(ldt_runtime::crash::Point::BeforeCommit);
-        let written = store::insert_one(&mut conn, p).await?;
+        let (stored, outbox) = store::insert_all(&mut conn, group).await?;
         conn.reuse();
-        let Some(outbox) = written else {
-            return Ok(false);
-        };
+        if stored.is_empty() {
+            return Ok(stored);
+        }
         self.crash.at(ldt_runtime::crash::Point::AfterCommit);
-        self.admission.committed();
+        for _ in &stored {
+            self.admission.committed();
+        }
         self.signal.committed(outbox);
-        Ok(true)
+        Ok(stored)
     }
 }

@@ -37,62 +37,99 @@ pub struct Placement {
     pub span: tracing::Span,
 }
 
-/// PostgreSQL: a new order and its messages in one statement, which commits by itself; the
-/// outbox rows as written, `None` when the idempotency key was taken (nothing written).
-pub async fn insert_one(
+/// PostgreSQL: new orders and their messages in one statement, which commits by itself (one
+/// round trip instead of a transaction's four): the ids of the orders stored (the others'
+/// idempotency keys were taken, and nothing of them was written) and their outbox rows as
+/// written.
+pub async fn insert_all(
     conn: &mut Conn,
-    p: &Placement,
-) -> Result<Option<OutboxBatch>, sqlx::Error> {
-    // Each message's row: its four columns from $11 on, then the order's `created_ms`.
-    let rows: Vec<String> = (0..p.messages.len())
-        .map(|i| {
-            let n = 11 + 4 * i;
-            format!("SELECT ${n}, ${}, ${}, ${}, $6 FROM o", n + 1, n + 2, n + 3)
-        })
-        .collect();
+    group: &[&Placement],
+) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
+    // Each order's eleven columns (its status a literal), from $1 on; then each message's
+    // four, taken from the orders the insert returned, so a refused order writes none.
+    let mut orders = Vec::with_capacity(group.len());
+    let mut rows = Vec::new();
+    let mut next = 1;
+    for p in group {
+        let o = next;
+        orders.push(format!(
+            "(${o}, ${}, ${}, ${}, ${}, 'PENDING', ${}, ${}, ${}, ${}, ${})",
+            o + 1,
+            o + 2,
+            o + 3,
+            o + 4,
+            o + 5,
+            o + 6,
+            o + 7,
+            o + 8,
+            o + 9
+        ));
+        next += 10;
+        for _ in &p.messages {
+            rows.push(format!(
+                "SELECT ${next}, ${}, ${}, ${}, ${} FROM o WHERE o.id = ${o}",
+                next + 1,
+                next + 2,
+                next + 3,
+                o + 5
+            ));
+            next += 4;
+        }
+    }
     let sql = format!(
-        "WITH o AS (INSERT INTO {ORDER_COLUMNS} \
-         VALUES ($1, $2, $3, $4, $5, 'PENDING', $6, $7, $8, $9, $10) \
+        "WITH o AS (INSERT INTO {ORDER_COLUMNS} VALUES {} \
          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id, message_id",
+        orders.join(", "),
         outbox::insert_from(&rows.join(" UNION ALL "))
     );
-    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(&p.id)
-        .bind(&p.username)
-        .bind(p.price)
-        .bind(p.amount)
-        .bind(&p.faults)
-        .bind(p.created_ms)
-        .bind(&p.idempotency_key)
-        .bind(&p.request_hash)
-        .bind(p.fault_source)
-        .bind(&p.trace_id);
-    for message in &p.messages {
-        query = message.bind_columns(query);
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for p in group {
+        query = query
+            .bind(&p.id)
+            .bind(&p.username)
+            .bind(p.price)
+            .bind(p.amount)
+            .bind(&p.faults)
+            .bind(p.created_ms)
+            .bind(&p.idempotency_key)
+            .bind(&p.request_hash)
+            .bind(p.fault_source)
+            .bind(&p.trace_id);
+        for message in &p.messages {
+            query = message.bind_columns(query);
+        }
     }
     let written = query.fetch_all(&mut *conn).await?;
-    if written.is_empty() {
-        return Ok(None);
-    }
     // Each row's id by its message id: an insert's rows come back in no promised order.
     let mut ids = std::collections::HashMap::with_capacity(written.len());
     for row in &written {
         ids.insert(row.try_get::<String, _>(1)?, row.try_get::<i64, _>(0)?);
     }
+    let mut stored = std::collections::HashSet::with_capacity(group.len());
     let mut outbox = OutboxBatch::default();
-    for message in &p.messages {
-        let id = ids.get(&message.message_id).copied().ok_or_else(|| {
-            sqlx::Error::Protocol(format!(
-                "the outbox row of message {} was not returned by its insert",
-                message.message_id
-            ))
-        })?;
-        outbox.push_written(id, message.clone());
+    for p in group {
+        // Every order has its `OrderPlaced`: one whose rows are missing was refused.
+        let Some(first) = p.messages.first() else {
+            continue;
+        };
+        if !ids.contains_key(&first.message_id) {
+            continue;
+        }
+        for message in &p.messages {
+            let id = ids.get(&message.message_id).copied().ok_or_else(|| {
+                sqlx::Error::Protocol(format!(
+                    "the outbox row of message {} was not returned by its insert",
+                    message.message_id
+                ))
+            })?;
+            outbox.push_written(id, message.clone());
+        }
+        stored.insert(p.id.clone());
     }
-    Ok(Some(outbox))
+    Ok((stored, outbox))
 }
 
-/// New orders and their messages in the transaction `tx`: the ids of those stored
+/// SQLite: new orders and their messages in the transaction `tx`: the ids of those stored
 /// (the others' idempotency keys were taken) and their outbox rows as written.
 pub async fn insert_group(
     tx: &mut Conn,
