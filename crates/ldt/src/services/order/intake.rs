@@ -27,17 +27,16 @@ const LINGER_ENOUGH: usize = 16;
 
 /// PostgreSQL: how many groups of new orders are written at once. While fewer are in
 /// flight (and orders come slower than the linger), an order is written as soon as it comes,
-/// with a statement of its own; when all
-/// are busy (under load), the orders that arrive meanwhile wait and go in together — an
-/// intake committing once per order made most of the marketplace's commits (BENCHMARKS.md,
-/// "Where the defaults come from").
+/// with a statement of its own; when all are busy (under load), the orders that arrive
+/// meanwhile wait and go in together — an intake committing once per order made most of the
+/// marketplace's commits (BENCHMARKS.md, "Where the defaults come from").
 pub const INTAKE_WRITERS_POSTGRES: usize = 2;
 
 /// The intake (group commit): requests hand their order to the writer task, which writes
 /// every order that arrived while its writes were busy in one transaction — one statement
-/// for the group on PostgreSQL, two multi-row inserts and a commit on SQLite. SQLite has one writer anyway (and each statement
-/// is a hand-off to the connection's thread: four per order before); PostgreSQL gets
-/// [`INTAKE_WRITERS_POSTGRES`] at once.
+/// for the group on PostgreSQL, two multi-row inserts and a commit on SQLite. SQLite has one
+/// writer anyway (and each statement is a hand-off to the connection's thread: four per
+/// order before); PostgreSQL gets [`INTAKE_WRITERS_POSTGRES`] at once.
 #[derive(Clone)]
 pub struct Intake {
     queue: tokio::sync::mpsc::Sender<Queued>,

@@ -45,8 +45,9 @@ pub async fn insert_all(
     conn: &mut Conn,
     group: &[&Placement],
 ) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
-    // Each order's eleven columns (its status a literal), from $1 on; then each message's
-    // four, taken from the orders the insert returned, so a refused order writes none.
+    // Each order's ten parameters (its status a literal), then its messages' four each and
+    // its `created_ms` again; a message's row comes from the orders the insert returned, so
+    // a refused order writes none.
     let mut orders = Vec::with_capacity(group.len());
     let mut rows = Vec::new();
     let mut next = 1;
