@@ -37,6 +37,24 @@ pub struct Placement {
     pub span: tracing::Span,
 }
 
+impl Placement {
+    /// Binds the order's columns, in the order of `ORDER_COLUMNS` (a new order is PENDING).
+    fn bind_columns<'q>(&'q self, query: outbox::Query<'q>) -> outbox::Query<'q> {
+        query
+            .bind(&self.id)
+            .bind(&self.username)
+            .bind(self.price)
+            .bind(self.amount)
+            .bind(&self.faults)
+            .bind(OrderStatus::Pending.as_str())
+            .bind(self.created_ms)
+            .bind(&self.idempotency_key)
+            .bind(&self.request_hash)
+            .bind(self.fault_source)
+            .bind(&self.trace_id)
+    }
+}
+
 /// PostgreSQL: new orders and their messages in one statement, which commits by itself (one
 /// round trip instead of a transaction's four): the ids of the orders stored (the others'
 /// idempotency keys were taken, and nothing of them was written) and their outbox rows as
@@ -45,60 +63,34 @@ pub async fn insert_all(
     conn: &mut Conn,
     group: &[&Placement],
 ) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
-    // Each order's ten parameters (its status a literal), then its messages' four each and
-    // its `created_ms` again; a message's row comes from the orders the insert returned, so
-    // a refused order writes none.
-    let mut orders = Vec::with_capacity(group.len());
+    // The orders' eleven parameters each, then their messages' four each; a message's row
+    // comes from the orders the insert returned (by its order's id, with its `created_ms`),
+    // so a refused order writes none.
+    let mut sql = format!("WITH o AS (INSERT INTO {ORDER_COLUMNS} ");
+    let mut next = ldt_runtime::db::push_values(&mut sql, 1, 11, group.len());
+    sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) ");
     let mut rows = Vec::new();
-    let mut next = 1;
-    for p in group {
-        let o = next;
-        orders.push(format!(
-            "(${o}, ${}, ${}, ${}, ${}, 'PENDING', ${}, ${}, ${}, ${}, ${})",
-            o + 1,
-            o + 2,
-            o + 3,
-            o + 4,
-            o + 5,
-            o + 6,
-            o + 7,
-            o + 8,
-            o + 9
-        ));
-        next += 10;
+    for (i, p) in group.iter().enumerate() {
+        let order = 1 + 11 * i;
         for _ in &p.messages {
             rows.push(format!(
-                "SELECT ${next}, ${}, ${}, ${}, ${} FROM o WHERE o.id = ${o}",
+                "SELECT ${next}, ${}, ${}, ${}, ${} FROM o WHERE o.id = ${order}",
                 next + 1,
                 next + 2,
                 next + 3,
-                o + 5
+                order + 6
             ));
             next += 4;
         }
     }
-    let sql = format!(
-        "WITH o AS (INSERT INTO {ORDER_COLUMNS} VALUES {} \
-         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) {} RETURNING id, message_id",
-        orders.join(", "),
-        outbox::insert_from(&rows.join(" UNION ALL "))
-    );
+    sql.push_str(&outbox::insert_from(&rows.join(" UNION ALL ")));
+    sql.push_str(" RETURNING id, message_id");
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for p in group {
-        query = query
-            .bind(&p.id)
-            .bind(&p.username)
-            .bind(p.price)
-            .bind(p.amount)
-            .bind(&p.faults)
-            .bind(p.created_ms)
-            .bind(&p.idempotency_key)
-            .bind(&p.request_hash)
-            .bind(p.fault_source)
-            .bind(&p.trace_id);
-        for message in &p.messages {
-            query = message.bind_columns(query);
-        }
+        query = p.bind_columns(query);
+    }
+    for message in group.iter().flat_map(|p| &p.messages) {
+        query = message.bind_columns(query);
     }
     let written = query.fetch_all(&mut *conn).await?;
     // Each row's id by its message id: an insert's rows come back in no promised order.
@@ -141,18 +133,7 @@ pub async fn insert_group(
     sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id");
     let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
     for p in group {
-        query = query
-            .bind(&p.id)
-            .bind(&p.username)
-            .bind(p.price)
-            .bind(p.amount)
-            .bind(&p.faults)
-            .bind(OrderStatus::Pending.as_str())
-            .bind(p.created_ms)
-            .bind(&p.idempotency_key)
-            .bind(&p.request_hash)
-            .bind(p.fault_source)
-            .bind(&p.trace_id);
+        query = p.bind_columns(query);
     }
     let stored = query
         .fetch_all(&mut *tx)
