@@ -32,7 +32,7 @@ impl StepEffect for Deliveries {
     /// Nothing to apply: the ledger row is the delivery.
     fn one_statement(&self) -> Option<step::OneStatement> {
         Some(step::OneStatement {
-            effect: "SELECT 1",
+            effect: "applied AS (SELECT i FROM a)",
             decided: "TRUE",
         })
     }

@@ -76,12 +76,17 @@ impl StepEffect for Stock {
         Ok(applied)
     }
 
-    /// The reservation's conditional update: applied, or refused for want of stock.
+    /// The whole batch's reservation in one update, when the stock covers it: then every
+    /// action is applied, as one after the other would be. When it does not, nothing is
+    /// reserved and a batch of several takes the transaction path, which refuses only those
+    /// the stock left over cannot cover; a batch of one is refused.
     fn one_statement(&self) -> Option<OneStatement> {
         Some(OneStatement {
-            effect: "UPDATE stock SET available = available - $2 WHERE id = 1 AND available >= $2 \
-                     RETURNING 1",
-            decided: "TRUE",
+            effect: "reserved AS (UPDATE stock SET available = stock.available - t.total \
+                                  FROM (SELECT sum(quantity) AS total FROM a) t \
+                                  WHERE stock.id = 1 AND stock.available >= t.total RETURNING 1), \
+                     applied AS (SELECT a.i FROM a WHERE EXISTS (SELECT 1 FROM reserved))",
+            decided: "EXISTS (SELECT 1 FROM reserved) OR (SELECT count(*) FROM a) = 1",
         })
     }
 

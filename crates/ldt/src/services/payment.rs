@@ -121,13 +121,19 @@ impl StepEffect for Credits {
         Ok(applied)
     }
 
-    /// The debit's conditional update; decided when it debited or the user exists (and so
-    /// lacks the credits). A user first seen takes the transaction path, which creates them.
+    /// The debits' conditional update, decided (and applied at all) only when every user is
+    /// known and each comes once: each debit then sees only its own user's row, as it would
+    /// one after the other, and is refused when the row lacks the credits. A user first seen
+    /// (created first) or twice (the second debit sees the first) takes the transaction path.
     fn one_statement(&self) -> Option<OneStatement> {
         Some(OneStatement {
-            effect: "UPDATE users SET credits = credits - $2 WHERE username = $1 AND credits >= $2 \
-                     RETURNING 1",
-            decided: "EXISTS (SELECT 1 FROM effect) OR EXISTS (SELECT 1 FROM users WHERE username = $1)",
+            effect: "r AS (SELECT count(DISTINCT a.username) = count(*) \
+                              AND count(u.username) = count(*) AS ready \
+                       FROM a LEFT JOIN users u ON u.username = a.username), \
+                     applied AS (UPDATE users u SET credits = u.credits - a.quantity FROM a, r \
+                                 WHERE r.ready AND u.username = a.username \
+                                   AND u.credits >= a.quantity RETURNING a.i)",
+            decided: "(SELECT ready FROM r)",
         })
     }
 

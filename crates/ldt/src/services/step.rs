@@ -9,7 +9,10 @@
 //!   the action stalled past its deadline — it leaves a `TIMEOUT` tombstone so that the late
 //!   action is refused instead of taking effect.
 //!
-//! The actions that arrive together take a shorter path: their effects are decided together
+//! On PostgreSQL the actions that arrive together take one statement when SQL can decide them
+//! all ([`OneStatement`]: payment's users all known and each once, inventory's stock enough
+//! for the whole batch, or a batch of one): their effects, ledger rows and replies at once.
+//! Otherwise they take a transaction: their effects are decided together
 //! ([`StepEffect::apply_all`]: payment and inventory read the rows they share once, locked,
 //! and write them back once), and all their ledger rows (outcome decided) go in with one
 //! insert at the end. A duplicate or a refused late action makes that insert fail on the
@@ -198,9 +201,10 @@ pub trait StepEffect: Send + Sync + 'static {
         apply_each(self, conn, actions)
     }
 
-    /// PostgreSQL: the action as SQL, so that applying it, recording it in the ledger and
-    /// putting its reply in the outbox take one statement (one round trip, committing by
-    /// itself) instead of a transaction of five. `None`: the effect has no such form.
+    /// PostgreSQL: the effect of a batch of actions as SQL, so that applying them, recording
+    /// them in the ledger and putting their replies in the outbox take one statement (one
+    /// round trip, committing by itself) instead of a transaction of five or six. `None`: the
+    /// effect has no such form.
     fn one_statement(&self) -> Option<OneStatement> {
         None
     }
@@ -284,22 +288,30 @@ fn to_undo(row: &LedgerRow) -> bool {
     row.outcome == Outcome::Success && !row.compensated
 }
 
-/// An action's effect as SQL, for [`StepEffect::one_statement`]. `$1` is the action's
-/// username, `$2` its quantity.
+/// A batch of actions' effect as SQL, for [`StepEffect::one_statement`]. The actions are the
+/// rows of the common table expression `a (i, order_id, username, quantity, …)`, `i` their
+/// place in the batch; the effect's SQL may read `a` and must not read the others' columns.
 pub struct OneStatement {
-    /// A data-modifying statement that applies the action and returns a row if and only if
-    /// it was applied (run as the common table expression `effect`).
+    /// Common table expressions (`name AS (…), …`) that apply what can be applied and end
+    /// with one named `applied (i)`: the actions applied. A data-modifying one among them
+    /// must change nothing when `decided` does not hold.
     pub effect: &'static str,
-    /// A condition, which may read `effect`, that holds when the action's outcome is decided
-    /// (applied, or refused by the business rule). When it does not hold (payment: a user
-    /// first seen, who must be created first) nothing is written and the action takes the
-    /// transaction path.
+    /// A condition, which may read `effect`'s expressions, that holds when every action's
+    /// outcome is decided (applied, or refused by the business rule as `apply` one after
+    /// the other would refuse it). When it does not hold (payment: a user first seen, who
+    /// must be created first, or a user twice, whose second debit must see the first)
+    /// nothing is written and the batch takes the transaction path.
     pub decided: &'static str,
 }
 
-/// Batches of at most this many actions take the one-statement path, one statement each; a
-/// larger batch takes one transaction, whose statements read and write shared rows once.
-const ONE_STATEMENT_BATCH: usize = 2;
+/// Batches of at most this many plain actions take the one-statement path (each action binds
+/// [`ONE_STATEMENT_COLUMNS`] parameters); a larger batch, or one with compensations, injected
+/// faults or an undecided outcome, takes one transaction, whose statements read and write
+/// shared rows once.
+const ONE_STATEMENT_BATCH: usize = 64;
+
+/// The columns of `a`, one parameter each per action.
+const ONE_STATEMENT_COLUMNS: usize = 11;
 
 /// Applies actions one `apply` each: `StepEffect::apply_all`'s default, and what the
 /// batched effects do for batches too small to gain from reading their rows once.
@@ -321,8 +333,8 @@ pub struct StepService<E: StepEffect> {
     pub pool: Pool,
     /// The connections the handler's transactions run on (see [`Held`]).
     pub conns: Held,
-    /// PostgreSQL, when the effect has a [`OneStatement`] form: the statement of an action.
-    one_statement_sql: Option<String>,
+    /// PostgreSQL, when the effect has a [`OneStatement`] form.
+    one_statement: Option<OneStatement>,
     pub queues: Queues,
     pub signal: OutboxSignal,
     /// How long an action injected with a `timeout` fault stalls before it acts.
@@ -338,13 +350,13 @@ impl<E: StepEffect> StepService<E> {
         pool: Pool,
         signal: OutboxSignal,
     ) -> Arc<Self> {
-        let one_statement_sql = match effect.one_statement() {
-            Some(sql) if !ldt_runtime::db::is_sqlite(&pool) => Some(one_statement_sql(&sql)),
+        let one_statement = match effect.one_statement() {
+            Some(sql) if !ldt_runtime::db::is_sqlite(&pool) => Some(sql),
             _ => None,
         };
         Arc::new(StepService {
             effect,
-            one_statement_sql,
+            one_statement,
             conns: Held::new(&pool, 2),
             pool,
             queues: ctx.queues.clone(),
@@ -461,88 +473,115 @@ impl<E: StepEffect> StepService<E> {
         Ok(())
     }
 
-    /// Applies an action, records its outcome in the ledger and puts its reply in the outbox,
-    /// all with one statement. `Ok(false)`: nothing was written, because the outcome is not
-    /// decided yet (see [`OneStatement::decided`]); the caller takes the transaction path. A
-    /// duplicate (the ledger row exists) fails the statement, which then changes nothing.
-    async fn act_in_one_statement(
-        &self,
-        sql: &str,
-        order_id: Uuid,
-        action: &Action,
-    ) -> Result<bool, HandleError> {
-        let now = now_ms();
-        // Both possible replies, made beforehand: the statement keeps the one that applies.
-        let mut done = OutboxBatch::default();
-        self.reply(&mut done, order_id, action, now, Outcome::Success);
-        let mut refused = OutboxBatch::default();
-        self.reply(&mut refused, order_id, action, now, Outcome::Insufficient);
-        let (Some(done), Some(refused)) = (done.into_single(), refused.into_single()) else {
-            return Ok(false);
-        };
-        let mut conn = self.conns.get().await?;
-        self.crash.at(ldt_runtime::crash::Point::BeforeCommit);
-        let row = sqlx::query(sqlx::AssertSqlSafe(sql))
-            .bind(action.username.as_deref())
-            .bind(action.quantity)
-            .bind(order_id.to_string())
-            .bind(E::INSUFFICIENT)
-            .bind(now)
-            .bind(&done.queue)
-            .bind(&done.message_id)
-            .bind(&done.payload)
-            .bind(&refused.queue)
-            .bind(&refused.message_id)
-            .bind(&refused.payload)
-            .bind(&done.traceparent)
-            .fetch_one(&mut *conn)
-            .await?;
-        conn.reuse();
-        let applied = ldt_runtime::db::get_bool(&row, "applied")?;
-        let outbox_id: Option<i64> = row.try_get("outbox_id")?;
-        let Some(outbox_id) = outbox_id else {
-            return Ok(false);
-        };
-        self.crash.at(ldt_runtime::crash::Point::AfterCommit);
-        let mut outbox = OutboxBatch::default();
-        outbox.push_written(outbox_id, if applied { done } else { refused });
-        self.signal.committed(outbox);
-        Ok(true)
-    }
-
-    /// Handles the actions of a small batch one statement each (those whose outcome the
-    /// statement cannot decide, and duplicates, take the transaction path); `None` when the
-    /// batch is not for this path.
-    async fn act_each_in_one_statement(
+    /// PostgreSQL: applies a batch of plain actions (no compensation, no injected fault)
+    /// with one statement ([`StepService::act_in_one_statement`]); `None` when the batch is
+    /// not for this path, or the statement wrote nothing.
+    async fn act_all_in_one_statement(
         &self,
         batch: &[Delivery],
         work: &[(usize, Uuid, Command)],
     ) -> Option<Vec<(usize, Result<(), HandleError>)>> {
-        let sql = self.one_statement_sql.as_deref()?;
-        let plain = |cmd: &Command| matches!(cmd, Command::Act(a) if a.fault.is_none());
-        if work.is_empty()
-            || work.len() > ONE_STATEMENT_BATCH
-            || !work.iter().all(|(_, _, cmd)| plain(cmd))
-        {
+        let mut actions = Vec::with_capacity(work.len());
+        for (i, order_id, cmd) in work {
+            match cmd {
+                Command::Act(action) if action.fault.is_none() => {
+                    actions.push((*order_id, action, &batch[*i].span));
+                }
+                _ => return None,
+            }
+        }
+        let outcomes = self.act_in_one_statement(&actions).await?;
+        Some(work.iter().map(|(i, _, _)| *i).zip(outcomes).collect())
+    }
+
+    /// Applies actions (order, action, the message's span), records their outcomes in the
+    /// ledger and puts their replies in the outbox, all with one statement, which commits by
+    /// itself: one round trip instead of a transaction's five or six. `None` when there is no
+    /// such statement here or the batch is too large, or its outcome is not decided (see
+    /// [`OneStatement::decided`]: nothing was written), or the statement failed (a duplicate
+    /// or a late action finds its ledger row taken: the statement changes nothing); the
+    /// actions then take the transaction path.
+    async fn act_in_one_statement(
+        &self,
+        work: &[(Uuid, &Action, &tracing::Span)],
+    ) -> Option<Vec<Result<(), HandleError>>> {
+        let sql = self.one_statement.as_ref()?;
+        if work.is_empty() || work.len() > ONE_STATEMENT_BATCH {
             return None;
         }
-        let mut outcomes = Vec::with_capacity(work.len());
-        for (i, order_id, cmd) in work {
-            let Command::Act(action) = cmd else {
-                continue;
-            };
-            let span = batch[*i].span.clone();
-            let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "ledger"));
-            let outcome = match self
-                .act_in_one_statement(sql, *order_id, action)
-                .instrument(db)
-                .await
-            {
-                Ok(true) => Ok(()),
-                Ok(false) | Err(_) => self.apply_alone(*order_id, cmd).instrument(span).await,
-            };
-            outcomes.push((*i, outcome));
+        let now = now_ms();
+        // Each message's database span covers the statement it shares with the others, and
+        // both of its possible replies carry that span's trace context.
+        let spans: Vec<tracing::Span> = work
+            .iter()
+            .map(|(_, _, span)| span.in_scope(|| ldt_runtime::db::span(&self.pool, "ledger")))
+            .collect();
+        let mut actions = Vec::with_capacity(work.len());
+        for ((order_id, action, _), span) in work.iter().zip(&spans) {
+            let (done, refused) = span.in_scope(|| {
+                let mut done = OutboxBatch::default();
+                self.reply(&mut done, *order_id, action, now, Outcome::Success);
+                let mut refused = OutboxBatch::default();
+                self.reply(&mut refused, *order_id, action, now, Outcome::Insufficient);
+                (done.into_single(), refused.into_single())
+            });
+            actions.push((order_id.to_string(), *action, done?, refused?));
         }
+        let statement = one_statement_sql(sql, actions.len());
+        let mut query = sqlx::query(sqlx::AssertSqlSafe(statement))
+            .bind(E::INSUFFICIENT)
+            .bind(now);
+        for (i, (order_id, action, done, refused)) in actions.iter().enumerate() {
+            query = query
+                .bind(i as i64)
+                .bind(order_id.as_str())
+                .bind(action.username.as_deref())
+                .bind(action.quantity)
+                .bind(&done.queue)
+                .bind(&done.message_id)
+                .bind(&done.payload)
+                .bind(&refused.queue)
+                .bind(&refused.message_id)
+                .bind(&refused.payload)
+                .bind(&done.traceparent);
+        }
+        let written = async {
+            let mut conn = self.conns.get().await?;
+            self.crash.at(ldt_runtime::crash::Point::BeforeCommit);
+            let rows = query.fetch_all(&mut *conn).await?;
+            conn.reuse();
+            rows.iter()
+                .map(|row| Ok((row.try_get::<String, _>("message_id")?, row.try_get("id")?)))
+                .collect::<Result<std::collections::HashMap<String, i64>, sqlx::Error>>()
+        };
+        let written = match written.await {
+            Ok(written) if !written.is_empty() => written,
+            Ok(_) => return None,
+            Err(e) => {
+                tracing::debug!(error = %e, "a batch's one statement failed; it takes the transaction path");
+                return None;
+            }
+        };
+        self.crash.at(ldt_runtime::crash::Point::AfterCommit);
+        let mut outbox = OutboxBatch::default();
+        let mut outcomes = Vec::with_capacity(work.len());
+        for (_, _, done, refused) in actions {
+            outcomes.push(if let Some(id) = written.get(&done.message_id) {
+                outbox.push_written(*id, done);
+                Ok(())
+            } else if let Some(id) = written.get(&refused.message_id) {
+                outbox.push_written(*id, refused);
+                Ok(())
+            } else {
+                // Cannot happen: a decided batch writes a reply for every action. Given back,
+                // the message comes again and is answered from its ledger row.
+                Err(HandleError::Transient(anyhow::anyhow!(
+                    "the batch's statement wrote no reply for this action"
+                )))
+            });
+        }
+        self.signal.committed(outbox);
+        drop(spans);
         Some(outcomes)
     }
 
@@ -898,31 +937,41 @@ fn distinct_ids(compensating: &[(Uuid, &tracing::Span)]) -> Vec<String> {
     ids
 }
 
-/// The statement of [`StepService::act_in_one_statement`]: the effect, its ledger row and
-/// its reply (of the two prepared, the one its outcome calls for). Parameters: `$1` username,
-/// `$2` quantity, `$3` order id, `$4` the refusal's ledger label, `$5` now; the reply on
-/// success `$6` queue, `$7` message id, `$8` payload; on refusal `$9`, `$10`, `$11`; `$12`
-/// the trace context. The ledger insert has no `ON CONFLICT`: a duplicate fails the whole
-/// statement, the effect with it.
-fn one_statement_sql(sql: &OneStatement) -> String {
-    // The reply's outbox row, its columns in the outbox's order.
-    let reply = ldt_runtime::outbox::insert_from(
-        "SELECT CASE WHEN d.applied THEN $6 ELSE $9 END, \
-                CASE WHEN d.applied THEN $7 ELSE $10 END, \
-                CASE WHEN d.applied THEN $8 ELSE $11 END, $12, $5 \
-         FROM d WHERE d.decided RETURNING id",
+/// The statement of [`StepService::act_all_in_one_statement`] for `n` actions: their effect,
+/// their ledger rows and their replies (of the two prepared for each, the one its outcome
+/// calls for), or nothing when the outcome is not decided. Parameters: `$1` the refusal's
+/// ledger label, `$2` now; then per action, in the order of `a`'s columns: its place, order
+/// id, username, quantity; the reply on success (queue, message id, payload); the reply on
+/// refusal (the same); the trace context. The ledger insert has no `ON CONFLICT`: a duplicate
+/// fails the whole statement, the effect with it. Returns `id, message_id` of each reply
+/// written.
+fn one_statement_sql(sql: &OneStatement, n: usize) -> String {
+    let mut statement = String::from(
+        "WITH a (i, order_id, username, quantity, done_queue, done_id, done_payload, \
+         refused_queue, refused_id, refused_payload, traceparent) AS (",
     );
-    format!(
-        "WITH effect AS ({effect}), \
-         d AS (SELECT EXISTS (SELECT 1 FROM effect) AS applied, ({decided}) AS decided), \
+    ldt_runtime::db::push_values(&mut statement, 3, ONE_STATEMENT_COLUMNS, n);
+    // Each action with whether it was applied; none when the outcome is not decided.
+    let decided = format!(
+        "), {effect}, \
+         d AS (SELECT a.*, p.i IS NOT NULL AS ok FROM a LEFT JOIN applied p ON p.i = a.i \
+               WHERE ({decided})), \
          l AS (INSERT INTO ledger (order_id, username, quantity, outcome, compensated, created_ms, updated_ms) \
-               SELECT $3, $1, $2, CASE WHEN d.applied THEN 'SUCCESS' ELSE $4 END, FALSE, $5, $5 \
-               FROM d WHERE d.decided), \
+               SELECT order_id, username, quantity, CASE WHEN ok THEN 'SUCCESS' ELSE $1 END, FALSE, $2, $2 \
+               FROM d), \
          o AS ({reply}) \
-         SELECT d.applied, (SELECT id FROM o) AS outbox_id FROM d",
+         SELECT id, message_id FROM o",
         effect = sql.effect,
         decided = sql.decided,
-    )
+        reply = ldt_runtime::outbox::insert_from(
+            "SELECT CASE WHEN ok THEN done_queue ELSE refused_queue END, \
+                    CASE WHEN ok THEN done_id ELSE refused_id END, \
+                    CASE WHEN ok THEN done_payload ELSE refused_payload END, traceparent, $2 \
+             FROM d RETURNING id, message_id"
+        ),
+    );
+    statement.push_str(&decided);
+    statement
 }
 
 /// A ledger row the batch path inserts, outcome decided.
@@ -1023,7 +1072,7 @@ impl<E: StepEffect> Handler for StepService<E> {
                 .instrument(batch[*i].span.clone())
         }));
         let together = async {
-            if let Some(outcomes) = self.act_each_in_one_statement(batch, &work).await {
+            if let Some(outcomes) = self.act_all_in_one_statement(batch, &work).await {
                 return outcomes;
             }
             let failed = |then: &str| {
@@ -1081,3 +1130,6 @@ impl<E: StepEffect> Handler for StepService<E> {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests;
