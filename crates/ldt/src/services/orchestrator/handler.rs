@@ -3,6 +3,7 @@
 //! write the saga, its log and its commands in one transaction. What the saga asks to be
 //! counted or told goes to the metrics and the log here.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,7 +12,7 @@ use ldt_runtime::consumer::{Delivery, HandleError, Handler, decode};
 use ldt_runtime::crash::{Crash, Point};
 use ldt_runtime::db::{Held, Pool, now_ms};
 use ldt_runtime::metrics::Metrics;
-use ldt_runtime::outbox::{OutboxRow, OutboxSignal};
+use ldt_runtime::outbox::{OutboxRow, OutboxSignal, ROWS_PER_INSERT};
 use sqlx::Connection;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -295,6 +296,144 @@ impl Orchestrator {
         );
     }
 
+    /// A saga started by `env`, with its one log line and its first command (unless the order
+    /// service sent it), made in the message's span; `None` if the start is not of that shape.
+    fn start_of(
+        &self,
+        env: &Envelope,
+        terms: Terms,
+        opened_by: Opening,
+        span: &tracing::Span,
+        now: i64,
+    ) -> Option<store::Start> {
+        let (saga, mut fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
+        if fx.log.len() != 1 || fx.send.len() > 1 {
+            return None;
+        }
+        let (line, cmd) = (fx.log.pop()?, fx.send.pop());
+        let (command, traceparent) = span.in_scope(|| {
+            let command = cmd.map(|cmd| {
+                let mut first = Envelope::new(env.order_id, now, cmd.body);
+                first.then = cmd.then;
+                OutboxRow::of(&self.queues, &first)
+            });
+            (command, ldt_runtime::telemetry::current_traceparent())
+        });
+        Some(store::Start {
+            saga,
+            line,
+            command,
+            traceparent,
+        })
+    }
+
+    /// PostgreSQL, a batch without a transaction: `OrderPlaced`s only, their sagas started
+    /// with one statement; or answers (events) on distinct sagas only, read with one
+    /// statement (no lock) and written with one that writes each saga only if it is still as
+    /// it was read. Two round trips at most instead of a transaction's four. Returns the ids
+    /// of the messages applied; the others (a duplicate `OrderPlaced`, an unknown saga, a
+    /// saga changed meanwhile, a batch of both kinds or too big) are the transaction path's.
+    async fn apply_in_few_statements(
+        &self,
+        work: &[(&Envelope, &tracing::Span)],
+    ) -> Result<HashSet<Uuid>, HandleError> {
+        let now = now_ms();
+        let mut orders: Vec<Uuid> = work.iter().map(|(env, _)| env.order_id).collect();
+        orders.sort_unstable();
+        orders.dedup();
+        if orders.len() != work.len() || work.len() > ROWS_PER_INSERT {
+            return Ok(HashSet::new());
+        }
+        let mut starts = Vec::new();
+        let mut events = Vec::new();
+        for (env, span) in work {
+            match work_of(env)? {
+                Work::Start(terms, opened_by) => {
+                    match self.start_of(env, terms, opened_by, span, now) {
+                        Some(start) => starts.push((env.id, start)),
+                        None => return Ok(HashSet::new()),
+                    }
+                }
+                Work::Event(event) => events.push((*env, event, *span)),
+            }
+        }
+        // Each message's database span covers the statements it shares with the others.
+        let _db: Vec<tracing::Span> = work
+            .iter()
+            .map(|(_, span)| span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas")))
+            .collect();
+        match (starts.is_empty(), events.is_empty()) {
+            (false, true) => self.start_all(starts).await,
+            (true, false) => self.answer_all(&orders, events, now).await,
+            _ => Ok(HashSet::new()),
+        }
+    }
+
+    /// Starts sagas with one statement; the ids of the messages whose saga it started.
+    async fn start_all(
+        &self,
+        starts: Vec<(Uuid, store::Start)>,
+    ) -> Result<HashSet<Uuid>, HandleError> {
+        let (messages, starts): (Vec<Uuid>, Vec<store::Start>) = starts.into_iter().unzip();
+        let mut conn = self.conns.get().await?;
+        self.crash.at(Point::BeforeCommit);
+        let (inserted, outbox) = store::insert_started(&mut conn, &starts).await?;
+        conn.reuse();
+        self.crash.at(Point::AfterCommit);
+        self.signal.committed(outbox);
+        Ok(messages
+            .into_iter()
+            .zip(&starts)
+            .filter(|(_, start)| inserted.contains(&start.saga.order_id))
+            .map(|(message, _)| message)
+            .collect())
+    }
+
+    /// Applies events on distinct sagas (`orders`, sorted): one read, one guarded write. The
+    /// ids of the messages whose saga it wrote; each of those is counted and told here.
+    async fn answer_all(
+        &self,
+        orders: &[Uuid],
+        events: Vec<(&Envelope, Event, &tracing::Span)>,
+        now: i64,
+    ) -> Result<HashSet<Uuid>, HandleError> {
+        let mut conn = self.conns.get().await?;
+        let read = store::read_versioned_all(&mut conn, orders).await?;
+        let mut pending = Pending::default();
+        let mut versions = HashMap::with_capacity(read.len());
+        let mut applied = Vec::with_capacity(events.len());
+        for (env, event, span) in events {
+            // An unknown saga is left to the transaction path (see [`unknown_saga`]).
+            let Some((stored, version)) = read.get(&env.order_id) else {
+                continue;
+            };
+            let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
+            pending.hold(stored.clone());
+            span.in_scope(|| pending.change(&self.queues, after.clone(), &fx, now));
+            versions.insert(env.order_id, version.clone());
+            applied.push((env.id, after, fx, span));
+        }
+        if applied.is_empty() || !pending.fits_one_statement(true) {
+            conn.reuse();
+            return Ok(HashSet::new());
+        }
+        self.crash.at(Point::BeforeCommit);
+        let written = pending
+            .write_in_one_statement(&mut conn, Some(&versions))
+            .await?;
+        conn.reuse();
+        self.crash.at(Point::AfterCommit);
+        self.signal.committed(pending.outbox);
+        Ok(applied
+            .into_iter()
+            .filter(|(_, after, _, _)| written.contains(&after.order_id))
+            .map(|(message, after, fx, span)| {
+                span.in_scope(|| self.observe(&after, &fx));
+                message
+            })
+            .collect())
+    }
+
     /// PostgreSQL, a batch of one message, without a transaction of its own (two round
     /// trips at most instead of five or six). An `OrderPlaced` inserts its saga, log line and
     /// command (unless the order service sent it) with one statement. Any other message reads
@@ -308,31 +447,19 @@ impl Orchestrator {
         let mut conn = self.conns.get().await?;
         let outbox = match work_of(env)? {
             Work::Start(terms, opened_by) => {
-                let (saga, mut fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
-                let (Some(line), cmd) = (fx.log.pop(), fx.send.pop()) else {
+                let Some(start) = self.start_of(env, terms, opened_by, span, now) else {
                     conn.reuse();
                     return Ok(false);
                 };
-                let (row, traceparent) = span.in_scope(|| {
-                    let row = cmd.map(|cmd| {
-                        let mut first = Envelope::new(env.order_id, now, cmd.body);
-                        first.then = cmd.then;
-                        OutboxRow::of(&self.queues, &first)
-                    });
-                    (row, ldt_runtime::telemetry::current_traceparent())
-                });
                 self.crash.at(Point::BeforeCommit);
-                let written =
-                    store::insert_started(&mut conn, &saga, &line, row.as_ref(), traceparent)
-                        .instrument(db)
-                        .await?;
-                match written {
-                    Some(outbox) => outbox,
-                    None => {
-                        conn.reuse();
-                        return Ok(false);
-                    }
+                let (inserted, outbox) = store::insert_started(&mut conn, &[start])
+                    .instrument(db)
+                    .await?;
+                if inserted.is_empty() {
+                    conn.reuse();
+                    return Ok(false);
                 }
+                outbox
             }
             Work::Event(event) => {
                 let Some((stored, version)) = store::read_versioned(&mut conn, env.order_id)
@@ -345,23 +472,23 @@ impl Orchestrator {
                 let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
                 let mut pending = Pending::default();
                 pending.hold(stored);
-                span.in_scope(|| {
-                    self.observe(&after, &fx);
-                    pending.change(&self.queues, after, &fx, now);
-                });
+                span.in_scope(|| pending.change(&self.queues, after.clone(), &fx, now));
                 if !pending.fits_one_statement(true) {
                     conn.reuse();
                     return Ok(false);
                 }
                 self.crash.at(Point::BeforeCommit);
+                let versions = HashMap::from([(env.order_id, version)]);
                 let written = pending
-                    .write_in_one_statement(&mut conn, Some(&version))
+                    .write_in_one_statement(&mut conn, Some(&versions))
                     .instrument(db)
                     .await?;
-                if !written {
+                if written.is_empty() {
                     conn.reuse();
                     return Ok(false);
                 }
+                // Counted and told once written: the transaction path does it otherwise.
+                span.in_scope(|| self.observe(&after, &fx));
                 pending.outbox
             }
         };
@@ -548,6 +675,21 @@ impl Handler for Orchestrator {
             }
         }
         let mut alone = work;
+        if alone.len() > 1 && !ldt_runtime::db::is_sqlite(&self.pool) {
+            let few: Vec<(&Envelope, &tracing::Span)> = alone
+                .iter()
+                .map(|(i, env)| (*env, &batch[*i].span))
+                .collect();
+            if let Ok(done) = self.apply_in_few_statements(&few).await {
+                alone.retain(|(i, env)| {
+                    let applied = done.contains(&env.id);
+                    if applied {
+                        results[*i] = Some(Ok(()));
+                    }
+                    !applied
+                });
+            }
+        }
         if alone.len() > 1 {
             let mut together: Vec<(Envelope, tracing::Span)> = alone
                 .iter()
@@ -713,10 +855,12 @@ mod tests {
             pending.hold(read.clone());
             pending.change(&orch.queues, after, &effects, now_ms());
             assert!(pending.fits_one_statement(true));
+            let versions = HashMap::from([(order_id, version)]);
             pending
-                .write_in_one_statement(conn, Some(&version))
+                .write_in_one_statement(conn, Some(&versions))
                 .await
                 .unwrap()
+                .contains(&order_id)
         };
         assert!(
             !answer(stale, &mut conn).await,
@@ -807,6 +951,108 @@ mod tests {
         assert!(fired_at - due < 1_000, "fired {} ms late", fired_at - due);
         stop.cancel();
         polling.await.unwrap();
+        fx.drop().await;
+    }
+
+    fn answered(order_id: Uuid, step: Step, outcome: StepOutcome) -> Envelope {
+        Envelope::new(order_id, now_ms(), Message::StepResult { step, outcome })
+    }
+
+    #[tokio::test]
+    async fn placed_orders_start_their_sagas_with_one_statement_and_leave_duplicates_out() {
+        let fx = Fixture::new().await;
+        let orch = &fx.orchestrator;
+        let span = tracing::Span::none();
+        let known = placed(Uuid::now_v7());
+        assert!(orch.apply_one(&known, &span).await.unwrap());
+        // The known order again (a duplicate), and two new ones.
+        let batch = [
+            placed(known.order_id),
+            placed(Uuid::now_v7()),
+            placed(Uuid::now_v7()),
+        ];
+        let work: Vec<(&Envelope, &tracing::Span)> = batch.iter().map(|env| (env, &span)).collect();
+        let done = orch.apply_in_few_statements(&work).await.unwrap();
+        assert_eq!(done, HashSet::from([batch[1].id, batch[2].id]));
+        assert_eq!(fx.count("SELECT count(*) FROM sagas").await, 3);
+        assert_eq!(fx.count("SELECT count(*) FROM saga_log").await, 3);
+        // One debit per saga: the duplicate wrote none.
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 3);
+        for env in &batch[1..] {
+            let sql = format!(
+                "SELECT count(*) FROM sagas WHERE order_id = '{}' AND phase = 'running'",
+                env.order_id
+            );
+            assert_eq!(fx.count(&sql).await, 1);
+        }
+        fx.drop().await;
+    }
+
+    #[tokio::test]
+    async fn answers_on_distinct_sagas_are_written_together_each_only_if_unchanged() {
+        let fx = Fixture::new().await;
+        let orch = &fx.orchestrator;
+        let span = tracing::Span::none();
+        let orders: Vec<Uuid> = (0..3).map(|_| Uuid::now_v7()).collect();
+        for order_id in &orders {
+            assert!(orch.apply_one(&placed(*order_id), &span).await.unwrap());
+        }
+        let done = |order_id: Uuid| answered(order_id, Step::Delivery, StepOutcome::Done);
+        // Two answers and one for a saga that has not started: the two are applied.
+        let unknown = Uuid::now_v7();
+        let batch = [done(orders[0]), done(orders[1]), done(unknown)];
+        let work: Vec<(&Envelope, &tracing::Span)> = batch.iter().map(|env| (env, &span)).collect();
+        let applied = orch.apply_in_few_statements(&work).await.unwrap();
+        assert_eq!(applied, HashSet::from([batch[0].id, batch[1].id]));
+        let succeeded = "SELECT count(*) FROM sagas WHERE phase = 'done' AND status = 'SUCCESS'";
+        assert_eq!(fx.count(succeeded).await, 2);
+        // Three debits, and the two final statuses.
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 5);
+
+        // Two more sagas read at their versions; then one of them changes (another replica,
+        // the deadline poller) before the answers are written.
+        let (fresh, stale) = (orders[2], Uuid::now_v7());
+        assert!(orch.apply_one(&placed(stale), &span).await.unwrap());
+        let mut conn = orch.conns.get().await.unwrap();
+        let read = store::read_versioned_all(&mut conn, &[fresh, stale])
+            .await
+            .unwrap();
+        assert_eq!(read.len(), 2);
+        sqlx::query("UPDATE sagas SET attempts = attempts + 1 WHERE order_id = $1")
+            .bind(stale.to_string())
+            .execute(&orch.pool)
+            .await
+            .unwrap();
+        let mut pending = Pending::default();
+        let mut versions = HashMap::new();
+        for (order_id, (stored, version)) in &read {
+            let event = Event::Answered {
+                step: Step::Delivery,
+                outcome: StepOutcome::Done,
+            };
+            let (after, effects) = saga::apply(&stored.saga, event, &orch.policy, now_ms());
+            pending.hold(stored.clone());
+            pending.change(&orch.queues, after, &effects, now_ms());
+            versions.insert(*order_id, version.clone());
+        }
+        assert!(pending.fits_one_statement(true));
+        let written = pending
+            .write_in_one_statement(&mut conn, Some(&versions))
+            .await
+            .unwrap();
+        drop(conn);
+        assert_eq!(
+            written,
+            HashSet::from([fresh]),
+            "a stale version must not write"
+        );
+        assert_eq!(fx.count(succeeded).await, 3);
+        let log_of =
+            |order_id: Uuid| format!("SELECT count(*) FROM saga_log WHERE order_id = '{order_id}'");
+        assert_eq!(fx.count(&log_of(stale)).await, 1, "only its start's line");
+        assert!(fx.count(&log_of(fresh)).await > 1);
+        // Four debits and three final statuses: none for the stale saga.
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 7);
         fx.drop().await;
     }
 }

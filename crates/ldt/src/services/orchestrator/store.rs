@@ -97,6 +97,10 @@ const V_COLUMNS: &str = "v (order_id, phase, step, status, pending_comp, attempt
                          deadline_ms, updated_ms)";
 const V_WIDTH: usize = 9;
 
+/// The columns of `v` for a guarded write: each saga with the row version it was read at.
+const V_COLUMNS_VERSIONED: &str = "v (order_id, phase, step, status, pending_comp, attempts, \
+                                   stuck_reason, deadline_ms, updated_ms, version)";
+
 /// Binds a changed saga's values, in the order of [`V_COLUMNS`].
 fn bind_saga_values<'q>(query: Query<'q>, saga: &'q Saga) -> Query<'q> {
     query
@@ -162,6 +166,8 @@ const ONE_STATEMENT_ROWS: usize = 4;
 pub struct Pending {
     log: Vec<LogRow>,
     pub outbox: OutboxBatch,
+    /// The order of each row of `outbox` not written yet, in its order.
+    outbox_orders: Vec<Uuid>,
     /// The sagas this transaction holds (locked by it, or inserted by it), by order id, each
     /// with whether it changed since.
     sagas: HashMap<Uuid, (Stored, bool)>,
@@ -195,6 +201,7 @@ impl Pending {
             let mut env = Envelope::new(order_id, now, cmd.body.clone());
             env.then = cmd.then.clone();
             self.outbox.push(queues, &env);
+            self.outbox_orders.push(order_id);
         }
     }
 
@@ -241,101 +248,120 @@ impl Pending {
         self.write_per_table(tx).await
     }
 
-    /// Whether [`Pending::write_in_one_statement`] can write what this transaction holds
-    /// (`guarded`: with a row version, which covers exactly one changed saga).
+    /// Whether [`Pending::write_in_one_statement`] can write what this transaction holds.
+    /// `guarded`: the sagas were read without a lock, each at a row version; every saga held
+    /// must then have changed (the log lines of one that did not would have no version to
+    /// guard them), and the statement may hold up to [`ROWS_PER_INSERT`] rows a table.
     pub fn fits_one_statement(&self, guarded: bool) -> bool {
         let changed = self.changed().len();
-        let sagas_fit = if guarded {
-            changed == 1
+        let (sagas_fit, rows) = if guarded {
+            (changed >= 1 && changed == self.sagas.len(), ROWS_PER_INSERT)
         } else {
-            changed <= ONE_STATEMENT_ROWS
+            (changed <= ONE_STATEMENT_ROWS, ONE_STATEMENT_ROWS)
         };
-        sagas_fit
-            && self.log.len() <= ONE_STATEMENT_ROWS
-            && (1..=ONE_STATEMENT_ROWS).contains(&self.outbox.unwritten().len())
+        sagas_fit && self.log.len() <= rows && (1..=rows).contains(&self.outbox.unwritten().len())
     }
 
     /// PostgreSQL: the saga updates, the log lines and the outbox rows in one statement.
-    /// With `version`, the transaction holds one saga, read without a lock at that row
-    /// version (`xmin`): the statement writes only if the saga is still at it, and returns
-    /// `false` (nothing written) if it changed meanwhile.
+    /// With `versions`, the sagas were read without a lock, each at a row version (`xmin`):
+    /// the statement writes a saga, its log lines and its messages only if the saga is still
+    /// at that version, and leaves out (writes nothing of) one that changed meanwhile.
+    /// Returns the sagas written; `outbox` then holds only their messages.
     pub async fn write_in_one_statement(
         &mut self,
         tx: &mut Conn,
-        version: Option<&str>,
-    ) -> Result<bool, sqlx::Error> {
+        versions: Option<&HashMap<Uuid, String>>,
+    ) -> Result<HashSet<Uuid>, sqlx::Error> {
         let changed = self.changed();
         let mut sql = String::from("WITH ");
         let mut next = 1;
         if !changed.is_empty() {
-            sql.push_str(V_COLUMNS);
+            sql.push_str(if versions.is_some() {
+                V_COLUMNS_VERSIONED
+            } else {
+                V_COLUMNS
+            });
             sql.push_str(" AS (");
-            next = ldt_runtime::db::push_values(&mut sql, next, V_WIDTH, changed.len());
+            let width = V_WIDTH + usize::from(versions.is_some());
+            next = ldt_runtime::db::push_values(&mut sql, next, width, changed.len());
             sql.push_str("), u AS (");
             sql.push_str(UPDATE_SAGAS_FROM_V);
-            if version.is_some() {
-                sql.push_str(&format!(" AND sagas.xmin = ${next}::text::xid"));
-                next += 1;
+            if versions.is_some() {
+                sql.push_str(" AND sagas.xmin = v.version::xid");
             }
             sql.push_str(" RETURNING sagas.order_id), ");
         }
-        // Unguarded, `u` is always there to read: the condition is then true.
-        let only_if = if version.is_some() {
-            " WHERE EXISTS (SELECT 1 FROM u)"
+        // Guarded, only the rows of the sagas written.
+        let only_if = if versions.is_some() {
+            " WHERE x.order_id IN (SELECT order_id FROM u)"
         } else {
             ""
         };
         if !self.log.is_empty() {
             sql.push_str(&format!("l AS (INSERT INTO {LOG_COLUMNS} SELECT * FROM ("));
             next = ldt_runtime::db::push_values(&mut sql, next, 5, self.log.len());
-            sql.push_str(") AS x");
+            sql.push_str(") AS x (order_id, step, kind, event, at_ms)");
             sql.push_str(only_if);
             sql.push_str("), ");
         }
-        let mut values = String::from("SELECT * FROM (");
-        ldt_runtime::db::push_values(&mut values, next, 5, self.outbox.unwritten().len());
-        values.push_str(") AS x");
+        let mut values = format!("SELECT {} FROM (", outbox::COLUMNS);
+        ldt_runtime::db::push_values(&mut values, next, 6, self.outbox.unwritten().len());
+        values.push_str(") AS x (order_id, queue, message_id, payload, traceparent, created_ms)");
         values.push_str(only_if);
         sql.push_str("o AS (");
         sql.push_str(&outbox::insert_from(&values));
-        sql.push_str(" RETURNING id, message_id");
-        sql.push_str(") SELECT id, message_id FROM o");
+        sql.push_str(" RETURNING id, message_id) ");
+        // The sagas written (without an id), then the messages (with theirs).
+        if !changed.is_empty() {
+            sql.push_str("SELECT order_id AS key, NULL::bigint AS id FROM u UNION ALL ");
+        }
+        sql.push_str("SELECT message_id, id FROM o");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
         for saga in &changed {
             query = bind_saga_values(query, saga);
-        }
-        if let Some(version) = version {
-            query = query.bind(version);
+            if let Some(versions) = versions {
+                query = query.bind(versions.get(&saga.order_id).cloned().unwrap_or_default());
+            }
         }
         for row in &self.log {
             query = bind_log_row(query, row);
         }
         let now = ldt_runtime::db::now_ms();
-        for row in self.outbox.unwritten() {
-            query = row.bind_columns(query).bind(now);
+        for (row, order_id) in self.outbox.unwritten().iter().zip(&self.outbox_orders) {
+            query = row.bind_columns(query.bind(order_id.to_string())).bind(now);
         }
+        let mut written = HashSet::new();
         let mut ids = HashMap::new();
         for row in query.fetch_all(&mut *tx).await? {
-            ids.insert(row.try_get::<String, _>(1)?, row.try_get::<i64, _>(0)?);
+            let key: String = row.try_get(0)?;
+            match row.try_get::<Option<i64>, _>(1)? {
+                Some(id) => {
+                    ids.insert(key, id);
+                }
+                None => {
+                    written.insert(
+                        Uuid::parse_str(&key).map_err(|_| {
+                            sqlx::Error::Protocol(format!("not an order id: {key}"))
+                        })?,
+                    );
+                }
+            }
         }
-        if ids.is_empty() {
-            // Only a guarded statement writes nothing: the saga changed meanwhile.
-            return Ok(false);
+        let mut outbox = OutboxBatch::default();
+        for (row, order_id) in self.outbox.unwritten().iter().zip(&self.outbox_orders) {
+            if versions.is_some() && !written.contains(order_id) {
+                continue;
+            }
+            let id = ids.get(&row.message_id).copied().ok_or_else(|| {
+                sqlx::Error::Protocol(format!("no outbox id for message {}", row.message_id))
+            })?;
+            outbox.push_written(id, row.clone());
         }
-        let ids = self
-            .outbox
-            .unwritten()
-            .iter()
-            .map(|row| {
-                ids.get(&row.message_id).copied().ok_or_else(|| {
-                    sqlx::Error::Protocol(format!("no outbox id for message {}", row.message_id))
-                })
-            })
-            .collect::<Result<Vec<i64>, sqlx::Error>>()?;
-        self.outbox.written(ids);
+        self.outbox = outbox;
+        self.outbox_orders.clear();
         self.sagas.clear();
         self.log.clear();
-        Ok(true)
+        Ok(written)
     }
 
     async fn write_per_table(&mut self, tx: &mut Conn) -> Result<(), sqlx::Error> {
@@ -365,6 +391,7 @@ impl Pending {
             query.execute(&mut *tx).await?;
         }
         self.log.clear();
+        self.outbox_orders.clear();
         self.outbox.write(tx).await
     }
 }
@@ -397,63 +424,96 @@ pub async fn insert_sagas(
     Ok(inserted)
 }
 
-/// PostgreSQL: inserts a new saga with its first log line and command (none when the order
-/// service sent it), in one statement that commits by itself; `None` if the saga exists (a
-/// duplicate `OrderPlaced`: nothing written).
+/// A saga to start with [`insert_started`]: its first log line, its first command (none when
+/// the order service sent it) and its order's trace context.
+pub struct Start {
+    pub saga: Saga,
+    pub line: LogLine,
+    pub command: Option<OutboxRow>,
+    pub traceparent: Option<String>,
+}
+
+/// PostgreSQL: inserts new sagas (each order once) with their first log lines and commands,
+/// in one statement that commits by itself. Returns the sagas inserted and their commands as
+/// written; of a saga that existed (a duplicate `OrderPlaced`) nothing is written.
 pub async fn insert_started(
     conn: &mut Conn,
-    saga: &Saga,
-    line: &LogLine,
-    command: Option<&OutboxRow>,
-    traceparent: Option<String>,
-) -> Result<Option<OutboxBatch>, sqlx::Error> {
-    let mut values = String::new();
-    let after_saga = ldt_runtime::db::push_values(&mut values, 1, SAGA_WIDTH, 1);
-    let log = format!(
-        "INSERT INTO {LOG_COLUMNS} SELECT $1, ${p}, ${q}, ${r}, $9 FROM s",
-        p = after_saga,
-        q = after_saga + 1,
-        r = after_saga + 2,
+    starts: &[Start],
+) -> Result<(HashSet<Uuid>, OutboxBatch), sqlx::Error> {
+    let commands: Vec<(&Start, &OutboxRow)> = starts
+        .iter()
+        .filter_map(|start| Some((start, start.command.as_ref()?)))
+        .collect();
+    let mut sql = format!("WITH s AS (INSERT INTO {SAGA_COLUMNS} ");
+    let mut next = ldt_runtime::db::push_values(&mut sql, 1, SAGA_WIDTH, starts.len());
+    sql.push_str(&format!(
+        " ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
+         l AS (INSERT INTO {LOG_COLUMNS} SELECT * FROM ("
+    ));
+    next = ldt_runtime::db::push_values(&mut sql, next, 5, starts.len());
+    sql.push_str(
+        ") AS x (order_id, step, kind, event, at_ms) WHERE x.order_id IN (SELECT order_id FROM s))",
     );
-    let (log, last) = match command {
-        // The log line's insert is the statement: it returns the saga's id if it was new.
-        None => (String::new(), format!("{log} RETURNING order_id")),
-        Some(_) => {
-            let source = format!(
-                "SELECT ${a}, ${b}, ${c}, ${d}, $9 FROM s",
-                a = after_saga + 3,
-                b = after_saga + 4,
-                c = after_saga + 5,
-                d = after_saga + 6,
-            );
-            (
-                format!(", l AS ({log})"),
-                format!("{} RETURNING id", outbox::insert_from(&source)),
-            )
+    if !commands.is_empty() {
+        let mut values = format!("SELECT {} FROM (", outbox::COLUMNS);
+        ldt_runtime::db::push_values(&mut values, next, 6, commands.len());
+        values.push_str(
+            ") AS x (order_id, queue, message_id, payload, traceparent, created_ms) \
+             WHERE x.order_id IN (SELECT order_id FROM s)",
+        );
+        sql.push_str(", o AS (");
+        sql.push_str(&outbox::insert_from(&values));
+        sql.push_str(" RETURNING id, message_id)");
+    }
+    // The sagas inserted (without an id), then the commands (with theirs).
+    sql.push_str(" SELECT order_id AS key, NULL::bigint AS id FROM s");
+    if !commands.is_empty() {
+        sql.push_str(" UNION ALL SELECT message_id, id FROM o");
+    }
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for start in starts {
+        query = bind_new_saga(query, &start.saga, start.traceparent.clone());
+    }
+    for start in starts {
+        query = query
+            .bind(start.saga.order_id.to_string())
+            .bind(start.line.step.as_str())
+            .bind(start.line.kind.as_str())
+            .bind(start.line.event.as_str())
+            .bind(start.saga.updated_ms);
+    }
+    for (start, command) in &commands {
+        query = command
+            .bind_columns(query.bind(start.saga.order_id.to_string()))
+            .bind(start.saga.updated_ms);
+    }
+    let mut inserted = HashSet::new();
+    let mut ids = HashMap::new();
+    for row in query.fetch_all(&mut *conn).await? {
+        let key: String = row.try_get(0)?;
+        match row.try_get::<Option<i64>, _>(1)? {
+            Some(id) => {
+                ids.insert(key, id);
+            }
+            None => {
+                if let Ok(order_id) = Uuid::parse_str(&key) {
+                    inserted.insert(order_id);
+                }
+            }
         }
-    };
-    let sql = format!(
-        "WITH s AS (INSERT INTO {SAGA_COLUMNS} {values} ON CONFLICT (order_id) DO NOTHING \
-         RETURNING order_id){log} {last}"
-    );
-    let query = bind_new_saga(sqlx::query(sqlx::AssertSqlSafe(sql)), saga, traceparent)
-        .bind(line.step.as_str())
-        .bind(line.kind.as_str())
-        .bind(line.event.as_str());
-    let mut batch = OutboxBatch::default();
-    let Some(command) = command else {
-        let inserted = query.fetch_optional(&mut *conn).await?;
-        return Ok(inserted.map(|_| batch));
-    };
-    let id = command
-        .bind_columns(query)
-        .fetch_optional(&mut *conn)
-        .await?;
-    let Some(id) = id else {
-        return Ok(None);
-    };
-    batch.push_written(id.try_get(0)?, command.clone());
-    Ok(Some(batch))
+    }
+    let mut outbox = OutboxBatch::default();
+    for (start, command) in commands {
+        if let Some(id) = ids.get(&command.message_id) {
+            outbox.push_written(*id, command.clone());
+        } else if inserted.contains(&start.saga.order_id) {
+            return Err(sqlx::Error::Protocol(format!(
+                "no outbox id for message {}",
+                command.message_id
+            )));
+        }
+    }
+    Ok((inserted, outbox))
 }
 
 /// Reads (PostgreSQL: locks, in order-id order so concurrent batches cannot deadlock) the
@@ -496,6 +556,28 @@ pub async fn read_versioned(
         None => Ok(None),
         Some(row) => Ok(Some((saga_from_row(&row)?, row.try_get("version")?))),
     }
+}
+
+/// PostgreSQL: sagas (their order ids distinct) read without a lock, each with its row
+/// version for a guarded write; those that do not exist are left out.
+pub async fn read_versioned_all(
+    conn: &mut Conn,
+    order_ids: &[Uuid],
+) -> Result<HashMap<Uuid, (Stored, String)>, HandleError> {
+    let sql = format!(
+        "SELECT *, xmin::text AS version FROM sagas WHERE order_id IN ({})",
+        ldt_runtime::db::placeholders(1, order_ids.len())
+    );
+    let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
+    for id in order_ids {
+        query = query.bind(id.to_string());
+    }
+    let mut sagas = HashMap::with_capacity(order_ids.len());
+    for row in query.fetch_all(&mut *conn).await? {
+        let stored = saga_from_row(&row)?;
+        sagas.insert(stored.saga.order_id, (stored, row.try_get("version")?));
+    }
+    Ok(sagas)
 }
 
 /// The earliest deadline of any saga (due or not), if one has a deadline: one round trip on
