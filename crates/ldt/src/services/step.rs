@@ -10,9 +10,10 @@
 //!   action is refused instead of taking effect.
 //!
 //! On PostgreSQL the actions that arrive together take one statement when SQL can decide them
-//! all ([`OneStatement`]: payment's users all known and each once, inventory's stock enough
-//! for the whole batch, or a batch of one): their effects, ledger rows and replies at once.
-//! Otherwise they take a transaction: their effects are decided together
+//! all ([`OneStatement`]; payment: every user known and each once; inventory: the stock covers
+//! the whole batch, or the batch is one action; delivery: always): their effects, ledger rows
+//! and replies at once. A duplicate makes that statement fail and change nothing. Otherwise,
+//! and then, they take a transaction: their effects are decided together
 //! ([`StepEffect::apply_all`]: payment and inventory read the rows they share once, locked,
 //! and write them back once), and all their ledger rows (outcome decided) go in with one
 //! insert at the end. A duplicate or a refused late action makes that insert fail on the

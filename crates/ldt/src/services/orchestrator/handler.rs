@@ -1,7 +1,9 @@
 //! The orchestrator's work: turn each message (and each due deadline, and each operator's
 //! action) into an event, run it through the saga ([`super::saga`]), and have the store
-//! write the saga, its log and its commands in one transaction. What the saga asks to be
-//! counted or told goes to the metrics and the log here.
+//! write the saga, its log and its commands in one transaction (on PostgreSQL, a message on
+//! its own, a batch of `OrderPlaced`s and a batch of answers in one or two statements that
+//! commit by themselves). What the saga asks to be counted or told goes to the metrics and
+//! the log here.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;

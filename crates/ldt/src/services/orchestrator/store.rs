@@ -1,7 +1,10 @@
 //! The orchestrator's tables: `sagas` (one row per saga, with its deadline), `saga_log` and
 //! its outbox. A transaction gathers what its transitions produced ([`Pending`]) and writes
 //! it with a few multi-row statements just before it commits, however many messages it
-//! handled; on PostgreSQL a small write is one statement. The deadline poller claims due
+//! handled; on PostgreSQL a small write is one statement. On PostgreSQL new sagas are also
+//! written without a transaction, with one statement ([`insert_started`]), and so are answers:
+//! their sagas read without a lock, each with its row version ([`read_versioned_all`]), and
+//! written only where still at it ([`Pending::write_in_one_statement`]). The deadline poller claims due
 //! sagas with `FOR UPDATE SKIP LOCKED`, so a deadline fires once even with several replicas.
 
 use std::collections::{HashMap, HashSet};
