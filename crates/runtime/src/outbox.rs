@@ -70,16 +70,10 @@ impl OutboxBatch {
         self.rows.push(OutboxRow::of(queues, env));
     }
 
-    /// The rows not written yet, for a caller writing them with a statement of its own (then
-    /// [`OutboxBatch::written`]).
+    /// The rows not written yet, for a caller writing them with a statement of its own (and
+    /// then making a batch of those written, with [`OutboxBatch::push_written`]).
     pub fn unwritten(&self) -> &[OutboxRow] {
         &self.rows[self.ids.len()..]
-    }
-
-    /// Notes the ids of the rows [`OutboxBatch::unwritten`] gave, in its order.
-    pub fn written(&mut self, ids: Vec<i64>) {
-        debug_assert_eq!(self.ids.len() + ids.len(), self.rows.len());
-        self.ids.extend(ids);
     }
 
     /// The one row of a batch of one not written yet.

@@ -464,10 +464,10 @@ impl Orchestrator {
                 outbox
             }
             Work::Event(event) => {
-                let Some((stored, version)) = store::read_versioned(&mut conn, env.order_id)
+                let read = store::read_versioned_all(&mut conn, &[env.order_id])
                     .instrument(db.clone())
-                    .await?
-                else {
+                    .await?;
+                let Some((stored, version)) = read.into_values().next() else {
                     conn.reuse();
                     return Ok(false);
                 };
@@ -837,9 +837,10 @@ mod tests {
                 .unwrap()
         );
         let mut conn = orch.conns.get().await.unwrap();
-        let (read, stale) = store::read_versioned(&mut conn, order_id)
+        let (read, stale) = store::read_versioned_all(&mut conn, &[order_id])
             .await
             .unwrap()
+            .remove(&order_id)
             .unwrap();
         // Another writer (the deadline poller, another replica) changes the saga.
         sqlx::query("UPDATE sagas SET attempts = attempts + 1 WHERE order_id = $1")

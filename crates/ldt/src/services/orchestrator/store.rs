@@ -158,6 +158,27 @@ fn bind_log_row<'q>(query: Query<'q>, row: &'q LogRow) -> Query<'q> {
         .bind(row.at_ms)
 }
 
+/// The rows a one-statement write returns: `(key, NULL)` for each saga written (its order id),
+/// `(message id, id)` for each outbox row written.
+fn written_rows(rows: &[DbRow]) -> Result<(HashSet<Uuid>, HashMap<String, i64>), sqlx::Error> {
+    let mut sagas = HashSet::new();
+    let mut ids = HashMap::new();
+    for row in rows {
+        let key: String = row.try_get(0)?;
+        match row.try_get::<Option<i64>, _>(1)? {
+            Some(id) => {
+                ids.insert(key, id);
+            }
+            None => {
+                let order_id = Uuid::parse_str(&key)
+                    .map_err(|_| sqlx::Error::Protocol(format!("not an order id: {key}")))?;
+                sagas.insert(order_id);
+            }
+        }
+    }
+    Ok((sagas, ids))
+}
+
 /// A transaction writing at most this many rows into each table writes them all with one
 /// statement (PostgreSQL); more, and it takes a statement per table.
 const ONE_STATEMENT_ROWS: usize = 4;
@@ -333,23 +354,7 @@ impl Pending {
         for (row, order_id) in self.outbox.unwritten().iter().zip(&self.outbox_orders) {
             query = row.bind_columns(query.bind(order_id.to_string())).bind(now);
         }
-        let mut written = HashSet::new();
-        let mut ids = HashMap::new();
-        for row in query.fetch_all(&mut *tx).await? {
-            let key: String = row.try_get(0)?;
-            match row.try_get::<Option<i64>, _>(1)? {
-                Some(id) => {
-                    ids.insert(key, id);
-                }
-                None => {
-                    written.insert(
-                        Uuid::parse_str(&key).map_err(|_| {
-                            sqlx::Error::Protocol(format!("not an order id: {key}"))
-                        })?,
-                    );
-                }
-            }
-        }
+        let (written, ids) = written_rows(&query.fetch_all(&mut *tx).await?)?;
         let mut outbox = OutboxBatch::default();
         for (row, order_id) in self.outbox.unwritten().iter().zip(&self.outbox_orders) {
             if versions.is_some() && !written.contains(order_id) {
@@ -490,21 +495,7 @@ pub async fn insert_started(
             .bind_columns(query.bind(start.saga.order_id.to_string()))
             .bind(start.saga.updated_ms);
     }
-    let mut inserted = HashSet::new();
-    let mut ids = HashMap::new();
-    for row in query.fetch_all(&mut *conn).await? {
-        let key: String = row.try_get(0)?;
-        match row.try_get::<Option<i64>, _>(1)? {
-            Some(id) => {
-                ids.insert(key, id);
-            }
-            None => {
-                if let Ok(order_id) = Uuid::parse_str(&key) {
-                    inserted.insert(order_id);
-                }
-            }
-        }
-    }
+    let (inserted, ids) = written_rows(&query.fetch_all(&mut *conn).await?)?;
     let mut outbox = OutboxBatch::default();
     for (start, command) in commands {
         if let Some(id) = ids.get(&command.message_id) {
@@ -544,21 +535,6 @@ pub async fn lock(
         }
     }
     Ok(())
-}
-
-/// PostgreSQL: a saga read without a lock, with its row version for a guarded write.
-pub async fn read_versioned(
-    conn: &mut Conn,
-    order_id: Uuid,
-) -> Result<Option<(Stored, String)>, HandleError> {
-    let row = sqlx::query("SELECT *, xmin::text AS version FROM sagas WHERE order_id = $1")
-        .bind(order_id.to_string())
-        .fetch_optional(&mut *conn)
-        .await?;
-    match row {
-        None => Ok(None),
-        Some(row) => Ok(Some((saga_from_row(&row)?, row.try_get("version")?))),
-    }
 }
 
 /// PostgreSQL: sagas (their order ids distinct) read without a lock, each with its row
