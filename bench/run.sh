@@ -116,6 +116,21 @@ pg_counters() {
     "SELECT (SELECT sum(xact_commit) FROM pg_stat_database), (SELECT wal_sync FROM pg_stat_wal)" 2>/dev/null || true
 }
 
+# The broker's fsyncs so far (RabbitMQ's own count, `io_sync`): a persistent message is synced
+# to disk before it is confirmed, so they are the broker's share of what durability costs.
+# Read with rabbitmqctl, so only when the broker runs on this machine; empty otherwise.
+broker_syncs() {
+  [ "$mode" = embedded ] && return 0
+  case "${LDT_AMQP_URL#*://}" in
+    *@127.0.0.1:*|*@127.0.0.1/*|*@localhost:*|*@localhost/*|127.0.0.1*|localhost*) ;;
+    *) return 0 ;;
+  esac
+  command -v rabbitmqctl >/dev/null 2>&1 || return 0
+  timeout 30 rabbitmqctl -q eval \
+    'proplists:get_value({io_sync, count}, file_handle_cache_stats:get()).' 2>/dev/null |
+    tr -dc '0-9' || true
+}
+
 common=(--url http://127.0.0.1:18100 "${urls[@]}" --users 1000 --initial-credits "$credits" --json)
 echo "bench: warming up (10 s at 200/s)" >&2
 "$bin" bench "${common[@]}" --rate 200 --duration 10 --no-check >/dev/null
@@ -136,6 +151,7 @@ for rate in $rates; do
   bus_before=$(published ldt_bus_messages_published_total)
   batches_before=$(published ldt_consumer_batches_total)
   pg_before=$(pg_counters)
+  syncs_before=$(broker_syncs)
   # CPU of every process over the run's middle (its first and last 5 s left out).
   ( sleep 5; python3 bench/cpu.py $(( d > 15 ? d - 10 : d / 2 )) >"$work/cpu-$rate" ) &
   cpu=$!
@@ -151,6 +167,10 @@ for rate in $rates; do
     echo $(( ${pg_after##*|} - ${pg_before##*|} )) >"$work/walsyncs-$rate"
   fi
   [ -n "$before" ] && [ -n "$after" ] && echo $(( after - before )) >"$work/checkpoints-$rate"
+  syncs_after=$(broker_syncs)
+  if [ -n "$syncs_before" ] && [ -n "$syncs_after" ]; then
+    echo $(( syncs_after - syncs_before )) >"$work/brokersyncs-$rate"
+  fi
   cp "$work/rss" "$work/rss-$rate"
   results+=("$rate")
 done
