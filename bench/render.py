@@ -58,6 +58,7 @@ for rate, r, rss in rows:
 lines.append("")
 # CPU of every process over the middle of each run (bench/cpu.py), per order.
 reports = {rate: r for rate, r, _ in rows if r}
+cpu_ms = {}
 cpu_lines = []
 for rate in rates:
     path = f"{work}/cpu-{rate}"
@@ -96,6 +97,7 @@ for rate in rates:
         except ValueError:
             return "–"
 
+    cpu_ms[rate] = ms
     cpu_lines.append(f"| {label(rate)} | {ms:.2f} ms | {total:.0f} % | {services:.0f} % | {usage.get('postgresql', 0):.0f} % | {usage.get('rabbitmq', 0):.0f} % | {usage.get('ldt bench', 0):.0f} % | {cs:.0f} ({cs_services:.0f}) | {threads} | {per_order('messages')} ({per_order('broker')}) | {per_order('batches')} | {per_order('commits')} | {per_order('walsyncs')} | {per_order('brokersyncs')} |")
 if cpu_lines:
     lines.append("CPU per order (`bench/cpu.py` over each run's middle; every process but the load generator, in % of one core); context switches per order (every thread of those processes, the services' own in brackets), and the services' by thread (their threads' names, summed over the processes: `tokio-rt-worker` is the runtime's; `lapin-io-loop` the AMQP client's I/O thread, one per connection, with `--amqp-io-loop thread` or before it); messages per order (the services' `ldt_messages_published_total`; in brackets the broker messages they went in, `ldt_bus_messages_published_total`, a bundle counting once), the services' consumer batches per order (`ldt_consumer_batches_total`, each a transaction and a round of acks: six an order when every batch is one message, fewer as batches form), PostgreSQL transactions committed per order (`pg_stat_database.xact_commit`, reads included), WAL flushes per order (`pg_stat_wal.wal_sync`) and the broker's fsyncs per order (RabbitMQ's `io_sync` count, read with `rabbitmqctl` when the broker is on this machine: a persistent message is synced to disk before it is confirmed), each over the whole run:\n")
@@ -108,6 +110,16 @@ if floor:
     lines.append("The machine's floor in the same sitting, just before (`bench/limits.sh` at 300/s: pgbench at an order's seven durable commits, and six persistent, confirmed broker hops without and with a durable insert each; CPU in % of one core):\n")
     lines.append(floor)
     lines.append("")
+    # The floor's CPU a chain (machine % at 300 chains/s), and the 300/s order's CPU against
+    # it: hosts of this type differ by a fifth and more in both, the ratio much less.
+    chain = None
+    for row in floor.splitlines():
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        if len(cells) >= 8 and "durable insert each" in cells[0] and cells[1] == "300 chains/s":
+            try: chain = float(cells[-1]) / 100 * 1000 / 300
+            except ValueError: pass
+    if chain and cpu_ms.get("300", 0) > 0:
+        lines.append(f"Against the floor: at 300/s an order took {cpu_ms['300']:.2f} ms of CPU, {cpu_ms['300'] / chain:.2f} times the floor's {chain:.2f} ms a chain of six hops with a durable insert each. Hosts of this type, and one host within the hour, differ by a fifth and more in both figures; the ratio moves much less.\n")
 text = "\n".join(lines) + "\n"
 header = "# Benchmarks\n\nWritten by `bench/run.sh` (newest first). Saga latency is POST → final status from the orders' own timestamps; HTTP latency counts from when each request was due (open loop, no coordinated omission). Figures are for this machine; see the notes at the end for what each change bought.\n\n"
 old = open(out).read() if os.path.exists(out) else header
