@@ -462,6 +462,44 @@ async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
     assert_eq!(app.credits(&user).await, Some(500 - 12));
 }
 
+async fn orders_fast_enough_for_half_a_full_group_wait_for_a_full_one(stack: Stack) {
+    // Thirty-three orders 24 ms apart, with a linger of 300 ms: the linger brings twelve or
+    // thirteen of them, more than half of a full group (sixteen), so the intake holds each
+    // group for a full one, up to 600 ms (sixteen come within 360 ms). The first goes alone,
+    // the other 32 in two groups: three broker messages. Groups of what the linger brings
+    // would take four.
+    let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "300"]).await;
+    let user = common::user("full");
+    let broker_messages = |metrics: &str| {
+        common::counter(
+            metrics,
+            "ldt_bus_messages_published_total",
+            "service=\"order\"",
+        )
+    };
+    let before = broker_messages(&app.metrics().await);
+    let start = tokio::time::Instant::now();
+    let requests = (0..33u64).map(|i| {
+        let app = &app;
+        let user = &user;
+        async move {
+            tokio::time::sleep_until(start + Duration::from_millis(24 * i)).await;
+            app.order(common::order_body(user, 1, 1)).await
+        }
+    });
+    let ids = futures_util::future::join_all(requests).await;
+    for id in &ids {
+        let order = app.wait_final(id, Duration::from_secs(30)).await;
+        assert_eq!(order["status"], "SUCCESS", "{order}");
+    }
+    let sent = broker_messages(&app.metrics().await) - before;
+    assert!(
+        (1.0..=3.0).contains(&sent),
+        "33 orders 24 ms apart left the order service in {sent} broker messages"
+    );
+    assert_eq!(app.credits(&user).await, Some(500 - 33));
+}
+
 async fn a_lingering_group_is_written_once_it_holds_what_the_linger_brings(stack: Stack) {
     // Orders 455 ms apart, with a linger of a second: the intake counts them as coming fast,
     // and a linger brings two of them (2.2 to be exact). The group of the second and the
@@ -890,6 +928,7 @@ on_every_stack!(
     a_lone_order_is_written_at_once_however_long_the_intake_may_linger,
     orders_coming_in_fast_are_written_and_sent_on_together,
     a_lingering_group_is_written_once_it_holds_what_the_linger_brings,
+    orders_fast_enough_for_half_a_full_group_wait_for_a_full_one,
     production_settings_guard_admin_endpoints_and_refuse_fault_flags,
     every_bad_request_gets_the_one_error_shape_and_changes_nothing,
     slow_connections_are_closed_and_starve_nobody,
