@@ -140,9 +140,9 @@ impl IntakeWriter {
             let mut until = started + self.linger;
             // So fast that the linger brings half a full group (800/s at 10 ms): the machine
             // is busy with these orders, and a full group, gathered within twice the linger,
-            // costs each order less CPU and, with every hop less loaded, no more time
-            // (BENCHMARKS.md, fourteenth sitting: 1,000/s 1.24-1.41 ms an order against
-            // 1.57-1.58, p99 68-179 ms against 152-221).
+            // costs each order less CPU, while the less loaded hops make up for the wait
+            // (BENCHMARKS.md, fourteenth sitting: at 1,000/s 1.24-1.41 ms an order against
+            // 1.57-1.58, saga p50 24-30 ms against 37-51).
             if enough >= LINGER_ENOUGH / 2 {
                 enough = LINGER_ENOUGH;
                 until = started + self.linger.saturating_mul(2);
