@@ -417,6 +417,15 @@ async fn a_lone_order_is_written_at_once_however_long_the_intake_may_linger(stac
     }
 }
 
+/// Broker messages the order service has published so far (a bundle counts once).
+async fn order_broker_messages(app: &common::TestApp) -> f64 {
+    common::counter(
+        &app.metrics().await,
+        "ldt_bus_messages_published_total",
+        "service=\"order\"",
+    )
+}
+
 async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
     // Twelve orders 10 ms apart, with a linger of a second: the first is written alone (no
     // order came before it), the eleven after it wait for each other and go in one group,
@@ -424,14 +433,7 @@ async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
     // written, and sent, on its own: twelve broker messages.
     let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "1000"]).await;
     let user = common::user("convoy");
-    let broker_messages = |metrics: &str| {
-        common::counter(
-            metrics,
-            "ldt_bus_messages_published_total",
-            "service=\"order\"",
-        )
-    };
-    let before = broker_messages(&app.metrics().await);
+    let before = order_broker_messages(&app).await;
     let requests = (0..12u64).map(|i| {
         let app = &app;
         let user = &user;
@@ -454,7 +456,7 @@ async fn orders_coming_in_fast_are_written_and_sent_on_together(stack: Stack) {
         let order = app.wait_final(id, Duration::from_secs(30)).await;
         assert_eq!(order["status"], "SUCCESS", "{order}");
     }
-    let sent = broker_messages(&app.metrics().await) - before;
+    let sent = order_broker_messages(&app).await - before;
     assert!(
         (1.0..=4.0).contains(&sent),
         "12 orders 10 ms apart left the order service in {sent} broker messages"
@@ -470,14 +472,7 @@ async fn orders_fast_enough_for_half_a_full_group_wait_for_a_full_one(stack: Sta
     // would take four.
     let app = spawn_on(stack, &ALL, &["--intake-linger-ms", "300"]).await;
     let user = common::user("full");
-    let broker_messages = |metrics: &str| {
-        common::counter(
-            metrics,
-            "ldt_bus_messages_published_total",
-            "service=\"order\"",
-        )
-    };
-    let before = broker_messages(&app.metrics().await);
+    let before = order_broker_messages(&app).await;
     let start = tokio::time::Instant::now();
     let requests = (0..33u64).map(|i| {
         let app = &app;
@@ -492,7 +487,7 @@ async fn orders_fast_enough_for_half_a_full_group_wait_for_a_full_one(stack: Sta
         let order = app.wait_final(id, Duration::from_secs(30)).await;
         assert_eq!(order["status"], "SUCCESS", "{order}");
     }
-    let sent = broker_messages(&app.metrics().await) - before;
+    let sent = order_broker_messages(&app).await - before;
     assert!(
         (1.0..=3.0).contains(&sent),
         "33 orders 24 ms apart left the order service in {sent} broker messages"
