@@ -180,6 +180,28 @@ pub struct Envelope {
     /// orchestrator then sends each next command itself).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub then: Vec<Message>,
+    /// The saga's opening, when the order service opened it (`--order-opens-saga`): the
+    /// order's terms and when it was placed. The order service puts it on the saga's first
+    /// command and on a cancellation; a step copies it onto what it sends on (the slip's next
+    /// command, its answer). So the orchestrator can start the saga from the first answer it
+    /// gets, without waiting for an `OrderPlaced` the order service holds back (and drops
+    /// once the order is final). Absent otherwise, and ignored by a receiver that predates it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub opened: Option<Opened>,
+}
+
+/// A saga's opening as the order service made it: what the orchestrator needs to start the
+/// saga from an answer (see [`Envelope::opened`]).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Opened {
+    pub username: String,
+    pub price: i64,
+    pub amount: i64,
+    #[serde(default)]
+    pub faults: FaultPlan,
+    /// When the order was placed, milliseconds since the Unix epoch: the saga's deadline
+    /// runs from here.
+    pub placed_ms: i64,
 }
 
 /// The saga's messages. Commands go to a step service (from the orchestrator, or from the
@@ -295,6 +317,7 @@ impl Envelope {
             at_ms,
             body,
             then: Vec::new(),
+            opened: None,
         }
     }
 

@@ -468,7 +468,19 @@ async fn a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried(
 /// Cancelling a running order undoes every step it took and ends it CANCELLED; a final
 /// order cannot be cancelled.
 async fn a_cancelled_order_is_undone_and_ends_cancelled(stack: Stack) {
-    let app = spawn_on(stack, &ALL, &["--step-timeout-ms", "2000"]).await;
+    cancelled_order_case(stack, &[]).await;
+}
+
+/// The same when the order service opens the saga: the cancellation comes before the held
+/// back `OrderPlaced` (a second, half the step timeout) and starts the saga itself.
+async fn a_cancelled_order_is_undone_when_the_order_service_opens_the_saga(stack: Stack) {
+    cancelled_order_case(stack, &["--order-opens-saga"]).await;
+}
+
+async fn cancelled_order_case(stack: Stack, extra: &[&str]) {
+    let mut args = vec!["--step-timeout-ms", "2000"];
+    args.extend_from_slice(extra);
+    let app = spawn_on(stack, &ALL, &args).await;
     let name = user("cancel");
     let (status, order) = app
         .post(
@@ -532,6 +544,7 @@ async fn a_cancelled_order_is_undone_and_ends_cancelled(stack: Stack) {
 on_every_stack!(
     a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried,
     a_cancelled_order_is_undone_and_ends_cancelled,
+    a_cancelled_order_is_undone_when_the_order_service_opens_the_saga,
     every_legacy_case_ends_with_its_status_and_balanced_books,
     every_legacy_case_ends_right_when_the_order_service_opens_the_saga,
     a_failure_after_payment_refunds_the_money,

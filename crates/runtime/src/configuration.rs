@@ -160,13 +160,13 @@ pub struct Settings {
     pub intake_linger_ms: Option<u16>,
 
     /// The order service sends each saga's first command (the routing slip) in the
-    /// transaction that stores the order, beside `OrderPlaced`, instead of the orchestrator
-    /// sending it when it starts the saga: one hop fewer on every order's path. At 30–300/s
-    /// the saga's median fell 1–4 ms; at 1,000/s and above its p99 rose (the order service's
-    /// relay, already the busiest, sends twice the messages) and more was shed at 2,000/s
-    /// (BENCHMARKS.md). Since new orders travel in groups, neither shows. Replicas of the
-    /// orchestrator from before it send the command again (the payment ledger answers the
-    /// duplicate).
+    /// transaction that stores the order, with the saga's opening (the order's terms), and
+    /// holds the order's `OrderPlaced` back for half a step timeout. The steps carry the
+    /// opening on to their answers, so the orchestrator starts the saga from the first answer
+    /// it gets; the `OrderPlaced` of an order final within the hold is dropped unsent. Five
+    /// broker messages an order instead of six, and one orchestrator transaction instead of
+    /// two (BENCHMARKS.md, fifteenth sitting). Turn it on once every orchestrator knows
+    /// openings: one from before them waits for the held `OrderPlaced` to finish each order.
     #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "false", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::Set, help_heading = "Throughput")]

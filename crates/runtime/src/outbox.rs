@@ -14,6 +14,10 @@ use crate::db::Conn;
 use crate::telemetry::current_traceparent;
 use ldt_contract::{Envelope, Queues};
 
+/// Rows older than this are taken by the relay's sweep: they were left behind, not in
+/// flight (or held back: [`held_created_ms`]).
+pub const SWEEP_AFTER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Committed batches waiting for the relay, at most. When it is full (the broker is slow or
 /// away) further batches are left to the sweep.
 const HANDOFF_QUEUE: usize = 1024;
@@ -99,7 +103,12 @@ impl OutboxBatch {
 
     /// Writes the rows not written yet (in the order they were pushed), noting their ids.
     pub async fn write(&mut self, conn: &mut Conn) -> Result<(), sqlx::Error> {
-        let now = crate::db::now_ms();
+        self.write_created(conn, crate::db::now_ms()).await
+    }
+
+    /// [`OutboxBatch::write`], the rows' `created_ms` given: for rows held back from the
+    /// relay ([`held_created_ms`]).
+    pub async fn write_created(&mut self, conn: &mut Conn, now: i64) -> Result<(), sqlx::Error> {
         let fresh = &self.rows[self.ids.len()..];
         for chunk in fresh.chunks(ROWS_PER_INSERT) {
             let (mut sql, _) = insert_values(1, chunk.len());
@@ -116,6 +125,19 @@ impl OutboxBatch {
         }
         Ok(())
     }
+}
+
+/// The `created_ms` of a row written at `now` and held back from the relay for `hold`: not
+/// handed over when its transaction commits, so it stays in the table until the relay's
+/// sweep takes it, unless the service deletes it first (the order service's `OrderPlaced`,
+/// when the order is final before the hold is over). The sweep takes rows
+/// [`SWEEP_AFTER`] old, so a held row is written as that much older, less its
+/// hold (which that bounds); the sweep looks twice a second, so the row leaves up to half a
+/// second after its hold.
+pub fn held_created_ms(now: i64, hold: std::time::Duration) -> i64 {
+    let hold = hold.min(SWEEP_AFTER);
+    let early = SWEEP_AFTER.saturating_sub(hold);
+    now.saturating_sub(i64::try_from(early.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// The outbox's columns, in the order every insert gives them: what

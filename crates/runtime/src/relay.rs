@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use crate::bus::{Bus, Outgoing};
 use crate::db::Pool;
 use crate::metrics::Metrics;
-use crate::outbox::{Committed, OutboxReceiver, OutboxRow};
+use crate::outbox::{Committed, OutboxReceiver, OutboxRow, SWEEP_AFTER};
 use crate::telemetry::{adopt, current_traceparent};
 use ldt_contract::TRACEPARENT_HEADER;
 
@@ -35,9 +35,6 @@ const PUBLISHES_IN_FLIGHT: usize = 4;
 
 /// How often the relay retries a batch it could not publish before leaving it to the sweep.
 const PUBLISH_RETRIES: u32 = 4;
-
-/// Rows older than this are taken by the sweep: they were left behind, not in flight.
-pub const SWEEP_AFTER: Duration = Duration::from_secs(2);
 
 /// How often the sweep looks.
 const SWEEP_EVERY: Duration = Duration::from_millis(500);

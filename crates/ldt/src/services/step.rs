@@ -47,6 +47,9 @@ pub struct Action {
     pub fault: Option<Fault>,
     /// The rest of the routing slip, sent on by this step when its action succeeds.
     pub then: Vec<Message>,
+    /// The saga's opening, if the order service opened it: carried on with the slip and
+    /// onto the answer (see [`ldt_contract::Envelope::opened`]).
+    pub opened: Option<ldt_contract::Opened>,
 }
 
 enum Command {
@@ -56,6 +59,7 @@ enum Command {
 
 fn command_for(step: Step, env: &Envelope) -> Option<Command> {
     let then = env.then.clone();
+    let opened = env.opened.clone();
     match (step, &env.body) {
         (
             Step::Payment,
@@ -69,12 +73,14 @@ fn command_for(step: Step, env: &Envelope) -> Option<Command> {
             quantity: *total,
             fault: *fault,
             then,
+            opened,
         })),
         (Step::Inventory, Message::Reserve { amount, fault }) => Some(Command::Act(Action {
             username: None,
             quantity: *amount,
             fault: *fault,
             then,
+            opened,
         })),
         (
             Step::Delivery,
@@ -88,6 +94,7 @@ fn command_for(step: Step, env: &Envelope) -> Option<Command> {
             quantity: *amount,
             fault: *fault,
             then,
+            opened,
         })),
         (Step::Payment, Message::Refund)
         | (Step::Inventory, Message::Release)
@@ -644,6 +651,7 @@ impl<E: StepEffect> StepService<E> {
             reply.body = next.clone();
             reply.then = rest.to_vec();
         }
+        reply.opened = action.opened.clone();
         outbox.push(&self.queues, &reply);
     }
 

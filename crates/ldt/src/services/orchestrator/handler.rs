@@ -39,8 +39,41 @@ pub struct Orchestrator {
 enum Work {
     /// Start a saga (an `OrderPlaced`), its first command sent by whom.
     Start(Terms, Opening),
-    /// Something happened to a running saga.
-    Event(Event),
+    /// Something happened to a saga; with the saga's opening (its terms and when the order
+    /// was placed) when the order service opened it, so the saga can start here if its held
+    /// back `OrderPlaced` has not come (see [`ldt_contract::Envelope::opened`]).
+    Event(Event, Option<(Terms, i64)>),
+}
+
+/// When the saga an `OrderPlaced` starts began: when its order was placed, if the order
+/// service sent the slip then (its deadline runs from there, as for a saga started from an
+/// answer's opening, however long the `OrderPlaced` was held back); else now, as the
+/// orchestrator sends the slip.
+fn started_at(env: &Envelope, opened_by: Opening, now: i64) -> i64 {
+    match opened_by {
+        Opening::OrderService => env.at_ms.min(now),
+        Opening::Orchestrator => now,
+    }
+}
+
+/// The saga an envelope's opening starts, if it carries one.
+fn opened_of(env: &Envelope) -> Result<Option<(Terms, i64)>, HandleError> {
+    let Some(opened) = &env.opened else {
+        return Ok(None);
+    };
+    let terms = Terms {
+        username: opened.username.clone(),
+        price: opened.price,
+        amount: opened.amount,
+        faults: opened.faults,
+    };
+    if let Some(why) = saga::invalid_terms(&terms) {
+        return Err(HandleError::Poison(format!(
+            "{} whose opening has {why}",
+            env.body.kind()
+        )));
+    }
+    Ok(Some((terms, opened.placed_ms)))
 }
 
 fn work_of(env: &Envelope) -> Result<Work, HandleError> {
@@ -68,16 +101,24 @@ fn work_of(env: &Envelope) -> Result<Work, HandleError> {
             };
             Work::Start(terms, opened_by)
         }
-        Message::StepResult { step, outcome } => Work::Event(Event::Answered {
-            step: *step,
-            outcome: *outcome,
-        }),
-        Message::Compensated { step } => Work::Event(Event::Compensated { step: *step }),
-        Message::CompensationFailed { step, reason } => Work::Event(Event::CompensationFailed {
-            step: *step,
-            reason: reason.clone(),
-        }),
-        Message::CancelOrder => Work::Event(Event::Cancel),
+        Message::StepResult { step, outcome } => Work::Event(
+            Event::Answered {
+                step: *step,
+                outcome: *outcome,
+            },
+            opened_of(env)?,
+        ),
+        Message::Compensated { step } => {
+            Work::Event(Event::Compensated { step: *step }, opened_of(env)?)
+        }
+        Message::CompensationFailed { step, reason } => Work::Event(
+            Event::CompensationFailed {
+                step: *step,
+                reason: reason.clone(),
+            },
+            opened_of(env)?,
+        ),
+        Message::CancelOrder => Work::Event(Event::Cancel, opened_of(env)?),
         other => {
             return Err(HandleError::Poison(format!(
                 "the orchestrator does not handle `{}` messages",
@@ -175,19 +216,43 @@ impl Orchestrator {
         let now = now_ms();
         let mut starts = Vec::new();
         let mut events = Vec::new();
+        let mut openings = Vec::new();
         for (env, span) in work {
             match work_of(env)? {
                 Work::Start(terms, opened_by) => {
-                    let (saga, fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
+                    let at = started_at(env, opened_by, now);
+                    let (saga, fx) = saga::start(env.order_id, terms, opened_by, &self.policy, at);
                     let traceparent = span.in_scope(ldt_runtime::telemetry::current_traceparent);
-                    starts.push((saga, fx, traceparent, span));
+                    starts.push((saga, fx, traceparent, span, false));
                 }
-                Work::Event(event) => events.push((env, event, span)),
+                Work::Event(event, opened) => {
+                    if let Some((terms, placed_ms)) = opened {
+                        openings.push((env.order_id, terms, placed_ms, span));
+                    }
+                    events.push((env, event, span));
+                }
             }
+        }
+        // An event carrying its saga's opening starts the saga, as it was when its order was
+        // placed, unless an `OrderPlaced` in this batch does, or the saga exists already (the
+        // insert below then leaves it as it is, and the event applies to it).
+        for (order_id, terms, placed_ms, span) in openings {
+            if starts.iter().any(|(saga, ..)| saga.order_id == order_id) {
+                continue;
+            }
+            let (saga, fx) = saga::start(
+                order_id,
+                terms,
+                Opening::OrderService,
+                &self.policy,
+                placed_ms,
+            );
+            let traceparent = span.in_scope(ldt_runtime::telemetry::current_traceparent);
+            starts.push((saga, fx, traceparent, span, true));
         }
         let new: Vec<(&Saga, Option<String>)> = starts
             .iter()
-            .map(|(saga, _, tp, _)| (saga, tp.clone()))
+            .map(|(saga, _, tp, _, _)| (saga, tp.clone()))
             .collect();
         let inserted = store::insert_sagas(tx, &new).await?;
         let mut answered: Vec<Uuid> = events
@@ -198,10 +263,20 @@ impl Orchestrator {
         answered.sort();
         answered.dedup();
         store::lock(tx, pending, &answered).await?;
-        for (saga, fx, traceparent, span) in starts {
+        for (saga, fx, traceparent, span, from_opening) in starts {
             let _entered = span.enter();
+            let started =
+                inserted.contains(&saga.order_id) && pending.saga(&saga.order_id).is_none();
+            if from_opening {
+                if started {
+                    self.early_event("started");
+                    pending.add(&self.queues, saga.order_id, &fx, saga.updated_ms);
+                    pending.hold(Stored { saga, traceparent });
+                }
+                continue;
+            }
             // The first `OrderPlaced` of a new saga starts it; any other is a duplicate.
-            if !inserted.contains(&saga.order_id) || pending.saga(&saga.order_id).is_some() {
+            if !started {
                 tracing::info!(order_id = %saga.order_id, "duplicate OrderPlaced ignored");
                 let ignored = saga::Effects {
                     log: vec![saga::LogLine {
@@ -298,35 +373,55 @@ impl Orchestrator {
         );
     }
 
-    /// A saga started by `env`, with its one log line and its first command (unless the order
-    /// service sent it), made in the message's span; `None` if the start is not of that shape.
+    /// A saga started, made in the message's span, as one statement writes it: by an
+    /// `OrderPlaced` (its log line, and its first command unless the order service sent it),
+    /// or (with `answer`) by an event carrying its saga's opening, the saga started as it was
+    /// when its order was placed (`at_ms`) and then past the event; with the event's effects,
+    /// to be counted and told once written. `None` if it would send more than one command.
+    #[allow(clippy::too_many_arguments)]
     fn start_of(
         &self,
         env: &Envelope,
         terms: Terms,
         opened_by: Opening,
+        at_ms: i64,
+        answer: Option<Event>,
         span: &tracing::Span,
         now: i64,
-    ) -> Option<store::Start> {
-        let (saga, mut fx) = saga::start(env.order_id, terms, opened_by, &self.policy, now);
-        if fx.log.len() != 1 || fx.send.len() > 1 {
+    ) -> Option<(store::Start, Option<saga::Effects>)> {
+        let (saga, fx) = saga::start(env.order_id, terms, opened_by, &self.policy, at_ms);
+        let mut lines: Vec<(saga::LogLine, i64)> = fx.log.into_iter().map(|l| (l, at_ms)).collect();
+        let mut send = fx.send;
+        let (saga, answered) = match answer {
+            None => (saga, None),
+            Some(event) => {
+                let (after, fx) = saga::apply(&saga, event, &self.policy, now);
+                lines.extend(fx.log.iter().cloned().map(|l| (l, now)));
+                send.extend(fx.send.iter().cloned());
+                (after, Some(fx))
+            }
+        };
+        if send.len() > 1 {
             return None;
         }
-        let (line, cmd) = (fx.log.pop()?, fx.send.pop());
         let (command, traceparent) = span.in_scope(|| {
-            let command = cmd.map(|cmd| {
+            let command = send.pop().map(|cmd| {
                 let mut first = Envelope::new(env.order_id, now, cmd.body);
                 first.then = cmd.then;
                 OutboxRow::of(&self.queues, &first)
             });
             (command, ldt_runtime::telemetry::current_traceparent())
         });
-        Some(store::Start {
-            saga,
-            line,
-            command,
-            traceparent,
-        })
+        Some((
+            store::Start {
+                saga,
+                created_ms: at_ms,
+                lines,
+                command,
+                traceparent,
+            },
+            answered,
+        ))
     }
 
     /// PostgreSQL, a batch without a transaction: `OrderPlaced`s only, their sagas started
@@ -349,14 +444,29 @@ impl Orchestrator {
         let mut starts = Vec::new();
         let mut events = Vec::new();
         for (env, span) in work {
-            match work_of(env)? {
+            let start = match work_of(env)? {
                 Work::Start(terms, opened_by) => {
-                    match self.start_of(env, terms, opened_by, span, now) {
-                        Some(start) => starts.push((env.id, start)),
-                        None => return Ok(HashSet::new()),
-                    }
+                    let at = started_at(env, opened_by, now);
+                    self.start_of(env, terms, opened_by, at, None, span, now)
                 }
-                Work::Event(event) => events.push((*env, event, *span)),
+                // Most often its saga has not started: its `OrderPlaced` is held back.
+                Work::Event(event, Some((terms, at_ms))) => self.start_of(
+                    env,
+                    terms,
+                    Opening::OrderService,
+                    at_ms,
+                    Some(event),
+                    span,
+                    now,
+                ),
+                Work::Event(event, None) => {
+                    events.push((*env, event, *span));
+                    continue;
+                }
+            };
+            match start {
+                Some((start, answered)) => starts.push((env.id, start, answered, *span)),
+                None => return Ok(HashSet::new()),
             }
         }
         // Each message's database span covers the statements it shares with the others.
@@ -371,24 +481,34 @@ impl Orchestrator {
         }
     }
 
-    /// Starts sagas with one statement; the ids of the messages whose saga it started.
+    /// Starts sagas with one statement; the ids of the messages whose saga it started. A saga
+    /// started from an answer's opening has the answer's effects counted and told here.
     async fn start_all(
         &self,
-        starts: Vec<(Uuid, store::Start)>,
+        starts: Vec<(Uuid, store::Start, Option<saga::Effects>, &tracing::Span)>,
     ) -> Result<HashSet<Uuid>, HandleError> {
-        let (messages, starts): (Vec<Uuid>, Vec<store::Start>) = starts.into_iter().unzip();
+        let (rows, rest): (Vec<store::Start>, Vec<_>) = starts
+            .into_iter()
+            .map(|(message, start, answered, span)| (start, (message, answered, span)))
+            .unzip();
         let mut conn = self.conns.get().await?;
         self.crash.at(Point::BeforeCommit);
-        let (inserted, outbox) = store::insert_started(&mut conn, &starts).await?;
+        let (inserted, outbox) = store::insert_started(&mut conn, &rows).await?;
         conn.reuse();
         self.crash.at(Point::AfterCommit);
         self.signal.committed(outbox);
-        Ok(messages
-            .into_iter()
-            .zip(&starts)
-            .filter(|(_, start)| inserted.contains(&start.saga.order_id))
-            .map(|(message, _)| message)
-            .collect())
+        let mut started = HashSet::with_capacity(rows.len());
+        for (start, (message, answered, span)) in rows.iter().zip(rest) {
+            if !inserted.contains(&start.saga.order_id) {
+                continue;
+            }
+            if let Some(fx) = answered {
+                self.early_event("started");
+                span.in_scope(|| self.observe(&start.saga, &fx));
+            }
+            started.insert(message);
+        }
+        Ok(started)
     }
 
     /// Applies events on distinct sagas (`orders`, sorted): one read, one guarded write. The
@@ -447,56 +567,80 @@ impl Orchestrator {
         let now = now_ms();
         let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas"));
         let mut conn = self.conns.get().await?;
-        let outbox = match work_of(env)? {
+        let (event, start) = match work_of(env)? {
             Work::Start(terms, opened_by) => {
-                let Some(start) = self.start_of(env, terms, opened_by, span, now) else {
-                    conn.reuse();
-                    return Ok(false);
-                };
-                self.crash.at(Point::BeforeCommit);
-                let (inserted, outbox) = store::insert_started(&mut conn, &[start])
-                    .instrument(db)
-                    .await?;
-                if inserted.is_empty() {
-                    conn.reuse();
-                    return Ok(false);
-                }
-                outbox
+                let at = started_at(env, opened_by, now);
+                (
+                    None,
+                    self.start_of(env, terms, opened_by, at, None, span, now),
+                )
             }
-            Work::Event(event) => {
-                let read = store::read_versioned_all(&mut conn, &[env.order_id])
-                    .instrument(db.clone())
-                    .await?;
-                let Some((stored, version)) = read.into_values().next() else {
-                    conn.reuse();
-                    return Ok(false);
-                };
-                let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
-                let mut pending = Pending::default();
-                pending.hold(stored);
-                span.in_scope(|| pending.change(&self.queues, after.clone(), &fx, now));
-                if !pending.fits_one_statement(true) {
-                    conn.reuse();
-                    return Ok(false);
-                }
-                self.crash.at(Point::BeforeCommit);
-                let versions = HashMap::from([(env.order_id, version)]);
-                let written = pending
-                    .write_in_one_statement(&mut conn, Some(&versions))
-                    .instrument(db)
-                    .await?;
-                if written.is_empty() {
-                    conn.reuse();
-                    return Ok(false);
-                }
-                // Counted and told once written: the transaction path does it otherwise.
-                span.in_scope(|| self.observe(&after, &fx));
-                pending.outbox
+            // Most often its saga has not started: its `OrderPlaced` is held back.
+            Work::Event(event, Some((terms, at_ms))) => {
+                let start = self.start_of(
+                    env,
+                    terms,
+                    Opening::OrderService,
+                    at_ms,
+                    Some(event.clone()),
+                    span,
+                    now,
+                );
+                (Some(event), start)
             }
+            Work::Event(event, None) => (Some(event), None),
         };
+        if let Some((start, answered)) = start {
+            self.crash.at(Point::BeforeCommit);
+            let (inserted, outbox) = store::insert_started(&mut conn, std::slice::from_ref(&start))
+                .instrument(db.clone())
+                .await?;
+            if !inserted.is_empty() {
+                conn.reuse();
+                self.crash.at(Point::AfterCommit);
+                if let Some(fx) = answered {
+                    self.early_event("started");
+                    span.in_scope(|| self.observe(&start.saga, &fx));
+                }
+                self.signal.committed(outbox);
+                return Ok(true);
+            }
+        }
+        // A duplicate `OrderPlaced`, or an event: its saga exists (or has not started).
+        let Some(event) = event else {
+            conn.reuse();
+            return Ok(false);
+        };
+        let read = store::read_versioned_all(&mut conn, &[env.order_id])
+            .instrument(db.clone())
+            .await?;
+        let Some((stored, version)) = read.into_values().next() else {
+            conn.reuse();
+            return Ok(false);
+        };
+        let (after, fx) = saga::apply(&stored.saga, event, &self.policy, now);
+        let mut pending = Pending::default();
+        pending.hold(stored);
+        span.in_scope(|| pending.change(&self.queues, after.clone(), &fx, now));
+        if !pending.fits_one_statement(true) {
+            conn.reuse();
+            return Ok(false);
+        }
+        self.crash.at(Point::BeforeCommit);
+        let versions = HashMap::from([(env.order_id, version)]);
+        let written = pending
+            .write_in_one_statement(&mut conn, Some(&versions))
+            .instrument(db)
+            .await?;
+        if written.is_empty() {
+            conn.reuse();
+            return Ok(false);
+        }
         conn.reuse();
         self.crash.at(Point::AfterCommit);
-        self.signal.committed(outbox);
+        // Counted and told once written: the transaction path does it otherwise.
+        span.in_scope(|| self.observe(&after, &fx));
+        self.signal.committed(pending.outbox);
         Ok(true)
     }
 
@@ -988,6 +1132,74 @@ mod tests {
             );
             assert_eq!(fx.count(&sql).await, 1);
         }
+        fx.drop().await;
+    }
+
+    /// An answer carrying its saga's opening (the order service opened the saga and holds
+    /// its `OrderPlaced` back).
+    fn answered_opened(order_id: Uuid, step: Step, outcome: StepOutcome) -> Envelope {
+        let mut env = answered(order_id, step, outcome);
+        env.opened = Some(ldt_contract::Opened {
+            username: "ann".into(),
+            price: 2,
+            amount: 3,
+            faults: Default::default(),
+            placed_ms: now_ms() - 5,
+        });
+        env
+    }
+
+    #[tokio::test]
+    async fn answers_carrying_openings_start_their_sagas_with_one_statement_past_the_answer() {
+        let fx = Fixture::new().await;
+        let orch = &fx.orchestrator;
+        let span = tracing::Span::none();
+        // A saga its `OrderPlaced` started first (it was slow; the hold was over).
+        let known = Uuid::now_v7();
+        let mut placed_first = placed(known);
+        placed_first.body = Message::OrderPlaced {
+            username: "ann".into(),
+            price: 2,
+            amount: 3,
+            faults: Default::default(),
+            slip_sent: true,
+        };
+        assert!(orch.apply_one(&placed_first, &span).await.unwrap());
+        let (done, short) = (Uuid::now_v7(), Uuid::now_v7());
+        let batch = [
+            answered_opened(done, Step::Delivery, StepOutcome::Done),
+            answered_opened(short, Step::Inventory, StepOutcome::Insufficient),
+            answered_opened(known, Step::Delivery, StepOutcome::Done),
+        ];
+        let work: Vec<(&Envelope, &tracing::Span)> = batch.iter().map(|env| (env, &span)).collect();
+        let started = orch.apply_in_few_statements(&work).await.unwrap();
+        // The known saga's answer is the transaction path's.
+        assert_eq!(started, HashSet::from([batch[0].id, batch[1].id]));
+        let status = |id: Uuid| {
+            format!(
+                "SELECT count(*) FROM sagas WHERE order_id = '{id}' AND phase = 'done' AND status = 'SUCCESS'"
+            )
+        };
+        assert_eq!(fx.count(&status(done)).await, 1);
+        let refunding = format!(
+            "SELECT count(*) FROM sagas WHERE order_id = '{short}' AND phase = 'compensating' \
+             AND status = 'INSUFFICIENT_INVENTORY' AND pending_comp = 'payment'"
+        );
+        assert_eq!(fx.count(&refunding).await, 1);
+        // Each started saga's log: the slip the order service sent, then the answer (and
+        // what followed it).
+        let opened_line = format!(
+            "SELECT count(*) FROM saga_log WHERE order_id IN ('{done}', '{short}') \
+             AND event = 'sent (slip: reserve, deliver) by the order service'"
+        );
+        assert_eq!(fx.count(&opened_line).await, 2);
+        // The final status of one, the refund of the other.
+        assert_eq!(fx.count("SELECT count(*) FROM outbox").await, 2);
+        // The transaction path applies the third to its saga.
+        let mut rest = [(batch[2].clone(), span.clone())];
+        assert!(orch.apply_batch(&mut rest).await.unwrap().is_empty());
+        assert_eq!(fx.count(&status(known)).await, 1);
+        assert_eq!(fx.count("SELECT count(*) FROM sagas").await, 3);
         fx.drop().await;
     }
 

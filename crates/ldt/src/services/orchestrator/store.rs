@@ -120,11 +120,18 @@ fn bind_saga_values<'q>(query: Query<'q>, saga: &'q Saga) -> Query<'q> {
 
 /// The columns of a new saga's row.
 const SAGA_COLUMNS: &str = "sagas (order_id, username, price, amount, faults, phase, step, \
-                            deadline_ms, created_ms, updated_ms, traceparent)";
-const SAGA_WIDTH: usize = 11;
+                            status, pending_comp, attempts, stuck_reason, deadline_ms, \
+                            created_ms, updated_ms, traceparent)";
+const SAGA_WIDTH: usize = 15;
 
-/// Binds a new saga's row, in the order of [`SAGA_COLUMNS`].
-fn bind_new_saga<'q>(query: Query<'q>, saga: &'q Saga, traceparent: Option<String>) -> Query<'q> {
+/// Binds a new saga's row, in the order of [`SAGA_COLUMNS`]: a saga just started, or one
+/// started from an answer and already past it (see [`Start`]).
+fn bind_new_saga<'q>(
+    query: Query<'q>,
+    saga: &'q Saga,
+    created_ms: i64,
+    traceparent: Option<String>,
+) -> Query<'q> {
     query
         .bind(saga.order_id.to_string())
         .bind(saga.terms.username.as_str())
@@ -133,8 +140,12 @@ fn bind_new_saga<'q>(query: Query<'q>, saga: &'q Saga, traceparent: Option<Strin
         .bind(serde_json::to_string(&saga.terms.faults).unwrap_or_default())
         .bind(saga.phase.as_str())
         .bind(saga.step.as_str())
+        .bind(saga.status.map(|s| s.as_str()))
+        .bind(pending_to_text(&saga.pending))
+        .bind(i32::try_from(saga.attempts).unwrap_or(i32::MAX))
+        .bind(saga.stuck.as_deref())
         .bind(saga.deadline_ms)
-        .bind(saga.updated_ms)
+        .bind(created_ms)
         .bind(saga.updated_ms)
         .bind(traceparent)
 }
@@ -420,7 +431,7 @@ pub async fn insert_sagas(
         sql.push_str(" ON CONFLICT (order_id) DO NOTHING RETURNING order_id");
         let mut query = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&*tx, sql)));
         for (saga, traceparent) in chunk {
-            query = bind_new_saga(query, saga, traceparent.clone());
+            query = bind_new_saga(query, saga, saga.updated_ms, traceparent.clone());
         }
         for row in query.fetch_all(&mut *tx).await? {
             let id: String = row.try_get("order_id")?;
@@ -432,18 +443,24 @@ pub async fn insert_sagas(
     Ok(inserted)
 }
 
-/// A saga to start with [`insert_started`]: its first log line, its first command (none when
-/// the order service sent it) and its order's trace context.
+/// A saga to start with [`insert_started`]: its log lines (each with its time), its one
+/// command (none when the order service sent the first) and its order's trace context. Most
+/// often a saga just started by its `OrderPlaced`; or, when a step's answer carrying the
+/// saga's opening came first (`--order-opens-saga`), the saga started from that opening and
+/// already past the answer.
 pub struct Start {
     pub saga: Saga,
-    pub line: LogLine,
+    /// When the saga started: when its order was placed, for one started from an answer.
+    pub created_ms: i64,
+    pub lines: Vec<(LogLine, i64)>,
     pub command: Option<OutboxRow>,
     pub traceparent: Option<String>,
 }
 
-/// PostgreSQL: inserts new sagas (each order once) with their first log lines and commands,
-/// in one statement that commits by itself. Returns the sagas inserted and their commands as
-/// written; of a saga that existed (a duplicate `OrderPlaced`) nothing is written.
+/// PostgreSQL: inserts new sagas (each order once) with their log lines and commands, in one
+/// statement that commits by itself. Returns the sagas inserted and their commands as
+/// written; of a saga that existed (a duplicate `OrderPlaced`, an answer whose saga its
+/// `OrderPlaced` started first) nothing is written.
 pub async fn insert_started(
     conn: &mut Conn,
     starts: &[Start],
@@ -452,13 +469,14 @@ pub async fn insert_started(
         .iter()
         .filter_map(|start| Some((start, start.command.as_ref()?)))
         .collect();
+    let lines = starts.iter().map(|start| start.lines.len()).sum();
     let mut sql = format!("WITH s AS (INSERT INTO {SAGA_COLUMNS} ");
     let mut next = ldt_runtime::db::push_values(&mut sql, 1, SAGA_WIDTH, starts.len());
     sql.push_str(&format!(
         " ON CONFLICT (order_id) DO NOTHING RETURNING order_id), \
          l AS (INSERT INTO {LOG_COLUMNS} SELECT * FROM ("
     ));
-    next = ldt_runtime::db::push_values(&mut sql, next, 5, starts.len());
+    next = ldt_runtime::db::push_values(&mut sql, next, 5, lines);
     sql.push_str(
         ") AS x (order_id, step, kind, event, at_ms) WHERE x.order_id IN (SELECT order_id FROM s))",
     );
@@ -480,15 +498,22 @@ pub async fn insert_started(
     }
     let mut query = sqlx::query(sqlx::AssertSqlSafe(sql));
     for start in starts {
-        query = bind_new_saga(query, &start.saga, start.traceparent.clone());
+        query = bind_new_saga(
+            query,
+            &start.saga,
+            start.created_ms,
+            start.traceparent.clone(),
+        );
     }
     for start in starts {
-        query = query
-            .bind(start.saga.order_id.to_string())
-            .bind(start.line.step.as_str())
-            .bind(start.line.kind.as_str())
-            .bind(start.line.event.as_str())
-            .bind(start.saga.updated_ms);
+        for (line, at_ms) in &start.lines {
+            query = query
+                .bind(start.saga.order_id.to_string())
+                .bind(line.step.as_str())
+                .bind(line.kind.as_str())
+                .bind(line.event.as_str())
+                .bind(*at_ms);
+        }
     }
     for (start, command) in &commands {
         query = command

@@ -81,6 +81,7 @@ pub async fn start(ctx: &Context) -> anyhow::Result<Started> {
         crash,
         fault_injection: ctx.settings.fault_injection,
         opens_saga: ctx.settings.order_opens_saga,
+        hold_placed: ctx.settings.step_timeout() / 2,
         admission,
         admission_wait: ctx.settings.admission_wait(),
         metrics: ctx.metrics.clone(),

@@ -30,6 +30,10 @@ pub struct OrderState {
     pub fault_injection: bool,
     /// Whether this service sends each saga's first command (`--order-opens-saga`).
     pub opens_saga: bool,
+    /// How long, when it opens sagas, it holds an order's `OrderPlaced` back (half a step
+    /// timeout): the orchestrator most often learns of the saga from its answer first, and
+    /// the `OrderPlaced` is dropped unsent when the order is final.
+    pub hold_placed: std::time::Duration,
     pub admission: Admission,
     /// How long a new order may wait at the door for a place (`--admission-wait-ms`).
     pub admission_wait: std::time::Duration,
@@ -78,7 +82,7 @@ impl OrderState {
         }
         let trace_id = ldt_runtime::telemetry::current_traceparent()
             .and_then(|tp| tp.split('-').nth(1).map(str::to_owned));
-        let placed = Envelope::new(
+        let mut placed = Envelope::new(
             id,
             now,
             Message::OrderPlaced {
@@ -89,8 +93,19 @@ impl OrderState {
                 slip_sent: self.opens_saga,
             },
         );
-        let mut messages = vec![ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed)];
-        if self.opens_saga {
+        let (mut messages, mut held) = (Vec::new(), None);
+        if !self.opens_saga {
+            messages.push(ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed));
+        } else {
+            // Held back, and dropped unsent if the order is final first (found by its id,
+            // the order's): the orchestrator learns of the saga from the opening its
+            // answer carries. Sent after the hold, it tells the orchestrator of a saga
+            // whose slip stalled, well before its deadline.
+            placed.id = id;
+            held = Some((
+                ldt_runtime::outbox::OutboxRow::of(&self.queues, &placed),
+                self.hold_placed,
+            ));
             // The saga's first command goes with it, so the slip does not wait for the
             // orchestrator's hop (which starts the saga, its deadline and all, meanwhile).
             let terms = Terms {
@@ -107,6 +122,7 @@ impl OrderState {
             let first = plan::opening(&terms);
             let mut opening = Envelope::new(id, now, first.body);
             opening.then = first.then;
+            opening.opened = Some(opened(&terms, now));
             messages.push(ldt_runtime::outbox::OutboxRow::of(&self.queues, &opening));
         }
         let inserted = self
@@ -123,6 +139,7 @@ impl OrderState {
                 idempotency_key: idempotency_key.map(str::to_owned),
                 request_hash: idempotency_key.map(|_| fingerprint.clone()),
                 messages,
+                held,
                 span: tracing::Span::current(),
             })
             .await?;
@@ -165,8 +182,21 @@ impl OrderState {
     /// is now.
     pub async fn cancel(&self, id: Uuid) -> Result<Order, ApiError> {
         let now = now_ms();
-        let cancel = Envelope::new(id, now, Message::CancelOrder);
-        let row = ldt_runtime::outbox::OutboxRow::of(&self.queues, &cancel);
+        // With the saga's opening when this service opened it: its `OrderPlaced` may still
+        // be held back, and the orchestrator then starts the saga from the cancellation.
+        let row = |order: &Order| {
+            let mut cancel = Envelope::new(id, now, Message::CancelOrder);
+            if self.opens_saga {
+                let terms = Terms {
+                    username: order.username.clone(),
+                    price: order.price,
+                    amount: order.amount,
+                    faults: order.faults,
+                };
+                cancel.opened = Some(opened(&terms, order.created_at_ms));
+            }
+            ldt_runtime::outbox::OutboxRow::of(&self.queues, &cancel)
+        };
         match store::request_cancel(&self.pool, id, row).await? {
             None => Err(ApiError::NotFound(format!("no order with id {id}"))),
             Some((order, None)) => Err(ApiError::Conflict(format!(
@@ -268,7 +298,7 @@ impl OrderState {
         let mut conn = self.conns.get().await?;
         let rows = {
             let _gate = self.admission.state.gate.read().await;
-            let rows = store::finish(&mut conn, finished, now).await?;
+            let rows = store::finish(&mut conn, finished, now, self.opens_saga).await?;
             self.admission.finished(rows.len());
             rows
         };
@@ -302,5 +332,17 @@ impl OrderState {
             known.push(exists);
         }
         Ok(known)
+    }
+}
+
+/// The opening the order service puts on the saga's first command and on a cancellation
+/// (see [`ldt_contract::Envelope::opened`]).
+fn opened(terms: &Terms, placed_ms: i64) -> ldt_contract::Opened {
+    ldt_contract::Opened {
+        username: terms.username.clone(),
+        price: terms.price,
+        amount: terms.amount,
+        faults: terms.faults,
+        placed_ms,
     }
 }

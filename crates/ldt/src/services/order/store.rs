@@ -31,8 +31,13 @@ pub struct Placement {
     pub created_ms: i64,
     pub idempotency_key: Option<String>,
     pub request_hash: Option<String>,
-    /// Its `OrderPlaced`, and the saga's first command if the order service opens sagas.
+    /// Its messages to send at once: its `OrderPlaced`, or, if the order service opens
+    /// sagas, the saga's first command.
     pub messages: Vec<ldt_runtime::outbox::OutboxRow>,
+    /// A message held back from the relay, and for how long from when it is written
+    /// ([`outbox::held_created_ms`]): the `OrderPlaced` of an order whose saga this service
+    /// opens, dropped by [`finish`] when the order is final first.
+    pub held: Option<(ldt_runtime::outbox::OutboxRow, std::time::Duration)>,
     /// The request's database span, for an order written on its own.
     pub span: tracing::Span,
 }
@@ -63,9 +68,9 @@ pub async fn insert_all(
     conn: &mut Conn,
     group: &[&Placement],
 ) -> Result<(std::collections::HashSet<String>, OutboxBatch), sqlx::Error> {
-    // The orders' eleven parameters each, then their messages' four each; a message's row
-    // comes from the orders the insert returned (by its order's id, with its `created_ms`),
-    // so a refused order writes none.
+    // The orders' eleven parameters each, then their messages' four each (a held one's five,
+    // with its own `created_ms`); a message's row comes from the orders the insert returned
+    // (by its order's id, with its `created_ms`), so a refused order writes none.
     let mut sql = format!("WITH o AS (INSERT INTO {ORDER_COLUMNS} ");
     let mut next = ldt_runtime::db::push_values(&mut sql, 1, 11, group.len());
     sql.push_str(" ON CONFLICT (idempotency_key) DO NOTHING RETURNING id) ");
@@ -82,6 +87,16 @@ pub async fn insert_all(
             ));
             next += 4;
         }
+        if p.held.is_some() {
+            rows.push(format!(
+                "SELECT ${next}, ${}, ${}, ${}, ${} FROM o WHERE o.id = ${order}",
+                next + 1,
+                next + 2,
+                next + 3,
+                next + 4
+            ));
+            next += 5;
+        }
     }
     sql.push_str(&outbox::insert_from(&rows.join(" UNION ALL ")));
     sql.push_str(" RETURNING id, message_id");
@@ -89,8 +104,18 @@ pub async fn insert_all(
     for p in group {
         query = p.bind_columns(query);
     }
-    for message in group.iter().flat_map(|p| &p.messages) {
-        query = message.bind_columns(query);
+    // A held message's hold runs from now, not from when its order came in (it may have
+    // waited for its group).
+    let now = ldt_runtime::db::now_ms();
+    for p in group {
+        for message in &p.messages {
+            query = message.bind_columns(query);
+        }
+        if let Some((message, hold)) = &p.held {
+            query = message
+                .bind_columns(query)
+                .bind(outbox::held_created_ms(now, *hold));
+        }
     }
     let written = query.fetch_all(&mut *conn).await?;
     // Each row's id by its message id: an insert's rows come back in no promised order.
@@ -146,6 +171,12 @@ pub async fn insert_group(
         for message in &p.messages {
             outbox.push_row(message.clone());
         }
+        if let Some((message, hold)) = &p.held {
+            let mut held = OutboxBatch::default();
+            held.push_row(message.clone());
+            let created_ms = outbox::held_created_ms(ldt_runtime::db::now_ms(), *hold);
+            held.write_created(tx, created_ms).await?;
+        }
     }
     outbox.write(tx).await?;
     Ok((stored, outbox))
@@ -153,17 +184,25 @@ pub async fn insert_group(
 
 /// Moves PENDING orders to their final status, with one statement (which commits by
 /// itself); returns the orders moved, as they are now. A duplicate finds its order final
-/// and changes nothing.
+/// and changes nothing. With `drop_held`, the orders' held-back `OrderPlaced`s (their
+/// message id is the order's) leave the outbox unsent: the saga is over, and the
+/// orchestrator learnt of it from its answers (on SQLite, with a second statement in a
+/// transaction).
 pub async fn finish(
     conn: &mut Conn,
     finished: &[(Uuid, OrderStatus)],
     now: i64,
+    drop_held: bool,
 ) -> Result<Vec<Order>, sqlx::Error> {
+    let sqlite = ldt_runtime::db::conn_is_sqlite(conn);
     let mut sql = ldt_runtime::db::multi_row_insert(
         "WITH v (id, status, finished_ms) AS (",
         3,
         finished.len(),
     );
+    if drop_held && !sqlite {
+        sql.push_str("), d AS (DELETE FROM outbox WHERE message_id IN (SELECT id FROM v)");
+    }
     sql.push_str(
         ") UPDATE orders SET status = v.status, finished_ms = v.finished_ms FROM v \
          WHERE orders.id = v.id AND orders.status = 'PENDING' \
@@ -177,12 +216,24 @@ pub async fn finish(
             .bind(status.as_str())
             .bind(now);
     }
-    query
-        .fetch_all(&mut *conn)
-        .await?
-        .iter()
-        .map(order_from_row)
-        .collect()
+    if !(drop_held && sqlite) {
+        let rows = query.fetch_all(&mut *conn).await?;
+        return rows.iter().map(order_from_row).collect();
+    }
+    // SQLite has no delete inside a `WITH`: a transaction of two statements, one commit.
+    let mut tx = sqlx::Connection::begin(&mut *conn).await?;
+    let rows = query.fetch_all(&mut *tx).await?;
+    let sql = format!(
+        "DELETE FROM outbox WHERE message_id IN ({})",
+        ldt_runtime::db::placeholders(1, finished.len())
+    );
+    let mut delete = sqlx::query(sqlx::AssertSqlSafe(ldt_runtime::db::for_conn(&tx, sql)));
+    for (order_id, _) in finished {
+        delete = delete.bind(order_id.to_string());
+    }
+    delete.execute(&mut *tx).await?;
+    tx.commit().await?;
+    rows.iter().map(order_from_row).collect()
 }
 
 /// The order, and if it is PENDING, its cancellation in the outbox (written in one
@@ -190,7 +241,7 @@ pub async fn finish(
 pub async fn request_cancel(
     pool: &Pool,
     id: Uuid,
-    cancel: ldt_runtime::outbox::OutboxRow,
+    cancel: impl FnOnce(&Order) -> ldt_runtime::outbox::OutboxRow,
 ) -> Result<Option<(Order, Option<OutboxBatch>)>, sqlx::Error> {
     let mut tx = pool.begin().await?;
     let Some(row) = sqlx::query("SELECT * FROM orders WHERE id = $1")
@@ -206,7 +257,7 @@ pub async fn request_cancel(
         return Ok(Some((order, None)));
     }
     let mut outbox = OutboxBatch::default();
-    outbox.push_row(cancel);
+    outbox.push_row(cancel(&order));
     outbox.write(&mut tx).await?;
     tx.commit().await?;
     Ok(Some((order, Some(outbox))))

@@ -122,6 +122,7 @@ fn action(username: Option<&str>, quantity: i64, then: Vec<Message>) -> (Uuid, A
             quantity,
             fault: None,
             then,
+            opened: None,
         },
     )
 }
