@@ -1,12 +1,12 @@
-//! How a saga opens. By default the orchestrator sends its first command (the routing slip)
-//! when the `OrderPlaced` comes; with `--order-opens-saga` the order service sends it in the
-//! transaction that stores the order, with the saga's opening (the order's terms), and holds
-//! its `OrderPlaced` back for half a step timeout. A step carries the opening on to its
+//! How a saga opens. By default (`--order-opens-saga`) the order service sends its first
+//! command (the routing slip) in the transaction that stores the order, with the saga's
+//! opening (the order's terms), and holds its `OrderPlaced` back for half a step timeout. A step carries the opening on to its
 //! answer, so the orchestrator starts the saga from the answer; the order service drops the
 //! held `OrderPlaced` unsent when the order is final first, and sends it after the hold when
 //! not (a stalled slip: the orchestrator then knows of the saga well before its deadline).
-//! A step's answer without an opening that reaches the orchestrator before the `OrderPlaced`
-//! waits for it. The tests play the other services on the real broker.
+//! With `--order-opens-saga false` the orchestrator sends the slip when the `OrderPlaced`
+//! comes; a step's answer without an opening that reaches the orchestrator before the
+//! `OrderPlaced` waits for it. The tests play the other services on the real broker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod common;
@@ -121,8 +121,11 @@ async fn an_order_final_within_the_hold_never_sends_its_order_placed(stack: Stac
     );
 }
 
-async fn by_default_the_order_service_leaves_the_first_command_to_the_orchestrator(stack: Stack) {
-    let (app, mut payment, mut orchestrator) = order_service_alone(stack, &[]).await;
+async fn without_the_option_the_order_service_leaves_the_first_command_to_the_orchestrator(
+    stack: Stack,
+) {
+    let (app, mut payment, mut orchestrator) =
+        order_service_alone(stack, &["--order-opens-saga", "false"]).await;
     let name = user("plain");
     let id = app.order(order_body(&name, 7, 3)).await;
     let placed = next_for(&mut orchestrator, &id).await;
@@ -377,13 +380,8 @@ async fn a_failure_carrying_its_opening_starts_the_saga_and_undoes_the_steps_bef
     );
 }
 
-async fn with_the_order_service_opening_sagas_an_order_takes_five_broker_messages(stack: Stack) {
-    let app = spawn_on(
-        stack,
-        &common::ALL,
-        &["--order-opens-saga", "--step-timeout-ms", "2000"],
-    )
-    .await;
+async fn an_order_takes_five_broker_messages(stack: Stack) {
+    let app = spawn_on(stack, &common::ALL, &["--step-timeout-ms", "2000"]).await;
     let published =
         || async { counter(&app.metrics().await, "ldt_bus_messages_published_total", "") };
     let before = published().await;
@@ -398,11 +396,11 @@ async fn with_the_order_service_opening_sagas_an_order_takes_five_broker_message
 }
 
 on_every_stack!(
-    with_the_order_service_opening_sagas_an_order_takes_five_broker_messages,
+    an_order_takes_five_broker_messages,
     the_order_service_sends_the_first_command_and_later_the_order_placed_of_a_saga_that_does_not_end,
     an_order_final_within_the_hold_never_sends_its_order_placed,
     an_answer_carrying_its_opening_starts_the_saga_at_once,
     a_failure_carrying_its_opening_starts_the_saga_and_undoes_the_steps_before,
-    by_default_the_order_service_leaves_the_first_command_to_the_orchestrator,
+    without_the_option_the_order_service_leaves_the_first_command_to_the_orchestrator,
     an_answer_that_comes_before_its_order_placed_waits_for_the_saga,
 );

@@ -70,8 +70,8 @@ async fn every_legacy_case_ends_with_its_status_and_balanced_books(stack: Stack)
     every_legacy_case(stack, &[]).await;
 }
 
-async fn every_legacy_case_ends_right_when_the_order_service_opens_the_saga(stack: Stack) {
-    every_legacy_case(stack, &["--order-opens-saga"]).await;
+async fn every_legacy_case_ends_right_when_the_orchestrator_opens_the_saga(stack: Stack) {
+    every_legacy_case(stack, &["--order-opens-saga", "false"]).await;
 }
 
 /// lapin's own I/O thread per connection, as before the loop ran on the runtime by default.
@@ -471,10 +471,11 @@ async fn a_cancelled_order_is_undone_and_ends_cancelled(stack: Stack) {
     cancelled_order_case(stack, &[]).await;
 }
 
-/// The same when the order service opens the saga: the cancellation comes before the held
-/// back `OrderPlaced` (a second, half the step timeout) and starts the saga itself.
-async fn a_cancelled_order_is_undone_when_the_order_service_opens_the_saga(stack: Stack) {
-    cancelled_order_case(stack, &["--order-opens-saga"]).await;
+/// The same when the orchestrator opens the saga (`--order-opens-saga false`). (By default
+/// the cancellation comes before the held back `OrderPlaced`, a second, half the step
+/// timeout, and starts the saga itself.)
+async fn a_cancelled_order_is_undone_when_the_orchestrator_opens_the_saga(stack: Stack) {
+    cancelled_order_case(stack, &["--order-opens-saga", "false"]).await;
 }
 
 async fn cancelled_order_case(stack: Stack, extra: &[&str]) {
@@ -544,9 +545,9 @@ async fn cancelled_order_case(stack: Stack, extra: &[&str]) {
 on_every_stack!(
     a_compensation_that_cannot_succeed_leaves_its_saga_stuck_until_retried,
     a_cancelled_order_is_undone_and_ends_cancelled,
-    a_cancelled_order_is_undone_when_the_order_service_opens_the_saga,
+    a_cancelled_order_is_undone_when_the_orchestrator_opens_the_saga,
     every_legacy_case_ends_with_its_status_and_balanced_books,
-    every_legacy_case_ends_right_when_the_order_service_opens_the_saga,
+    every_legacy_case_ends_right_when_the_orchestrator_opens_the_saga,
     a_failure_after_payment_refunds_the_money,
     compensations_run_in_reverse_order,
     concurrent_orders_never_overdraw_a_user,

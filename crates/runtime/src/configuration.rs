@@ -165,9 +165,10 @@ pub struct Settings {
     /// opening on to their answers, so the orchestrator starts the saga from the first answer
     /// it gets; the `OrderPlaced` of an order final within the hold is dropped unsent. Five
     /// broker messages an order instead of six, and one orchestrator transaction instead of
-    /// two (BENCHMARKS.md, fifteenth sitting). Turn it on once every orchestrator knows
-    /// openings: one from before them waits for the held `OrderPlaced` to finish each order.
-    #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "false", num_args = 0..=1,
+    /// two (BENCHMARKS.md, fifteenth sitting). Upgrade the orchestrators first: one from
+    /// before openings waits for the held `OrderPlaced` to finish each order. `false`: the
+    /// order service sends `OrderPlaced` at once and the orchestrator sends the slip.
+    #[arg(long, env = "LDT_ORDER_OPENS_SAGA", default_value = "true", num_args = 0..=1,
           default_missing_value = "true", value_parser = clap::builder::BoolishValueParser::new(),
           action = clap::ArgAction::Set, help_heading = "Throughput")]
     pub order_opens_saga: bool,
