@@ -166,19 +166,26 @@ pub async fn insert_group(
         .iter()
         .map(|row| row.try_get::<String, _>("id"))
         .collect::<Result<std::collections::HashSet<String>, _>>()?;
-    let mut outbox = OutboxBatch::default();
+    let (mut outbox, mut held, mut hold) = (
+        OutboxBatch::default(),
+        OutboxBatch::default(),
+        std::time::Duration::ZERO,
+    );
     for p in group.iter().filter(|p| stored.contains(&p.id)) {
         for message in &p.messages {
             outbox.push_row(message.clone());
         }
-        if let Some((message, hold)) = &p.held {
-            let mut held = OutboxBatch::default();
+        if let Some((message, held_for)) = &p.held {
             held.push_row(message.clone());
-            let created_ms = outbox::held_created_ms(ldt_runtime::db::now_ms(), *hold);
-            held.write_created(tx, created_ms).await?;
+            hold = *held_for;
         }
     }
     outbox.write(tx).await?;
+    // The group's held messages with one statement (they share the service's hold).
+    if !held.unwritten().is_empty() {
+        let created_ms = outbox::held_created_ms(ldt_runtime::db::now_ms(), hold);
+        held.write_created(tx, created_ms).await?;
+    }
     Ok((stored, outbox))
 }
 
