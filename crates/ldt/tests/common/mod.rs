@@ -260,6 +260,17 @@ pub async fn next_for(
     }
 }
 
+/// Asserts that nothing comes on `sub` within 300 ms: `what` was not sent (a duplicate, a
+/// command sent twice). A wait for an absence, so it can only catch what arrives within it.
+pub async fn nothing_comes(sub: &mut ldt_runtime::bus::Subscription, what: &str) {
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), sub.next())
+            .await
+            .is_err(),
+        "{what}"
+    );
+}
+
 /// A unique username for one test.
 pub fn user(prefix: &str) -> String {
     format!(
