@@ -373,22 +373,35 @@ impl Orchestrator {
         );
     }
 
-    /// A saga started, made in the message's span, as one statement writes it: by an
-    /// `OrderPlaced` (its log line, and its first command unless the order service sent it),
-    /// or (with `answer`) by an event carrying its saga's opening, the saga started as it was
-    /// when its order was placed (`at_ms`) and then past the event; with the event's effects,
-    /// to be counted and told once written. `None` if it would send more than one command.
-    #[allow(clippy::too_many_arguments)]
+    /// The saga a message starts, made in its span, as one statement writes it: an
+    /// `OrderPlaced`'s (its log line, and its first command unless the order service sent it),
+    /// or that of an event carrying its saga's opening, started as it was when its order was
+    /// placed and then past the event, with the event's effects to be counted and told once
+    /// written. `None` for an event without an opening, or a start that would send more than
+    /// one command.
     fn start_of(
         &self,
         env: &Envelope,
-        terms: Terms,
-        opened_by: Opening,
-        at_ms: i64,
-        answer: Option<Event>,
+        work: &Work,
         span: &tracing::Span,
         now: i64,
     ) -> Option<(store::Start, Option<saga::Effects>)> {
+        let (terms, opened_by, at_ms, answer) = match work {
+            Work::Start(terms, opened_by) => (
+                terms.clone(),
+                *opened_by,
+                started_at(env, *opened_by, now),
+                None,
+            ),
+            // Most often its saga has not started: its `OrderPlaced` is held back.
+            Work::Event(event, Some((terms, at_ms))) => (
+                terms.clone(),
+                Opening::OrderService,
+                *at_ms,
+                Some(event.clone()),
+            ),
+            Work::Event(_, None) => return None,
+        };
         let (saga, fx) = saga::start(env.order_id, terms, opened_by, &self.policy, at_ms);
         let mut lines: Vec<(saga::LogLine, i64)> = fx.log.into_iter().map(|l| (l, at_ms)).collect();
         let mut send = fx.send;
@@ -444,26 +457,12 @@ impl Orchestrator {
         let mut starts = Vec::new();
         let mut events = Vec::new();
         for (env, span) in work {
-            let start = match work_of(env)? {
-                Work::Start(terms, opened_by) => {
-                    let at = started_at(env, opened_by, now);
-                    self.start_of(env, terms, opened_by, at, None, span, now)
-                }
-                // Most often its saga has not started: its `OrderPlaced` is held back.
-                Work::Event(event, Some((terms, at_ms))) => self.start_of(
-                    env,
-                    terms,
-                    Opening::OrderService,
-                    at_ms,
-                    Some(event),
-                    span,
-                    now,
-                ),
-                Work::Event(event, None) => {
-                    events.push((*env, event, *span));
-                    continue;
-                }
-            };
+            let work = work_of(env)?;
+            if let Work::Event(event, None) = work {
+                events.push((*env, event, *span));
+                continue;
+            }
+            let start = self.start_of(env, &work, span, now);
             match start {
                 Some((start, answered)) => starts.push((env.id, start, answered, *span)),
                 None => return Ok(HashSet::new()),
@@ -567,28 +566,11 @@ impl Orchestrator {
         let now = now_ms();
         let db = span.in_scope(|| ldt_runtime::db::span(&self.pool, "sagas"));
         let mut conn = self.conns.get().await?;
-        let (event, start) = match work_of(env)? {
-            Work::Start(terms, opened_by) => {
-                let at = started_at(env, opened_by, now);
-                (
-                    None,
-                    self.start_of(env, terms, opened_by, at, None, span, now),
-                )
-            }
-            // Most often its saga has not started: its `OrderPlaced` is held back.
-            Work::Event(event, Some((terms, at_ms))) => {
-                let start = self.start_of(
-                    env,
-                    terms,
-                    Opening::OrderService,
-                    at_ms,
-                    Some(event.clone()),
-                    span,
-                    now,
-                );
-                (Some(event), start)
-            }
-            Work::Event(event, None) => (Some(event), None),
+        let work = work_of(env)?;
+        let start = self.start_of(env, &work, span, now);
+        let event = match work {
+            Work::Event(event, _) => Some(event),
+            Work::Start(..) => None,
         };
         if let Some((start, answered)) = start {
             self.crash.at(Point::BeforeCommit);
